@@ -1,0 +1,1 @@
+"""Command-line tools: milter-test-server, milter-test-client."""
