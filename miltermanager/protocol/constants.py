@@ -1,0 +1,147 @@
+"""Milter wire constants: command and reply codes, action and protocol flags."""
+
+# Commands, MTA -> milter (SMFIC_*). Each code is one byte.
+ABORT = b"A"
+BODY = b"B"
+CONNECT = b"C"
+MACRO = b"D"
+END_OF_MESSAGE = b"E"
+HELO = b"H"
+QUIT_NEW_CONNECTION = b"K"
+HEADER = b"L"
+MAIL = b"M"
+END_OF_HEADERS = b"N"
+NEGOTIATE = b"O"
+QUIT = b"Q"
+RCPT = b"R"
+DATA = b"T"
+UNKNOWN = b"U"
+
+# Replies, milter -> MTA (SMFIR_*). NEGOTIATE (b"O") is used both ways.
+ADD_RECIPIENT = b"+"
+DELETE_RECIPIENT = b"-"
+ADD_RECIPIENT_PAR = b"2"
+SHUTDOWN = b"4"
+ACCEPT = b"a"
+REPLACE_BODY = b"b"
+CONTINUE = b"c"
+DISCARD = b"d"
+CHANGE_FROM = b"e"
+ADD_HEADER = b"h"
+INSERT_HEADER = b"i"
+CHANGE_HEADER = b"m"
+PROGRESS = b"p"
+QUARANTINE = b"q"
+REJECT = b"r"
+SKIP = b"s"
+TEMPFAIL = b"t"
+REPLY_CODE = b"y"
+
+# Action flags (SMFIF_*): what the milter may do at end of message.
+SMFIF_ADDHDRS = 0x001
+SMFIF_CHGBODY = 0x002
+SMFIF_ADDRCPT = 0x004
+SMFIF_DELRCPT = 0x008
+SMFIF_CHGHDRS = 0x010
+SMFIF_QUARANTINE = 0x020
+SMFIF_CHGFROM = 0x040
+SMFIF_ADDRCPT_PAR = 0x080
+SMFIF_SETSYMLIST = 0x100
+SMFI_V1_ACTS = 0x00F
+SMFI_V2_ACTS = 0x03F
+SMFI_CURR_ACTS = 0x1FF
+
+# Protocol flags (SMFIP_*).
+SMFIP_NOCONNECT = 0x00000001
+SMFIP_NOHELO = 0x00000002
+SMFIP_NOMAIL = 0x00000004
+SMFIP_NORCPT = 0x00000008
+SMFIP_NOBODY = 0x00000010
+SMFIP_NOHDRS = 0x00000020
+SMFIP_NOEOH = 0x00000040
+SMFIP_NR_HDR = 0x00000080
+SMFIP_NOUNKNOWN = 0x00000100
+SMFIP_NODATA = 0x00000200
+SMFIP_SKIP = 0x00000400
+SMFIP_RCPT_REJ = 0x00000800
+SMFIP_NR_CONN = 0x00001000
+SMFIP_NR_HELO = 0x00002000
+SMFIP_NR_MAIL = 0x00004000
+SMFIP_NR_RCPT = 0x00008000
+SMFIP_NR_DATA = 0x00010000
+SMFIP_NR_UNKN = 0x00020000
+SMFIP_NR_EOH = 0x00040000
+SMFIP_NR_BODY = 0x00080000
+SMFIP_HDR_LEADSPC = 0x00100000
+SMFIP_MDS_256K = 0x10000000
+SMFIP_MDS_1M = 0x20000000
+SMFI_INTERNAL = 0x70000000
+SMFI_V1_PROT = 0x0000003F
+SMFI_V2_PROT = 0x0000007F
+SMFI_CURR_PROT = 0x001FFFFF
+
+# The step flags each protocol version knows (what Postfix offers per version).
+PROTOCOL_BY_VERSION = {2: 0x7F, 3: 0x17F, 4: 0x37F, 6: SMFI_CURR_PROT}
+MAX_VERSION = 6
+
+# "Do not send this command" flags, by command.
+NO_FLAG = {
+    CONNECT: SMFIP_NOCONNECT,
+    HELO: SMFIP_NOHELO,
+    MAIL: SMFIP_NOMAIL,
+    RCPT: SMFIP_NORCPT,
+    BODY: SMFIP_NOBODY,
+    HEADER: SMFIP_NOHDRS,
+    END_OF_HEADERS: SMFIP_NOEOH,
+    UNKNOWN: SMFIP_NOUNKNOWN,
+    DATA: SMFIP_NODATA,
+}
+# "The milter will not reply to this command" flags, by command.
+NO_REPLY_FLAG = {
+    CONNECT: SMFIP_NR_CONN,
+    HELO: SMFIP_NR_HELO,
+    MAIL: SMFIP_NR_MAIL,
+    RCPT: SMFIP_NR_RCPT,
+    DATA: SMFIP_NR_DATA,
+    UNKNOWN: SMFIP_NR_UNKN,
+    END_OF_HEADERS: SMFIP_NR_EOH,
+    BODY: SMFIP_NR_BODY,
+    HEADER: SMFIP_NR_HDR,
+}
+NO_FLAGS = (
+    SMFIP_NOCONNECT | SMFIP_NOHELO | SMFIP_NOMAIL | SMFIP_NORCPT | SMFIP_NOBODY
+    | SMFIP_NOHDRS | SMFIP_NOEOH | SMFIP_NOUNKNOWN | SMFIP_NODATA
+)
+NO_REPLY_FLAGS = (
+    SMFIP_NR_HDR | SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_MAIL | SMFIP_NR_RCPT
+    | SMFIP_NR_DATA | SMFIP_NR_UNKN | SMFIP_NR_EOH | SMFIP_NR_BODY
+)
+
+# Commands that never get a reply.
+COMMANDS_WITHOUT_REPLY = frozenset({MACRO, ABORT, QUIT, QUIT_NEW_CONNECTION})
+
+# Macro stages in an OPTNEG symbol list (SMFIM_*), and the command each belongs to.
+MACRO_STAGE_COMMANDS = {
+    0: CONNECT,
+    1: HELO,
+    2: MAIL,
+    3: RCPT,
+    4: DATA,
+    5: END_OF_MESSAGE,
+    6: END_OF_HEADERS,
+}
+MACRO_STAGE_INDEXES = {command: index for index, command in MACRO_STAGE_COMMANDS.items()}
+
+# Body and replace-body chunks never exceed this many bytes of data.
+MAX_CHUNK_SIZE = 65535
+# Largest data an unmodified libmilter accepts in one packet.
+LIBMILTER_MAX_DATA_SIZE = 65535
+# Default bound on incoming packets: Postfix sends headers up to 100 KiB and more.
+DEFAULT_MAX_PACKET_SIZE = 1024 * 1024
+
+# Connect address families (SMFIA_*).
+FAMILY_UNKNOWN = b"U"
+FAMILY_UNIX = b"L"
+FAMILY_INET = b"4"
+FAMILY_INET6 = b"6"
+FAMILIES = frozenset({FAMILY_UNKNOWN, FAMILY_UNIX, FAMILY_INET, FAMILY_INET6})
