@@ -70,7 +70,7 @@ def accept(mta_offer, reply):
     """Check a milter's reply against what the MTA offered; return the Options.
 
     Lenient like libmilter and Postfix where that is safe: a lower version is
-    fine (newer commands are then not sent), unknown step bits are ignored.
+    fine (newer commands are then not sent), step bits not offered are ignored.
     """
     if reply.version < 2 or reply.version > mta_offer.version:
         raise NegotiationError(
@@ -80,9 +80,11 @@ def accept(mta_offer, reply):
         raise NegotiationError(
             f"milter asks for actions 0x{reply.actions:x}; "
             f"offered 0x{mta_offer.actions:x}")
-    known = protocol_for_version(reply.version) | (
-        mta_offer.protocol & (c.SMFIP_MDS_256K | c.SMFIP_MDS_1M))
-    return Options(reply.version, reply.actions, reply.protocol & known, reply.macros)
+    # Mask by the offer, not by the reply's version: a v2-v4 milter may ask for
+    # NR_HDR (NOHREPL, Sendmail 8.13) and Postfix honours it; Options.sends
+    # already keeps back the commands a lower version lacks.
+    offered = mta_offer.protocol or c.SMFI_V1_PROT
+    return Options(reply.version, reply.actions, reply.protocol & offered, reply.macros)
 
 
 @dataclass(slots=True)
