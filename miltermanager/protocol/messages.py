@@ -132,19 +132,22 @@ class Negotiate(Message):
     def decode(cls, payload):
         """Decode a milter's reply, symbol lists included."""
         negotiate = cls.decode_offer(payload)
-        rest = memoryview(payload)[_NEGOTIATE.size:]
-        while rest:
-            if len(rest) < 5:
+        payload = bytes(payload)
+        # Walk by offset: copying the rest for each record made a reply full of
+        # tiny records quadratic in its length.
+        position = _NEGOTIATE.size
+        while position < len(payload):
+            if len(payload) - position < 5:
                 raise PayloadError("negotiate: truncated symbol list")
-            (stage,) = _UINT32.unpack_from(rest)
-            end = bytes(rest[4:]).find(b"\0")
+            (stage,) = _UINT32.unpack_from(payload, position)
+            end = payload.find(b"\0", position + 4)
             if end < 0:
                 raise PayloadError("negotiate: symbol list not terminated by NUL")
-            names = bytes(rest[4:4 + end])
+            names = payload[position + 4:end]
             for separator in _SYMLIST_SEPARATORS:
                 names = names.replace(separator, b" ")
             negotiate.macros[stage] = names.split()
-            rest = rest[4 + end + 1:]
+            position = end + 1
         return negotiate
 
     @classmethod
