@@ -1,0 +1,621 @@
+"""Unit tests for miltermanager.client on a string transport and a fake clock."""
+
+from twisted.internet import defer, error, task
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from miltermanager import client
+from miltermanager.client import (
+    MilterClientProtocol, MilterConnectError, MilterConnectionLost, MilterTimeoutError,
+    Response, Timeouts,
+)
+from miltermanager.protocol import constants as c
+from miltermanager.protocol import errors, negotiation
+from miltermanager.protocol.messages import (
+    ABORT, CONTINUE, END_OF_HEADERS, END_OF_MESSAGE, PROGRESS, QUIT, REJECT, SKIP,
+    AddHeader, Body, ChangeHeader, Connect, Helo, Macro, Mail, Negotiate, Quarantine, Rcpt,
+    ReplaceBody, ReplyCode,
+)
+
+try:
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+except ImportError:  # Twisted < 21.2
+    from twisted.test.proto_helpers import MemoryReactorClock, StringTransport
+
+CONNECT = Connect(b"client.example.net", c.FAMILY_INET, 52258, b"192.0.2.10")
+HELO = Helo(b"client.example.net")
+MAIL = Mail(b"<a@example.net>")
+RCPT = Rcpt(b"<b@example.org>")
+
+
+class ClientTestCase(unittest.TestCase):
+    """A MilterClientProtocol connected to a StringTransport, timed by a task.Clock."""
+
+    timeouts = Timeouts(connection=10.0, writing=3.0, reading=5.0, end_of_message=20.0)
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.transport = StringTransport()
+        self.protocol = MilterClientProtocol(self.clock, self.timeouts)
+        self.protocol.makeConnection(self.transport)
+
+    def written(self):
+        """Return and clear what the protocol wrote."""
+        data = self.transport.value()
+        self.transport.clear()
+        return data
+
+    def reply(self, *messages):
+        """Feed the protocol the packets of the given reply messages, all at once."""
+        self.protocol.dataReceived(b"".join(message.encode() for message in messages))
+
+    def negotiated(self, version=6, actions=c.SMFI_CURR_ACTS, protocol=0):
+        """Negotiate with the child answering (version, actions, protocol); return Options."""
+        d = self.protocol.negotiate()
+        self.written()
+        self.reply(Negotiate(version, actions, protocol))
+        return self.successResultOf(d)
+
+    def lose(self, message="gone"):
+        """Simulate the transport closing under the protocol."""
+        self.protocol.connectionLost(Failure(error.ConnectionDone(message)))
+
+
+class NegotiationTests(ClientTestCase):
+    """negotiate(): the offer, the checks on the reply, Options."""
+
+    def test_default_offer(self):
+        """The default offer is Postfix's and Sendmail's: v6, actions 0x1FF, steps 0x1FFFFF."""
+        self.protocol.negotiate()
+        self.assertEqual(self.written(), bytes.fromhex("0000000d4f00000006000001ff001fffff"))
+
+    def test_negotiation_ok(self):
+        """A fitting reply fires with Options and is kept as options and negotiate_reply."""
+        d = self.protocol.negotiate()
+        reply = Negotiate(6, c.SMFIF_ADDHDRS, c.SMFIP_NOHELO | c.SMFIP_NR_RCPT, {2: [b"{auth_authen}"]})
+        self.reply(reply)
+        options = self.successResultOf(d)
+        self.assertEqual(options, negotiation.Options(6, c.SMFIF_ADDHDRS,
+                                                      c.SMFIP_NOHELO | c.SMFIP_NR_RCPT,
+                                                      {2: [b"{auth_authen}"]}))
+        self.assertIs(self.protocol.options, options)
+        self.assertEqual(self.protocol.negotiate_reply, reply)
+        self.assertFalse(options.sends(c.HELO))
+        self.assertFalse(options.replies(c.RCPT))
+
+    def test_lower_version_accepted(self):
+        """A child answering version 2 is fine; DATA and UNKNOWN are then not sent."""
+        options = self.negotiated(version=2, actions=c.SMFI_V2_ACTS)
+        self.assertEqual(options.version, 2)
+        self.assertFalse(options.sends(c.DATA))
+        self.assertFalse(options.sends(c.UNKNOWN))
+
+    def test_custom_offer(self):
+        """negotiate(offer) sends that offer and checks the reply against it."""
+        d = self.protocol.negotiate(negotiation.offer(2))
+        self.assertEqual(self.written(), Negotiate(2, 0x1FF, 0x7F).encode())
+        self.reply(Negotiate(2, 0x3F, 0))
+        self.assertEqual(self.successResultOf(d).version, 2)
+
+    def test_version_too_high(self):
+        """A reply version above the offer fails with NegotiationError and drops the connection."""
+        d = self.protocol.negotiate(negotiation.offer(4))
+        self.reply(Negotiate(6, 0, 0))
+        self.failureResultOf(d, errors.NegotiationError)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_actions_not_offered(self):
+        """Asking for actions the MTA side did not offer fails the negotiation."""
+        d = self.protocol.negotiate(negotiation.offer(6, actions=c.SMFIF_ADDHDRS))
+        self.reply(Negotiate(6, c.SMFIF_ADDHDRS | c.SMFIF_CHGBODY, 0))
+        failure = self.failureResultOf(d, errors.NegotiationError)
+        self.assertIn("actions 0x3", failure.getErrorMessage())
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_other_reply_to_negotiate(self):
+        """A reply other than O to the negotiation is a protocol error."""
+        d = self.protocol.negotiate()
+        self.reply(CONTINUE)
+        self.failureResultOf(d, errors.ProtocolError)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_commands_queued_behind_negotiation_obey_it(self):
+        """Commands sent before the reply to O follow the negotiated flags once it arrives."""
+        self.protocol.negotiate()
+        helo = self.protocol.send(HELO)
+        mail = self.protocol.send(MAIL)
+        self.written()
+        self.reply(Negotiate(6, 0, c.SMFIP_NOHELO | c.SMFIP_NR_MAIL))
+        self.assertIsNone(self.successResultOf(helo))
+        self.assertIsNone(self.successResultOf(mail))
+        self.assertEqual(self.written(), MAIL.encode())
+
+
+class SendTests(ClientTestCase):
+    """send(): replies, no-reply commands, order on the wire."""
+
+    def setUp(self):
+        super().setUp()
+        self.negotiated()
+
+    def test_reply_fires_response(self):
+        """A final reply fires the command's Deferred with a Response."""
+        d = self.protocol.send(CONNECT)
+        self.assertEqual(self.written(), CONNECT.encode())
+        self.assertNoResult(d)
+        self.reply(CONTINUE)
+        self.assertEqual(self.successResultOf(d), Response(CONTINUE, [], 0))
+
+    def test_reply_code(self):
+        """A ReplyCode reply arrives as the Response's reply."""
+        d = self.protocol.send(RCPT)
+        self.reply(ReplyCode(b"550 5.7.1 Go away"))
+        self.assertEqual(self.successResultOf(d).reply, ReplyCode(b"550 5.7.1 Go away"))
+
+    def test_commands_without_reply_fire_none(self):
+        """Macro, Abort and Quit are written and fire None at once."""
+        for command in (Macro(c.CONNECT, {b"j": b"mx"}), ABORT, QUIT):
+            d = self.protocol.send(command)
+            self.assertIsNone(self.successResultOf(d))
+            self.assertEqual(self.written(), command.encode())
+
+    def test_sequential_queueing(self):
+        """A command sent while another waits goes out only after that one's reply."""
+        first = self.protocol.send(HELO)
+        second = self.protocol.send(MAIL)
+        third = self.protocol.send(RCPT)
+        self.assertEqual(self.written(), HELO.encode())
+        self.reply(CONTINUE)
+        self.assertEqual(self.successResultOf(first).reply, CONTINUE)
+        self.assertEqual(self.written(), MAIL.encode())
+        self.assertNoResult(second)
+        self.assertNoResult(third)
+        self.reply(REJECT)
+        self.assertEqual(self.successResultOf(second).reply, REJECT)
+        self.assertEqual(self.written(), RCPT.encode())
+        self.reply(CONTINUE)
+        self.assertEqual(self.successResultOf(third).reply, CONTINUE)
+
+    def test_macro_then_command_order(self):
+        """D packets queued behind a pending command go out before the command they precede."""
+        helo = self.protocol.send(HELO)
+        macro = Macro(c.MAIL, {b"{mail_addr}": b"a@example.net"})
+        macro_d = self.protocol.send(macro)
+        mail = self.protocol.send(MAIL)
+        self.assertEqual(self.written(), HELO.encode())
+        self.assertNoResult(macro_d)
+        self.reply(CONTINUE)
+        self.assertEqual(self.written(), macro.encode() + MAIL.encode())
+        self.assertIsNone(self.successResultOf(macro_d))
+        self.assertNoResult(mail)
+        self.reply(CONTINUE)
+        self.assertEqual(self.successResultOf(mail).reply, CONTINUE)
+
+    def test_send_from_callback_keeps_order(self):
+        """A command sent from a reply's callback goes out after the commands already queued."""
+        sent = []
+        first = self.protocol.send(HELO)
+        first.addCallback(lambda _: sent.append(self.protocol.send(RCPT)))
+        second = self.protocol.send(MAIL)
+        self.written()
+        self.reply(CONTINUE)
+        self.assertEqual(self.written(), MAIL.encode())
+        self.reply(CONTINUE)
+        self.successResultOf(second)
+        self.assertEqual(self.written(), RCPT.encode())
+        self.reply(CONTINUE)
+        self.assertEqual(self.successResultOf(sent[0]).reply, CONTINUE)
+
+    def test_two_replies_in_one_read(self):
+        """Replies to two queued commands arriving in one read fire both in order."""
+        helo = self.protocol.send(HELO)
+        mail = self.protocol.send(MAIL)
+        self.reply(CONTINUE, REJECT)
+        self.assertEqual(self.successResultOf(helo).reply, CONTINUE)
+        self.assertEqual(self.successResultOf(mail).reply, REJECT)
+
+    def test_partial_packets(self):
+        """A reply split over many reads fires only when complete."""
+        d = self.protocol.send(RCPT)
+        packet = ReplyCode(b"451 4.7.1 Later").encode()
+        for i in range(len(packet) - 1):
+            self.protocol.dataReceived(packet[i:i + 1])
+            self.assertNoResult(d)
+        self.protocol.dataReceived(packet[-1:])
+        self.assertEqual(self.successResultOf(d).reply, ReplyCode(b"451 4.7.1 Later"))
+
+    def test_skip_is_accepted(self):
+        """SKIP is a final reply: normal for BODY, tolerated elsewhere."""
+        body = self.protocol.send(Body(b"line\r\n"))
+        self.reply(SKIP)
+        self.assertEqual(self.successResultOf(body).reply, SKIP)
+        helo = self.protocol.send(HELO)
+        self.reply(SKIP)
+        self.assertEqual(self.successResultOf(helo).reply, SKIP)
+
+    def test_end_of_message_modifications_and_progress(self):
+        """EOM collects modifications in order, counts progress, and fires on the final reply."""
+        d = self.protocol.send(END_OF_MESSAGE)
+        edits = [AddHeader(b"X-A", b"1"), Quarantine(b"suspicious"),
+                 ChangeHeader(1, b"Subject", b"new"), ReplaceBody(b"body\r\n")]
+        self.reply(PROGRESS, edits[0], PROGRESS, *edits[1:])
+        self.assertNoResult(d)
+        self.reply(CONTINUE)
+        self.assertEqual(self.successResultOf(d), Response(CONTINUE, edits, 2))
+
+    def test_quarantine_before_end_of_message(self):
+        """Quarantine is allowed at any stage (Postfix takes it after any event)."""
+        d = self.protocol.send(RCPT)
+        self.reply(Quarantine(b"q"), CONTINUE)
+        self.assertEqual(self.successResultOf(d), Response(CONTINUE, [Quarantine(b"q")], 0))
+
+    def test_progress_before_end_of_message(self):
+        """Progress is counted at any stage."""
+        d = self.protocol.send(END_OF_HEADERS)
+        self.reply(PROGRESS, CONTINUE)
+        self.assertEqual(self.successResultOf(d).progress, 1)
+
+    def test_modification_outside_end_of_message(self):
+        """An edit in reply to a command other than EOM fails it and drops the connection."""
+        d = self.protocol.send(RCPT)
+        queued = self.protocol.send(Body(b"x"))
+        self.reply(AddHeader(b"X-A", b"1"))
+        failure = self.failureResultOf(d, errors.ProtocolError)
+        self.assertIn("only at END_OF_MESSAGE", failure.getErrorMessage())
+        failure = self.failureResultOf(queued, MilterConnectionLost)
+        self.assertIn("before BODY was sent", failure.getErrorMessage())
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_negotiate_reply_to_a_command(self):
+        """An O packet in reply to another command is a protocol error."""
+        d = self.protocol.send(HELO)
+        self.reply(Negotiate(6, 0, 0))
+        self.failureResultOf(d, errors.ProtocolError)
+
+    def test_unexpected_reply(self):
+        """A reply with nothing pending drops the connection; later sends fail at once."""
+        self.reply(CONTINUE)
+        self.assertTrue(self.transport.disconnecting)
+        d = self.protocol.send(HELO)
+        failure = self.failureResultOf(d, MilterConnectionLost)
+        self.assertIn("unexpected reply", failure.getErrorMessage())
+        self.assertEqual(self.written(), b"")
+
+    def test_decode_error(self):
+        """A malformed reply fails the pending command with the decode error."""
+        d = self.protocol.send(HELO)
+        self.protocol.dataReceived(b"\x00\x00\x00\x02c!")
+        self.failureResultOf(d, errors.PayloadError)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_unknown_reply_code(self):
+        """An unknown reply code fails the pending command with UnknownCodeError."""
+        d = self.protocol.send(HELO)
+        self.protocol.dataReceived(b"\x00\x00\x00\x01Z")
+        self.failureResultOf(d, errors.UnknownCodeError)
+
+    def test_oversized_packet(self):
+        """A length over max_packet_size fails at once, before the bytes arrive."""
+        protocol = MilterClientProtocol(self.clock, self.timeouts, max_packet_size=100)
+        protocol.makeConnection(StringTransport())
+        d = protocol.send(HELO)
+        protocol.dataReceived(b"\x00\x00\x01\x00")
+        self.assertNoResult(d)
+        protocol.dataReceived(b"y")
+        self.failureResultOf(d, errors.FrameError)
+
+    def test_rest_of_read_ignored_after_error(self):
+        """Bytes after a bad packet in the same read are not processed."""
+        d = self.protocol.send(HELO)
+        self.protocol.dataReceived(AddHeader(b"X", b"y").encode() + CONTINUE.encode())
+        self.failureResultOf(d, errors.ProtocolError)
+
+
+class NoReplyTests(ClientTestCase):
+    """Commands the child negotiated no reply to, or negotiated away."""
+
+    def test_no_reply_flag(self):
+        """A command whose NR flag was negotiated is written and fires None."""
+        self.negotiated(protocol=c.SMFIP_NR_CONN | c.SMFIP_NR_HELO)
+        d = self.protocol.send(CONNECT)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.written(), CONNECT.encode())
+        d = self.protocol.send(HELO)
+        self.assertIsNone(self.successResultOf(d))
+        d = self.protocol.send(MAIL)
+        self.assertNoResult(d)
+
+    def test_no_reply_command_queued(self):
+        """An NR command queued behind a pending one fires None when it is written."""
+        self.negotiated(protocol=c.SMFIP_NR_RCPT)
+        mail = self.protocol.send(MAIL)
+        rcpt = self.protocol.send(RCPT)
+        self.written()
+        self.assertNoResult(rcpt)
+        self.reply(CONTINUE)
+        self.successResultOf(mail)
+        self.assertIsNone(self.successResultOf(rcpt))
+        self.assertEqual(self.written(), RCPT.encode())
+
+    def test_negotiated_away(self):
+        """A command the child asked not to get (NO* flag) is not written and fires None."""
+        self.negotiated(protocol=c.SMFIP_NOHELO | c.SMFIP_NOBODY)
+        self.assertIsNone(self.successResultOf(self.protocol.send(HELO)))
+        self.assertIsNone(self.successResultOf(self.protocol.send(Body(b"x"))))
+        self.assertEqual(self.written(), b"")
+
+    def test_too_new_for_version(self):
+        """DATA is not sent to a child that negotiated version 2."""
+        self.negotiated(version=2, actions=0)
+        from miltermanager.protocol.messages import DATA
+        self.assertIsNone(self.successResultOf(self.protocol.send(DATA)))
+        self.assertEqual(self.written(), b"")
+
+    def test_macros_for_a_negotiated_away_command_are_sent(self):
+        """D is always written (the MTAs send it even for skipped steps); the caller decides."""
+        self.negotiated(protocol=c.SMFIP_NOHELO)
+        macro = Macro(c.HELO, {b"{tls_version}": b"TLSv1.3"})
+        self.assertIsNone(self.successResultOf(self.protocol.send(macro)))
+        self.assertEqual(self.written(), macro.encode())
+
+
+class TimeoutTests(ClientTestCase):
+    """Reading, end-of-message and writing timeouts on the fake clock."""
+
+    def setUp(self):
+        super().setUp()
+        self.negotiated()
+
+    def test_reading_timeout(self):
+        """No reply within the reading timeout fails with a message naming the command."""
+        d = self.protocol.send(RCPT)
+        self.clock.advance(4.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        failure = self.failureResultOf(d, MilterTimeoutError)
+        self.assertIsInstance(failure.value, defer.TimeoutError)
+        self.assertEqual(failure.getErrorMessage(),
+                         "reading timeout (5.0 s) waiting for the reply to RCPT")
+        self.assertEqual((failure.value.kind, failure.value.command), ("reading", "RCPT"))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_negotiation_timeout(self):
+        """The reading timeout also covers the reply to O."""
+        protocol = MilterClientProtocol(self.clock, self.timeouts)
+        protocol.makeConnection(StringTransport())
+        d = protocol.negotiate()
+        self.clock.advance(5)
+        self.assertIn("reply to NEGOTIATE", self.failureResultOf(d, MilterTimeoutError).getErrorMessage())
+
+    def test_reply_cancels_timer(self):
+        """After the reply, the timer is gone: nothing fires later."""
+        d = self.protocol.send(RCPT)
+        self.reply(CONTINUE)
+        self.successResultOf(d)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_progress_restarts_reading_timeout(self):
+        """Each Progress restarts the reading timeout."""
+        d = self.protocol.send(RCPT)
+        for _ in range(3):
+            self.clock.advance(4)
+            self.reply(PROGRESS)
+        self.clock.advance(4.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        self.failureResultOf(d, MilterTimeoutError)
+
+    def test_timeout_fails_queued_commands(self):
+        """Commands queued behind a timed-out one fail with MilterConnectionLost naming them."""
+        d = self.protocol.send(RCPT)
+        queued = self.protocol.send(Macro(c.DATA, {}))
+        self.clock.advance(5)
+        self.failureResultOf(d, MilterTimeoutError)
+        failure = self.failureResultOf(queued, MilterConnectionLost)
+        self.assertIn("before MACRO was sent", failure.getErrorMessage())
+        self.assertIn("reading timeout", failure.getErrorMessage())
+
+    def test_end_of_message_timeout(self):
+        """END_OF_MESSAGE gets the end-of-message timeout, not the reading one."""
+        d = self.protocol.send(END_OF_MESSAGE)
+        self.clock.advance(19)
+        self.reply(AddHeader(b"X", b"y"))
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        failure = self.failureResultOf(d, MilterTimeoutError)
+        self.assertEqual(failure.getErrorMessage(),
+                         "end-of-message timeout (20.0 s) waiting for the reply to END_OF_MESSAGE")
+
+    def test_progress_restarts_end_of_message_timeout(self):
+        """Progress at EOM restarts the end-of-message timeout."""
+        d = self.protocol.send(END_OF_MESSAGE)
+        self.clock.advance(19)
+        self.reply(PROGRESS)
+        self.clock.advance(19)
+        self.reply(CONTINUE)
+        self.assertEqual(self.successResultOf(d).progress, 1)
+
+    def test_registered_as_streaming_producer(self):
+        """The protocol is the transport's streaming push producer."""
+        self.assertIs(self.transport.producer, self.protocol)
+        self.assertTrue(self.transport.streaming)
+        self.assertTrue(verifyObject(IPushProducer, self.protocol))
+
+    def test_writing_timeout(self):
+        """Paused longer than the writing timeout: fail and drop the connection."""
+        d = self.protocol.send(Body(b"x" * 65535))
+        self.protocol.pauseProducing()
+        self.clock.advance(2.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        failure = self.failureResultOf(d, MilterTimeoutError)
+        self.assertEqual(failure.getErrorMessage(),
+                         "writing timeout (3.0 s): the milter stopped reading while BODY was pending")
+        self.assertEqual(failure.value.kind, "writing")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_resume_cancels_writing_timeout(self):
+        """resumeProducing within the writing timeout cancels it."""
+        d = self.protocol.send(Body(b"x"))
+        self.protocol.pauseProducing()
+        self.clock.advance(2)
+        self.protocol.resumeProducing()
+        self.clock.advance(2)
+        self.assertNoResult(d)
+        self.reply(CONTINUE)
+        self.successResultOf(d)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_writing_timeout_while_idle(self):
+        """A writing timeout with no reply pending still drops the connection."""
+        self.protocol.send(ABORT)
+        self.protocol.pauseProducing()
+        self.clock.advance(3)
+        self.assertTrue(self.transport.disconnecting)
+        failure = self.failureResultOf(self.protocol.send(HELO), MilterConnectionLost)
+        self.assertIn("writing timeout (3.0 s): the milter stopped reading", failure.getErrorMessage())
+
+    def test_connection_lost_cancels_timers(self):
+        """Losing the connection leaves no delayed call behind."""
+        d = self.protocol.send(RCPT)
+        self.protocol.pauseProducing()
+        self.lose()
+        self.failureResultOf(d, MilterConnectionLost)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ConnectionLostTests(ClientTestCase):
+    """connectionLost and close()."""
+
+    def setUp(self):
+        super().setUp()
+        self.negotiated()
+
+    def test_connection_lost_fails_pending_and_queued(self):
+        """The waiting and the queued commands each fail with MilterConnectionLost naming them."""
+        rcpt = self.protocol.send(RCPT)
+        eom = self.protocol.send(END_OF_MESSAGE)
+        self.lose("peer went away")
+        failure = self.failureResultOf(rcpt, MilterConnectionLost)
+        self.assertIsInstance(failure.value, error.ConnectionLost)
+        self.assertEqual(failure.value.command, "RCPT")
+        self.assertIn("waiting for the reply to RCPT", failure.getErrorMessage())
+        self.assertIn("peer went away", failure.getErrorMessage())
+        failure = self.failureResultOf(eom, MilterConnectionLost)
+        self.assertEqual(failure.value.command, "END_OF_MESSAGE")
+        self.assertFalse(failure.value.sent)
+        self.assertIn("before END_OF_MESSAGE was sent", failure.getErrorMessage())
+
+    def test_send_after_connection_lost(self):
+        """send() after the connection is gone fails at once and writes nothing."""
+        self.lose()
+        self.failureResultOf(self.protocol.send(HELO), MilterConnectionLost)
+        self.failureResultOf(self.protocol.send(ABORT), MilterConnectionLost)
+        self.assertEqual(self.written(), b"")
+
+    def test_close_sends_quit(self):
+        """close() writes Quit and loses the connection."""
+        self.protocol.close()
+        self.assertEqual(self.written(), QUIT.encode())
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_close_twice(self):
+        """A second close() writes nothing more."""
+        self.protocol.close()
+        self.written()
+        self.protocol.close()
+        self.assertEqual(self.written(), b"")
+
+    def test_close_with_pending_command(self):
+        """close() while a reply is pending: Quit goes out now, the command fails on loss."""
+        d = self.protocol.send(RCPT)
+        self.written()
+        self.protocol.close()
+        self.assertEqual(self.written(), QUIT.encode())
+        self.lose()
+        failure = self.failureResultOf(d, MilterConnectionLost)
+        self.assertIn("closed by us", failure.getErrorMessage())
+
+    def test_close_after_connection_lost(self):
+        """close() on a lost connection does nothing."""
+        self.lose()
+        self.protocol.close()
+        self.assertEqual(self.written(), b"")
+
+    def test_errback_may_send(self):
+        """An errback that sends again gets a failed Deferred, not an exception."""
+        results = []
+        d = self.protocol.send(RCPT)
+        d.addErrback(lambda _: self.protocol.send(ABORT).addErrback(results.append))
+        self.lose()
+        self.assertEqual(len(results), 1)
+        results[0].trap(MilterConnectionLost)
+
+
+class TcpNoDelayTests(unittest.TestCase):
+    """TCP_NODELAY on TCP transports only."""
+
+    def test_tcp_nodelay_set(self):
+        """A TCP transport gets TCP_NODELAY."""
+        transport = StringTransport()
+        calls = []
+        transport.setTcpNoDelay = calls.append
+        MilterClientProtocol(task.Clock()).makeConnection(transport)
+        self.assertEqual(calls, [True])
+
+    def test_unix_transport_untouched(self):
+        """A UNIX transport (which claims ITCPTransport too) is not asked for TCP_NODELAY."""
+        from twisted.internet.address import UNIXAddress
+        transport = StringTransport(hostAddress=UNIXAddress("/tmp/sock"))
+        calls = []
+        transport.setTcpNoDelay = calls.append
+        MilterClientProtocol(task.Clock()).makeConnection(transport)
+        self.assertEqual(calls, [])
+
+
+class ConnectTests(unittest.TestCase):
+    """client.connect() on a memory reactor."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+
+    def test_connect_uses_spec_and_connection_timeout(self):
+        """connect() dials the spec's endpoint with the connection timeout."""
+        client.connect(self.reactor, "inet:8891@[127.0.0.1]", Timeouts(connection=12.0))
+        host, port, factory, timeout, _ = self.reactor.tcpClients[0]
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 8891, 12.0))
+
+    def test_connect_fires_with_protocol(self):
+        """A connection fires with a MilterClientProtocol timed by the given clock."""
+        clock = task.Clock()
+        timeouts = Timeouts(reading=1.0)
+        d = client.connect(self.reactor, "unix:/run/m.sock", timeouts, clock=clock)
+        factory = self.reactor.unixClients[0][1]
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        # The endpoint's wrapping factory fires d once the protocol is connected.
+        result = self.successResultOf(d)
+        self.assertIsInstance(result, MilterClientProtocol)
+        self.assertIs(result.clock, clock)
+        self.assertIs(result.timeouts, timeouts)
+
+    def test_connection_failure_names_spec(self):
+        """A refused connection fails with MilterConnectError naming the spec."""
+        d = client.connect(self.reactor, "inet:8891@[127.0.0.1]")
+        connector = self.reactor.connectors[0]
+        factory = self.reactor.tcpClients[0][2]
+        factory.clientConnectionFailed(connector, Failure(error.ConnectionRefusedError()))
+        failure = self.failureResultOf(d, MilterConnectError)
+        self.assertIsInstance(failure.value, error.ConnectError)
+        self.assertIn("cannot connect to the milter at inet:8891@[127.0.0.1]",
+                      failure.getErrorMessage())
+        self.assertIn("refused", failure.getErrorMessage())
+
+    def test_bad_spec(self):
+        """A bad spec fails the Deferred with MilterConnectError carrying the parse error."""
+        d = client.connect(self.reactor, "inet:nope")
+        failure = self.failureResultOf(d, MilterConnectError)
+        self.assertIn("inet:nope", failure.getErrorMessage())
+        self.assertIn("is not a number", failure.getErrorMessage())
