@@ -131,6 +131,8 @@ class MilterClientProtocol(Protocol):
         # Commands sent while another waits: (command, Deferred), in order.
         self._queue = deque()
         self._writing_timer = None
+        self._lost = False
+        self._close_waiters = None
         # Why the connection is unusable (a string), or None while it works.
         self._ended = "not connected yet"
 
@@ -148,6 +150,8 @@ class MilterClientProtocol(Protocol):
         transport.registerProducer(self, True)
 
     def dataReceived(self, data):
+        if self._ended is not None:
+            return  # closed or aborted: what the child still says is moot
         try:
             for code, payload in self._decoder.feed(data):
                 self._received(decode_reply(code, payload))
@@ -158,10 +162,14 @@ class MilterClientProtocol(Protocol):
 
     def connectionLost(self, reason=None):
         self.connected = False
+        self._lost = True
         self._cancel_writing_timer()
         if self._ended is None:
             self._ended = reason.getErrorMessage() if reason is not None else "closed"
         self._fail_all(None)
+        waiters, self._close_waiters = self._close_waiters, None
+        for d in waiters or ():
+            d.callback(None)
 
     # ------------------------------------------------------------ API
 
@@ -193,10 +201,22 @@ class MilterClientProtocol(Protocol):
             self.transport.write(QUIT.encode())
             self.transport.loseConnection()
 
+    def when_closed(self):
+        """Return a Deferred that fires with None once the connection is gone."""
+        if self._lost:
+            return defer.succeed(None)
+        if self._close_waiters is None:
+            self._close_waiters = []
+        d = defer.Deferred()
+        self._close_waiters.append(d)
+        return d
+
     # ------------------------------------------------------------ IPushProducer
 
     def pauseProducing(self):
-        if self._writing_timer is None and self._ended is None:
+        # Also after close(): a child that stops reading must not keep the
+        # half-closed connection (and its buffer) forever.
+        if self._writing_timer is None and not self._lost:
             self._writing_timer = self.clock.callLater(
                 self.timeouts.writing, self._writing_timed_out)
 
@@ -288,9 +308,8 @@ class MilterClientProtocol(Protocol):
 
     def _abort(self, problem):
         """Give up on this connection: fail everything with problem and drop it."""
-        if self._ended is not None:
-            return
-        self._ended = str(problem)
+        if self._ended is None:
+            self._ended = str(problem)
         self._cancel_writing_timer()
         self._fail_all(problem)
         self.transport.abortConnection()

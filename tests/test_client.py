@@ -619,3 +619,55 @@ class ConnectTests(unittest.TestCase):
         failure = self.failureResultOf(d, MilterConnectError)
         self.assertIn("inet:nope", failure.getErrorMessage())
         self.assertIn("is not a number", failure.getErrorMessage())
+
+
+class WhenClosedTests(ClientTestCase):
+    """when_closed(): waiting for the end of the connection."""
+
+    def test_fires_on_connection_lost(self):
+        """when_closed() fires once the connection is lost, after pending commands failed."""
+        pending = self.protocol.send(HELO)
+        order = []
+        pending.addErrback(lambda _: order.append("pending"))
+        closed = self.protocol.when_closed().addCallback(lambda _: order.append("closed"))
+        self.protocol.close()
+        self.assertNoResult(closed)
+        self.lose()
+        self.assertEqual(order, ["pending", "closed"])
+
+    def test_after_connection_lost(self):
+        """when_closed() after the loss fires at once."""
+        self.lose()
+        self.assertIsNone(self.successResultOf(self.protocol.when_closed()))
+
+
+class AfterCloseTests(ClientTestCase):
+    """What still happens between close() and the end of the connection."""
+
+    def setUp(self):
+        super().setUp()
+        self.negotiated()
+
+    def test_replies_after_close_ignored(self):
+        """A reply arriving after close() is ignored; the command fails when the socket closes."""
+        d = self.protocol.send(RCPT)
+        self.protocol.close()
+        self.reply(CONTINUE)
+        self.assertNoResult(d)
+        self.lose()
+        self.failureResultOf(d, MilterConnectionLost)
+
+    def test_reading_timeout_after_close_aborts(self):
+        """A command still pending after close() times out and aborts the connection."""
+        d = self.protocol.send(RCPT)
+        self.protocol.close()
+        self.clock.advance(5)
+        self.failureResultOf(d, MilterTimeoutError)
+        self.assertTrue(self.transport.disconnected)
+
+    def test_writing_timeout_after_close_aborts(self):
+        """A child that stops reading after close() gets the connection aborted."""
+        self.protocol.close()
+        self.protocol.pauseProducing()
+        self.clock.advance(3)
+        self.assertTrue(self.transport.disconnected)

@@ -18,6 +18,7 @@ GOOD = {
     "unix:relative/sock": ("unix", None, None, "relative/sock", "unix:relative/sock"),
     "unix:/run/a:b": ("unix", None, None, "/run/a:b", "unix:/run/a:b"),
     "/run/milter.sock": ("unix", None, None, "/run/milter.sock", "unix:/run/milter.sock"),
+    "unix:/" + "x" * 106: ("unix", None, None, "/" + "x" * 106, "unix:/" + "x" * 106),
     "inet:10025": ("inet", None, 10025, None, "inet:10025"),
     "inet:0": ("inet", None, 0, None, "inet:0"),
     "inet:65535": ("inet", None, 65535, None, "inet:65535"),
@@ -85,6 +86,9 @@ BAD = {
     "tcp:a:b:c": "too many positional arguments",
     "tcp:host=a:interface=b:port=1": "give host or interface, not both",
     "unix:/a:/b:path=/c": "a unix endpoint takes only a path",
+    "unix:/" + "x" * 107: "socket path is 108 bytes long; at most 107 fit",
+    "unix:path=/" + "x" * 107: "socket path is 108 bytes long",
+    "/" + "\u00e9" * 54: "socket path is 109 bytes long",
 }
 
 
