@@ -1,6 +1,9 @@
 """What the manager answers when no child milter can: the fallback status."""
 
+from zope.interface import implementer
+
 from miltermanager.protocol import messages
+from miltermanager.server import IMilter
 
 FALLBACK_REPLIES = {
     "accept": messages.ACCEPT,
@@ -20,6 +23,7 @@ def fallback_reply(status):
             + ", ".join(FALLBACK_REPLIES)) from None
 
 
+@implementer(IMilter)
 class FallbackMilter:
     """Answer every command once with the fallback status.
 
