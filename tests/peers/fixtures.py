@@ -1,0 +1,409 @@
+"""Real peers on loopback for integration tests: a libmilter child milter and a private Postfix.
+
+Everything here is synchronous (subprocess, smtplib) and binds 127.0.0.1 only. Each fixture
+is started by the test and stopped by PID, never by process name::
+
+    milter = LibmilterMilter(self.mktemp(), "m1")
+    milter.start()
+    self.addCleanup(milter.stop)
+    postfix = Postfix(self.mktemp(), milters=[milter.postfix_spec])
+    postfix.start()
+    self.addCleanup(postfix.stop)
+"""
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+HOST = "127.0.0.1"
+HERE = os.path.dirname(os.path.abspath(__file__))
+LIBMILTER_MILTER = os.path.join(HERE, "libmilter_milter.py")
+# Debian's interpreter: the only one that can import python3-milter's Milter package.
+DEBIAN_PYTHON = "/usr/bin/python3"
+POSTFIX_USER = "postfix"
+
+
+def free_port():
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _listening(port):
+    """Tell whether a TCP socket listens on port, from /proc/net/tcp (no probe connection)."""
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rpartition(":")[2], 16) == port:
+                return True
+    return False
+
+
+def wait_for_port(port, timeout=10.0, process=None):
+    """Wait until 127.0.0.1:port listens; fail early if process (a Popen) exits.
+
+    It reads the kernel's socket table instead of connecting, so that no probe connection
+    shows up in Postfix's log or as a milter session.
+    """
+    deadline = time.monotonic() + timeout
+    while not _listening(port):
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before port {port} opened")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on {HOST}:{port} after {timeout} s")
+        time.sleep(0.02)
+
+
+def _alive(pid):
+    """Tell whether pid still runs; reaps it if it is our own exited child."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # The state follows the parenthesised command name; a zombie holds no sockets.
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def stop_pid(pid, timeout=15):
+    """SIGTERM pid, wait up to timeout seconds for it to exit, then SIGKILL it."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            while _alive(pid):
+                time.sleep(0.02)
+            return
+        time.sleep(0.02)
+
+
+def _stop_process(process, timeout=15):
+    """Stop a Popen child by its pid and reap it."""
+    if process is not None and process.poll() is None:
+        stop_pid(process.pid, timeout)
+        process.wait()
+
+
+class LibmilterMilter:
+    """tests/peers/libmilter_milter.py run by Debian's python3 on a free port."""
+
+    def __init__(self, tmpdir, name, *flags):
+        self.tmpdir = os.path.abspath(tmpdir)
+        self.name = name
+        self.flags = list(flags)
+        self.port = free_port()
+        self.spec = f"inet:{self.port}@{HOST}"
+        self.log_path = os.path.join(self.tmpdir, f"{name}.events")
+        self.process = None
+
+    @property
+    def postfix_spec(self):
+        """The socket in Postfix's notation, for smtpd_milters."""
+        return f"inet:{HOST}:{self.port}"
+
+    def start(self):
+        """Start the milter and wait until its port accepts connections."""
+        os.makedirs(self.tmpdir, exist_ok=True)
+        command = [DEBIAN_PYTHON, LIBMILTER_MILTER, "--socket", self.spec, "--name", self.name,
+                   "--log", self.log_path, *self.flags]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_for_port(self.port, 10, self.process)
+        except Exception:
+            self.stop()
+            raise
+
+    def stop(self):
+        """SIGTERM the milter and wait for it to exit."""
+        _stop_process(self.process)
+
+    def events(self):
+        """Return the logged callbacks as a list of dicts."""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="surrogateescape") as log:
+                return [json.loads(line) for line in log if line.endswith("\n")]
+        except FileNotFoundError:
+            return []
+
+
+@dataclass
+class SendResult:
+    """The SMTP replies to one transaction, as (code, text) pairs; nothing is raised on rejects."""
+
+    mail: tuple
+    rcpts: dict = field(default_factory=dict)
+    data: tuple = None  # the final reply: after "." or, if DATA itself failed, DATA's reply
+    ehlo: tuple = None
+
+    @property
+    def accepted(self):
+        """Tell whether the message was queued."""
+        return self.data is not None and self.data[0] == 250
+
+    @property
+    def queue_id(self):
+        """Postfix's queue id from "250 2.0.0 Ok: queued as ID", or None."""
+        match = re.search(r"queued as (\w+)", self.data[1]) if self.accepted else None
+        return match and match.group(1)
+
+
+MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {queue_link}
+data_directory = {dir}/data
+meta_directory = /etc/postfix
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mta.harness.test
+mydomain = harness.test
+myorigin = $myhostname
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_banner = $myhostname ESMTP Postfix-harness
+maillog_file = {dir}/maillog
+maillog_file_prefixes = {dir}
+alias_maps =
+alias_database =
+biff = no
+smtputf8_enable = no
+disable_dns_lookups = yes
+smtp_host_lookup = native
+relayhost = [127.0.0.1]:{sink_port}
+default_transport = smtp
+maximal_queue_lifetime = 1h
+bounce_queue_lifetime = 1h
+queue_run_delay = 10s
+minimal_backoff_time = 10s
+maximal_backoff_time = 60s
+smtpd_milters = {milters}
+non_smtpd_milters =
+milter_default_action = {default_action}
+milter_protocol = {milter_protocol}
+milter_command_timeout = 30s
+milter_connect_timeout = 10s
+milter_content_timeout = 300s
+"""
+
+MASTER_CF = """\
+127.0.0.1:{smtp_port} inet n - n - - smtpd
+pickup    unix  n - n 60   1 pickup
+cleanup   unix  n - n -    0 cleanup
+qmgr      unix  n - n 300  1 qmgr
+rewrite   unix  - - n -    - trivial-rewrite
+bounce    unix  - - n -    0 bounce
+defer     unix  - - n -    0 bounce
+trace     unix  - - n -    0 bounce
+verify    unix  - - n -    1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n -    - proxymap
+proxywrite unix - - n -    1 proxymap
+smtp      unix  - - n -    - smtp
+relay     unix  - - n -    - smtp
+showq     unix  n - n -    - showq
+error     unix  - - n -    - error
+retry     unix  - - n -    - error
+discard   unix  - - n -    - discard
+anvil     unix  - - n -    1 anvil
+scache    unix  - - n -    1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+class Postfix:
+    """A private Postfix instance relaying everything to its own smtp-sink, all under tmpdir."""
+
+    def __init__(self, tmpdir, milters=(), milter_protocol=6, default_action="tempfail", extra_main_cf=None):
+        self.dir = os.path.realpath(tmpdir)  # realpath: compared with smtp-sink's /proc fd links
+        self.conf_dir = os.path.join(self.dir, "conf")
+        self.sink_dir = os.path.join(self.dir, "sink")
+        self.milters = list(milters)
+        self.milter_protocol = milter_protocol
+        self.default_action = default_action
+        self.extra_main_cf = dict(extra_main_cf or {})
+        self.smtp_port = free_port()
+        self.sink_port = free_port()
+        self.sink = None
+        self.master_pid = None
+        self.queue_link = None
+
+    def _write_config(self):
+        """Write main.cf and master.cf and create the directories Postfix expects."""
+        _make_reachable(self.dir)
+        for sub in ("conf", "spool", "data", "sink"):
+            os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+        for sub in ("data", "sink"):
+            shutil.chown(os.path.join(self.dir, sub), POSTFIX_USER, POSTFIX_USER)
+        self.queue_link = _short_link(os.path.join(self.dir, "spool"))
+        main_cf = MAIN_CF.format(dir=self.dir, queue_link=self.queue_link, sink_port=self.sink_port,
+                                 milters=", ".join(self.milters), default_action=self.default_action,
+                                 milter_protocol=self.milter_protocol)
+        settings = dict(map(str.strip, line.split("=", 1)) for line in main_cf.splitlines())
+        settings.update(self.extra_main_cf)
+        files = {"main.cf": "".join(f"{key} = {value}\n" for key, value in settings.items()),
+                 "master.cf": MASTER_CF.format(smtp_port=self.smtp_port)}
+        # Postfix rereads a configuration file every 300 ms for as long as its mtime is within
+        # the last second ("pausing to let main.cf cool down", util/dict.c); a fresh file costs
+        # about 1.5 s in `postfix start`. Backdating says the files are complete.
+        past = time.time() - 60
+        for name, text in files.items():
+            path = os.path.join(self.conf_dir, name)
+            with open(path, "w") as out:
+                out.write(text)
+            os.utime(path, (past, past))
+
+    def start(self):
+        """Start smtp-sink and Postfix; return when Postfix's smtpd port listens."""
+        self._write_config()
+        try:
+            self.sink = subprocess.Popen(
+                ["smtp-sink", "-u", POSTFIX_USER, "-4", "-d", os.path.join(self.sink_dir, "%Y%m%d%H%M%S."),
+                 f"{HOST}:{self.sink_port}", "256"],
+                stdin=subprocess.DEVNULL, start_new_session=True)
+            wait_for_port(self.sink_port, 10, self.sink)
+            started = subprocess.run(["postfix", "-c", self.conf_dir, "start"], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if started.returncode != 0:
+                raise RuntimeError(f"postfix start failed:\n{started.stdout}\n{self.maillog()}")
+            with open(os.path.join(self.dir, "spool", "pid", "master.pid")) as pid_file:
+                self.master_pid = int(pid_file.read().split()[0])
+            wait_for_port(self.smtp_port, 10)
+        except Exception:
+            self.stop()
+            raise
+
+    def stop(self):
+        """SIGTERM the master daemon (as `postfix stop` does) and smtp-sink, and wait for both."""
+        if self.master_pid is not None:
+            stop_pid(self.master_pid)
+            self.master_pid = None
+        _stop_process(self.sink)
+        if self.queue_link is not None:
+            os.unlink(self.queue_link)
+            self.queue_link = None
+
+    def send(self, sender, recipients, message, helo="client.harness.test"):
+        """Send message (bytes) in one SMTP transaction; return a SendResult."""
+        message = re.sub(rb"\r?\n", b"\r\n", message)
+        client = smtplib.SMTP(HOST, self.smtp_port, local_hostname=helo, timeout=60)
+        try:
+            ehlo = _reply(*client.ehlo())
+            result = SendResult(mail=_reply(*client.mail(sender)), ehlo=ehlo)
+            if result.mail[0] != 250:
+                return result
+            for recipient in recipients:
+                result.rcpts[recipient] = _reply(*client.rcpt(recipient))
+            if any(code in (250, 251) for code, _ in result.rcpts.values()):
+                try:
+                    result.data = _reply(*client.data(message))
+                except smtplib.SMTPDataError as refused:  # DATA itself was not answered with 354
+                    result.data = _reply(refused.smtp_code, refused.smtp_error)
+            return result
+        finally:
+            try:
+                client.quit()
+            except smtplib.SMTPException:
+                client.close()
+
+    def _delivered_paths(self):
+        """Return smtp-sink's finished dump files, oldest first."""
+        open_paths = set()
+        fd_dir = f"/proc/{self.sink.pid}/fd"
+        for fd in os.listdir(fd_dir):
+            try:
+                open_paths.add(os.readlink(os.path.join(fd_dir, fd)))
+            except OSError:
+                pass
+        paths = [os.path.join(self.sink_dir, name) for name in os.listdir(self.sink_dir)]
+        paths = [path for path in paths if path not in open_paths]
+        return sorted(paths, key=lambda path: (os.stat(path).st_mtime_ns, path))
+
+    def wait_delivered(self, count, timeout=20):
+        """Wait until smtp-sink holds count finished transactions; return their bytes, oldest first.
+
+        One file per relayed transaction: X-Client-Addr, X-Client-Proto, X-Helo-Args, X-Mail-Args
+        and one X-Rcpt-Args line per recipient, smtp-sink's Received:, then the message as
+        Postfix relayed it. smtp-sink drops every CR, so lines end in LF, and the terminating
+        "." leaves one extra LF at the end.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            paths = self._delivered_paths()
+            if len(paths) >= count:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(paths)} of {count} messages delivered after {timeout} s;"
+                                   f" maillog:\n{self.maillog()}")
+            time.sleep(0.05)
+        messages = []
+        for path in paths:
+            with open(path, "rb") as dump:
+                messages.append(dump.read())
+        return messages
+
+    def maillog(self):
+        """Return Postfix's log so far."""
+        try:
+            with open(os.path.join(self.dir, "maillog"), encoding="utf-8", errors="replace") as log:
+                return log.read()
+        except FileNotFoundError:
+            return ""
+
+
+def _short_link(target):
+    """Create a fresh symlink /tmp/mm-pf-XXXXXXXX to target and return its path.
+
+    Postfix's UNIX sockets live in the queue directory (e.g. public/postlog) and a socket path
+    must fit in 108 bytes, which trial's mktemp() paths do not.
+    """
+    while True:
+        link = f"/tmp/mm-pf-{secrets.token_hex(4)}"
+        try:
+            os.symlink(target, link)
+            return link
+        except FileExistsError:
+            pass
+
+
+def _make_reachable(path):
+    """Let the postfix user traverse to path: add o+x to private ancestors under the working directory.
+
+    trial's mktemp() parents are mkdtemp() directories (mode 0700) below _trial_temp, trial's
+    working directory; directories above it are never changed.
+    """
+    cwd = os.path.realpath(os.getcwd())
+    parent = os.path.dirname(path)
+    while parent != os.path.dirname(parent):
+        if os.path.exists(parent):
+            mode = os.stat(parent).st_mode
+            if not mode & 0o001:
+                if not (parent + os.sep).startswith(cwd + os.sep) or cwd == "/":
+                    raise RuntimeError(f"user {POSTFIX_USER} cannot reach {path}: {parent} lacks o+x")
+                os.chmod(parent, (mode & 0o7777) | 0o011)
+        parent = os.path.dirname(parent)
+
+
+def _reply(code, text):
+    """Turn smtplib's (code, bytes) into (code, str)."""
+    return code, text.decode("utf-8", "replace") if isinstance(text, bytes) else text
