@@ -1,5 +1,7 @@
 """Unit tests for miltermanager.client on a string transport and a fake clock."""
 
+import socket
+
 from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
@@ -671,3 +673,62 @@ class AfterCloseTests(ClientTestCase):
         self.protocol.pauseProducing()
         self.clock.advance(3)
         self.assertTrue(self.transport.disconnected)
+
+
+class _RecordingSocket:
+    """Stands in for the TCP socket under the transport: records setsockopt calls."""
+
+    def __init__(self):
+        self.options = []
+
+    def setsockopt(self, level, option, value):
+        self.options.append((level, option, value))
+
+
+class _TCPStringTransport(StringTransport):
+    """A StringTransport that looks like TCP and hands out a recording socket."""
+
+    def __init__(self):
+        super().__init__()
+        self.handle = _RecordingSocket()
+        self.no_delay = False
+
+    def setTcpNoDelay(self, enabled):
+        self.no_delay = enabled
+
+    def getHandle(self):
+        return self.handle
+
+
+class TCPOptionsTests(unittest.TestCase):
+    """Socket options on TCP connections to children."""
+
+    def setUp(self):
+        self.transport = _TCPStringTransport()
+        self.protocol = MilterClientProtocol(task.Clock(), Timeouts())
+        self.protocol.makeConnection(self.transport)
+        d = self.protocol.negotiate()
+        self.protocol.dataReceived(Negotiate(6, c.SMFI_CURR_ACTS, 0).encode())
+        self.successResultOf(d)
+
+    def quick_acks(self):
+        return [option for option in self.transport.handle.options
+                if option == (socket.IPPROTO_TCP, client._TCP_QUICKACK, 1)]
+
+    def test_no_delay(self):
+        """TCP_NODELAY is set on a TCP connection."""
+        self.assertTrue(self.transport.no_delay)
+
+    def test_quick_ack_while_end_of_message_reply_is_incomplete(self):
+        """TCP_QUICKACK is set on sending END_OF_MESSAGE and after each partial reply to it."""
+        self.assertIsNotNone(client._TCP_QUICKACK, "Debian's Python has TCP_QUICKACK")
+        self.protocol.send(RCPT)
+        self.protocol.dataReceived(CONTINUE.encode())
+        self.assertEqual(self.quick_acks(), [])
+        d = self.protocol.send(END_OF_MESSAGE)
+        self.assertEqual(len(self.quick_acks()), 1)
+        self.protocol.dataReceived(AddHeader(b"X-A", b"1").encode())
+        self.assertEqual(len(self.quick_acks()), 2)
+        self.protocol.dataReceived(CONTINUE.encode())
+        self.assertEqual(len(self.quick_acks()), 2)
+        self.assertEqual(self.successResultOf(d).reply, CONTINUE)
