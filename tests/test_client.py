@@ -189,6 +189,7 @@ class SendTests(ClientTestCase):
         self.assertEqual(self.written(), HELO.encode())
         self.assertNoResult(macro_d)
         self.reply(CONTINUE)
+        self.assertEqual(self.successResultOf(helo).reply, CONTINUE)
         self.assertEqual(self.written(), macro.encode() + MAIL.encode())
         self.assertIsNone(self.successResultOf(macro_d))
         self.assertNoResult(mail)
