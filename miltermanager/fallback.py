@@ -2,25 +2,13 @@
 
 from zope.interface import implementer
 
+from miltermanager.merge import parse_status, reply_for
 from miltermanager.protocol import messages
 from miltermanager.server import IMilter
 
-FALLBACK_REPLIES = {
-    "accept": messages.ACCEPT,
-    "temporary-failure": messages.TEMPFAIL,
-    "reject": messages.REJECT,
-    "discard": messages.DISCARD,
-}
-
-
 def fallback_reply(status):
     """The reply for a fallback status name ("accept", "temporary-failure", ...)."""
-    try:
-        return FALLBACK_REPLIES[status.lower().replace("_", "-")]
-    except KeyError:
-        raise ValueError(
-            f"unknown fallback status {status!r}: expected one of "
-            + ", ".join(FALLBACK_REPLIES)) from None
+    return reply_for(parse_status(status))
 
 
 @implementer(IMilter)

@@ -3,7 +3,6 @@
 from twisted.python import usage
 
 DEFAULT_CONNECTION_SPEC = "inet:10025@[127.0.0.1]"
-FALLBACK_STATUSES = ("accept", "temporary-failure", "reject", "discard")
 
 
 class Options(usage.Options):
@@ -13,7 +12,7 @@ class Options(usage.Options):
         ["connection-spec", "s", DEFAULT_CONNECTION_SPEC,
          "Where the MTA connects: unix:/path, inet:PORT@HOST, inet:PORT@[ADDR], inet6:..."],
         ["fallback-status", None, "accept",
-         "Answer when no child milter can: " + ", ".join(FALLBACK_STATUSES)],
+         "Answer when no child milter can: accept, temporary-failure, reject, discard"],
     ]
 
     def postOptions(self):
@@ -22,9 +21,11 @@ class Options(usage.Options):
             connection_spec.parse(self["connection-spec"])
         except ValueError as error:
             raise usage.UsageError(str(error))
-        if self["fallback-status"] not in FALLBACK_STATUSES:
-            raise usage.UsageError(
-                f"--fallback-status must be one of {', '.join(FALLBACK_STATUSES)}")
+        from miltermanager.merge import parse_status
+        try:
+            parse_status(self["fallback-status"])
+        except ValueError as error:
+            raise usage.UsageError(f"--fallback-status: {error}")
 
 
 def makeService(options):
