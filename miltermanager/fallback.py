@@ -6,6 +6,7 @@ from miltermanager.merge import parse_status, reply_for
 from miltermanager.protocol import messages
 from miltermanager.server import IMilter
 
+
 def fallback_reply(status):
     """The reply for a fallback status name ("accept", "temporary-failure", ...)."""
     return reply_for(parse_status(status))
