@@ -186,22 +186,25 @@ class MilterClientProtocol(Protocol):
         """Send an option negotiation; fire with the negotiation.Options the child accepted."""
         return self.send(offer or negotiation.offer())
 
-    def send(self, command):
+    def send(self, command, macro=None):
         """Send a command; fire with its Response, or None if the child gets or answers none.
 
+        macro, a Macro for the command's stage, goes out just before it in
+        the same write; it is sent even when the child negotiated the
+        command away, as MTAs do, since libmilter looks macros up later.
         None comes at once for commands that are never answered (Macro,
         Abort, Quit, QuitNewConnection), for those the child negotiated no
-        reply to, and for those it negotiated away (nothing is written then).
-        Commands go out in order; while one waits for its reply the others
-        queue.
+        reply to, and for those it negotiated away (nothing but the macro
+        is written then). Commands go out in order; while one waits for its
+        reply the others queue.
         """
         if self._ended is not None:
             return defer.fail(MilterConnectionLost(_name(command), self._ended, sent=False))
         if self._command is not None or self._queue:
             d = defer.Deferred()
-            self._queue.append((command, d))
+            self._queue.append((command, macro, d))
             return d
-        return self._write(command, None)
+        return self._write(command, macro, None)
 
     def close(self):
         """Send Quit and close; commands still waiting fail with MilterConnectionLost."""
@@ -237,12 +240,17 @@ class MilterClientProtocol(Protocol):
 
     # ------------------------------------------------------------ internals
 
-    def _write(self, command, d):
+    def _write(self, command, macro, d):
         code = command.code
         options = self.options or _UNNEGOTIATED
         if not options.sends(code):
+            if macro is not None:
+                self.transport.write(macro.encode())
             return _fired(d)
-        self.transport.write(command.encode())
+        if macro is None:
+            self.transport.write(command.encode())
+        else:
+            self.transport.write(macro.encode() + command.encode())
         if not options.replies(code):
             return _fired(d)
         if code == c.END_OF_MESSAGE:
@@ -314,8 +322,8 @@ class MilterClientProtocol(Protocol):
         d.callback(result)
         queue = self._queue
         while queue and self._command is None and self._ended is None:
-            command, d = queue.popleft()
-            self._write(command, d)
+            command, macro, d = queue.popleft()
+            self._write(command, macro, d)
 
     def _fail_all(self, problem):
         """Fail the waiting command with problem (None: connection lost), then every queued one."""
@@ -328,7 +336,7 @@ class MilterClientProtocol(Protocol):
             d.errback(problem or MilterConnectionLost(_name(command), self._ended))
         queue = self._queue
         while queue:
-            command, d = queue.popleft()
+            command, _, d = queue.popleft()
             d.errback(MilterConnectionLost(_name(command), self._ended, sent=False))
 
     def _abort(self, problem):

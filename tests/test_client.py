@@ -364,6 +364,36 @@ class NoReplyTests(ClientTestCase):
         self.assertEqual(self.written(), macro.encode())
 
 
+    def test_macro_with_command_in_one_write(self):
+        """A macro passed with its command goes out right before it, in the same write."""
+        self.negotiated()
+        macro = Macro(c.MAIL, {b"{mail_addr}": b"a@example.net"})
+        writes = []
+        self.transport.write = writes.append
+        d = self.protocol.send(MAIL, macro)
+        self.assertEqual(writes, [macro.encode() + MAIL.encode()])
+        self.reply(CONTINUE)
+        self.assertEqual(self.successResultOf(d).reply, CONTINUE)
+
+    def test_macro_with_negotiated_away_command(self):
+        """The macro of a command the child negotiated away is still written; the command is not."""
+        self.negotiated(protocol=c.SMFIP_NOHELO)
+        macro = Macro(c.HELO, {b"{tls_version}": b"TLSv1.3"})
+        self.assertIsNone(self.successResultOf(self.protocol.send(HELO, macro)))
+        self.assertEqual(self.written(), macro.encode())
+
+    def test_queued_macro_with_command(self):
+        """A queued command keeps its macro and both go out when its turn comes."""
+        self.negotiated()
+        macro = Macro(c.RCPT, {b"{rcpt_addr}": b"b@example.org"})
+        self.protocol.send(MAIL)
+        rcpt = self.protocol.send(RCPT, macro)
+        self.assertEqual(self.written(), MAIL.encode())
+        self.reply(CONTINUE)
+        self.assertEqual(self.written(), macro.encode() + RCPT.encode())
+        self.reply(REJECT)
+        self.assertEqual(self.successResultOf(rcpt).reply, REJECT)
+
 class TimeoutTests(ClientTestCase):
     """Reading, end-of-message and writing timeouts on the fake clock."""
 
