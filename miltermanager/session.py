@@ -272,7 +272,7 @@ class ManagerSession:
         if isinstance(result, Failure):
             message.statuses.append(self._child_failed(child, result, "message"))
             self._leave_message(child)
-            return messages.CONTINUE
+            return self._live_left(message)
         status = child.status_of(result)
         if status is Status.CONTINUE:
             return messages.CONTINUE
@@ -282,10 +282,24 @@ class ManagerSession:
         if status is Status.ACCEPT:
             message.statuses.append(status)
             self._leave_message(child)
-            return messages.CONTINUE
+            return self._live_left(message)
         reply = reply_for(status, _reply_code(result, status))
         self._abort_message()
         return reply
+
+    def _live_left(self, message):
+        """The live child left the message: with no child left in it, the MTA gets the verdict now.
+
+        Otherwise the MTA would stream the rest of the message for nobody.
+        """
+        if message.chain:
+            return messages.CONTINUE
+        status = max(message.statuses)
+        if status >= Status.TEMPORARY_FAILURE:
+            self._abort_message()
+        else:
+            self._end_message()
+        return reply_for(status)
 
     def _leave_message(self, child):
         """child is done with the message; the rest get it replayed at its end."""
