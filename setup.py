@@ -18,7 +18,7 @@ setup(
         "ldap3",
         "pyasn1",
     ],
-    extras_require={"test": ["hypothesis"]},
+    extras_require={"test": ["hypothesis", "dkimpy"]},
     entry_points={
         "console_scripts": [
             "milter-test-server = miltermanager.tools.test_server:main",

@@ -262,9 +262,10 @@ class IOErrorTests(TestCase):
                 os.setuid(65534)
         """
         kind, errno, size, in_memory, message, replayed = self.run_isolated(setup, tmpdir)
-        self.assertEqual((kind, errno, size, in_memory, replayed), ("PermissionError", "13", "1000", "True", "1000"))
-        self.assertEqual(message, f"[Errno 13] message body buffer: cannot create a temporary file in {tmpdir}:"
-                                  " Permission denied")
+        self.assertEqual((kind, errno, size, in_memory, replayed),
+                         ("PermissionError", "13", "1000", "True", "1000"))
+        self.assertEqual(message, "[Errno 13] message body buffer: cannot create a temporary file"
+                                  f" in {tmpdir}: Permission denied")
 
     def test_missing_tmpdir(self):
         """A tmpdir that does not exist gives FileNotFoundError at the move to the file."""

@@ -1,4 +1,8 @@
-"""Real peers on loopback for integration tests: a libmilter child milter and a private Postfix.
+"""Real peers on loopback for integration tests: child milters, a private Postfix, the manager.
+
+LibmilterMilter and OpenDKIM are child milters, Postfix is the MTA (relaying to its own
+smtp-sink), MiltermanagerProcess runs this checkout's manager under twistd; verify_dkim checks
+a delivered message's DKIM-Signature offline.
 
 Everything here is synchronous (subprocess, smtplib) and binds 127.0.0.1 only. Each fixture
 is started by the test and stopped by PID, never by process name::
@@ -20,6 +24,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -78,15 +83,20 @@ def _alive(pid):
         return False
 
 
-def stop_pid(pid, timeout=15):
-    """SIGTERM pid, wait up to timeout seconds for it to exit, then SIGKILL it."""
+def stop_pid(pid, timeout=15, wake=None):
+    """SIGTERM pid, wait up to timeout seconds for it to exit, then SIGKILL it.
+
+    wake, if given, is called shortly after the signal and then twice a second while pid runs.
+    """
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
+    wake_at = time.monotonic() + 0.05
     while _alive(pid):
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -94,14 +104,35 @@ def stop_pid(pid, timeout=15):
             while _alive(pid):
                 time.sleep(0.02)
             return
+        if wake is not None and now >= wake_at:
+            wake()
+            wake_at = now + 0.5
         time.sleep(0.02)
 
 
-def _stop_process(process, timeout=15):
+def _stop_process(process, timeout=15, wake=None):
     """Stop a Popen child by its pid and reap it."""
     if process is not None and process.poll() is None:
-        stop_pid(process.pid, timeout)
+        stop_pid(process.pid, timeout, wake)
         process.wait()
+
+
+def _poke(port):
+    """Open and close one connection to port, if anything still listens there.
+
+    After SIGTERM, libmilter's listener notices its stop flag only when poll() returns, which
+    without traffic takes up to 5 s; one connection makes it return at once. The connection
+    itself is dropped unanswered: the listener leaves its loop before serving it.
+    """
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+    except OSError:
+        pass
+
+
+def _stop_libmilter(process, port, timeout=15):
+    """Stop a milter built on libmilter by its pid, quickly (see _poke), and reap it."""
+    _stop_process(process, timeout, wake=lambda: _poke(port))
 
 
 class LibmilterMilter:
@@ -144,6 +175,251 @@ class LibmilterMilter:
                 return [json.loads(line) for line in log if line.endswith("\n")]
         except FileNotFoundError:
             return []
+
+
+OPENDKIM_USER = "opendkim"
+OPENDKIM_CONF = """\
+Syslog                  no
+Background              no
+Mode                    {mode}
+Domain                  {domain}
+Selector                {selector}
+KeyFile                 {key_file}
+Socket                  {spec}
+UserID                  {user}:{user}
+UMask                   007
+Canonicalization        relaxed/simple
+SignatureAlgorithm      rsa-sha256
+InternalHosts           {internal_hosts}
+AlwaysAddARHeader       yes
+AuthservID              mta.harness.test
+TestDNSData             file:{testdns}
+RequireSafeKeys         no
+"""
+
+
+class OpenDKIM:
+    """Debian's opendkim on a free port: mode "s" signs mail from 127.0.0.1, mode "v" verifies it.
+
+    The key is generated under tmpdir (or copied from key_from, another OpenDKIM, so that a
+    verifier knows a signer's key). TestDNSData serves the key record from DIR/testdns, and
+    opendkim runs in a private mount namespace whose resolv.conf names 127.0.0.1, where nothing
+    answers: no DNS query leaves the machine. opendkim logs only through syslog(3), so
+    Syslog is off; DIR/opendkim.log holds its stderr (configuration errors).
+    """
+
+    def __init__(self, tmpdir, mode="s", domain="harness.test", selector="test", key_from=None):
+        if mode not in ("s", "v"):
+            raise ValueError(f"mode must be 's' (sign) or 'v' (verify), not {mode!r}")
+        self.dir = os.path.realpath(tmpdir)
+        self.mode = mode
+        self.domain = domain
+        self.selector = selector
+        self.key_from = key_from
+        self.key_dir = os.path.join(self.dir, "keys")
+        self.conf_path = os.path.join(self.dir, "opendkim.conf")
+        self.log_path = os.path.join(self.dir, "opendkim.log")
+        self.port = free_port()
+        self.spec = f"inet:{self.port}@{HOST}"
+        self.public_key_txt = None
+        self.process = None
+
+    @property
+    def postfix_spec(self):
+        """The socket in Postfix's notation, for smtpd_milters."""
+        return f"inet:{HOST}:{self.port}"
+
+    @property
+    def dns_name(self):
+        """The name of the key's TXT record: SELECTOR._domainkey.DOMAIN."""
+        return f"{self.selector}._domainkey.{self.domain}"
+
+    @property
+    def txt_records(self):
+        """{name: TXT value} for the key, as verify_dkim() takes it."""
+        return {self.dns_name: self.public_key_txt}
+
+    def _make_key(self):
+        """Generate (or copy) the key into DIR/keys and return the TXT value from its zone snippet."""
+        os.makedirs(self.key_dir)
+        private = os.path.join(self.key_dir, f"{self.selector}.private")
+        snippet = os.path.join(self.key_dir, f"{self.selector}.txt")
+        if self.key_from is not None:
+            if (self.key_from.domain, self.key_from.selector) != (self.domain, self.selector):
+                raise ValueError("key_from must have the same domain and selector")
+            for path in (private, snippet):
+                shutil.copyfile(os.path.join(self.key_from.key_dir, os.path.basename(path)), path)
+        else:
+            subprocess.run(["opendkim-genkey", "-b", "1024", "-D", self.key_dir, "-d", self.domain,
+                            "-s", self.selector], check=True, stdin=subprocess.DEVNULL,
+                           capture_output=True)
+        shutil.chown(self.key_dir, OPENDKIM_USER, OPENDKIM_USER)
+        os.chmod(self.key_dir, 0o700)
+        for name in os.listdir(self.key_dir):
+            shutil.chown(os.path.join(self.key_dir, name), OPENDKIM_USER, OPENDKIM_USER)
+            os.chmod(os.path.join(self.key_dir, name), 0o600)
+        with open(snippet) as zone:
+            # test._domainkey IN TXT ( "v=DKIM1; h=sha256; k=rsa; " "p=MIG..." "...")  ; comment
+            return "".join(re.findall(r'"([^"]*)"', zone.read()))
+
+    def _write_config(self):
+        """Write the key, DIR/testdns, DIR/resolv.conf and DIR/opendkim.conf."""
+        _make_reachable(self.dir)
+        os.makedirs(self.dir, exist_ok=True)
+        self.public_key_txt = self._make_key()
+        testdns = os.path.join(self.dir, "testdns")
+        with open(testdns, "w") as out:
+            out.write(f"{self.dns_name} {self.public_key_txt}\n")
+        with open(os.path.join(self.dir, "resolv.conf"), "w") as out:
+            out.write("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        # Mail from 127.0.0.1 is internal, so signed; a verifier must see it as external.
+        internal_hosts = HOST if self.mode == "s" else "192.0.2.1"
+        with open(self.conf_path, "w") as out:
+            out.write(OPENDKIM_CONF.format(
+                mode=self.mode, domain=self.domain, selector=self.selector, spec=self.spec,
+                key_file=os.path.join(self.key_dir, f"{self.selector}.private"), user=OPENDKIM_USER,
+                internal_hosts=internal_hosts, testdns=testdns))
+
+    def start(self):
+        """Generate the key, write the configuration, start opendkim and wait for its port."""
+        self._write_config()
+        # unshare and sh exec, so the Popen pid is opendkim's own.
+        command = ["unshare", "-m", "/bin/sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+                   os.path.join(self.dir, "resolv.conf"), "opendkim", "-f", "-x", self.conf_path]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                            start_new_session=True)
+        try:
+            wait_for_port(self.port, 10, self.process)
+        except Exception as error:
+            self.stop()
+            raise RuntimeError(f"opendkim did not start: {error}\n{self.log()}") from error
+
+    def stop(self):
+        """SIGTERM opendkim and wait for it to exit."""
+        _stop_libmilter(self.process, self.port)
+
+    def log(self):
+        """Return what opendkim wrote to stderr."""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as log:
+                return log.read()
+        except FileNotFoundError:
+            return ""
+
+
+# The lines smtp-sink -d writes before the message: the envelope, then its own Received header.
+_SINK_ENVELOPE = re.compile(rb"\A(?:X-(?:Client-Addr|Client-Proto|Helo-Args|Mail-Args|Rcpt-Args):[^\n]*\n)+"
+                            rb"Received:[^\n]*\n(?:[ \t][^\n]*\n)*")
+
+
+def sink_message(dump):
+    """Return the message in one of smtp-sink's dump files as it was relayed, with CRLF line ends.
+
+    smtp-sink writes its envelope lines and its own Received header first, drops every CR and
+    ends the file with one extra LF for the terminating ".". A message that is not such a dump
+    only gets its line ends turned into CRLF.
+    """
+    envelope = _SINK_ENVELOPE.match(dump)
+    if envelope is not None:
+        dump = dump[envelope.end():]
+        if dump.endswith(b"\n\n"):
+            dump = dump[:-1]
+    return re.sub(rb"\r?\n", b"\r\n", dump)
+
+
+def verify_dkim(message, txt_records):
+    """Tell whether the first DKIM-Signature of message (bytes) verifies, offline.
+
+    message may be an smtp-sink dump (see sink_message). txt_records maps DNS names to TXT values,
+    e.g. OpenDKIM.txt_records; any other name is looked up as missing, never in the DNS.
+    """
+    import dkim
+
+    records = {name.lower().rstrip("."): value for name, value in txt_records.items()}
+
+    def lookup(name, timeout=5):
+        if isinstance(name, bytes):
+            name = name.decode("ascii")
+        value = records.get(name.lower().rstrip("."))
+        return None if value is None else value.encode("ascii")
+
+    return dkim.verify(sink_message(message), dnsfunc=lookup)
+
+
+REPO = os.path.dirname(os.path.dirname(HERE))
+# twistd's own entry point, so that the interpreter is this one whatever `twistd` on PATH is.
+TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+
+
+class MiltermanagerProcess:
+    """This checkout's manager run by `twistd -n milter-manager` on a free port, logging to a file.
+
+    config_text is written to DIR/milter-manager.conf; args (default: --config FILE) follow
+    `milter-manager` on the command line. In both, {port}, {spec} (inet:PORT@[127.0.0.1]),
+    {dir} and {config} (the file's path) are replaced; other braces stay as they are, so the
+    configuration can hold Python dicts. The twistd plugin is found through PYTHONPATH, which
+    starts with the checkout; the working directory is DIR.
+    """
+
+    def __init__(self, tmpdir, config_text, args=None):
+        self.dir = os.path.realpath(tmpdir)
+        self.port = free_port()
+        self.spec = f"inet:{self.port}@[{HOST}]"
+        self.config_path = os.path.join(self.dir, "milter-manager.conf")
+        self.log_path = os.path.join(self.dir, "milter-manager.log")
+        self.config_text = self._fill(config_text)
+        self.args = [self._fill(arg) for arg in (args if args is not None else ["--config", "{config}"])]
+        self.process = None
+
+    def _fill(self, text):
+        """Replace the placeholders in text."""
+        for name, value in (("port", str(self.port)), ("spec", self.spec), ("dir", self.dir),
+                            ("config", self.config_path)):
+            text = text.replace("{" + name + "}", value)
+        return text
+
+    @property
+    def postfix_spec(self):
+        """The socket in Postfix's notation, for smtpd_milters."""
+        return f"inet:{HOST}:{self.port}"
+
+    @property
+    def command(self):
+        """The command line that start() runs."""
+        return [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "milter-manager", *self.args]
+
+    def start(self, timeout=30):
+        """Write the configuration, start the manager and wait for its port.
+
+        If the manager exits first (a configuration or usage error), or the port does not open
+        in time, the error raised holds the log.
+        """
+        os.makedirs(self.dir, exist_ok=True)
+        with open(self.config_path, "w") as out:
+            out.write(self.config_text)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([REPO, *filter(None, [env.get("PYTHONPATH")])])
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, cwd=self.dir, env=env, stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_port(self.port, timeout, self.process)
+        except (RuntimeError, TimeoutError) as error:
+            self.stop()
+            raise RuntimeError(f"milter-manager did not start: {error}; its log:\n{self.log()}") from None
+
+    def stop(self):
+        """SIGTERM the manager and wait for it to exit."""
+        _stop_process(self.process)
+
+    def log(self):
+        """Return the manager's output so far (twistd's log, tracebacks)."""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as log:
+                return log.read()
+        except FileNotFoundError:
+            return ""
 
 
 @dataclass
@@ -361,6 +637,15 @@ class Postfix:
             with open(path, "rb") as dump:
                 messages.append(dump.read())
         return messages
+
+    def wait_maillog(self, text, timeout=10):
+        """Wait until Postfix's log holds text (postlogd writes it a moment later); return the log."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.maillog()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not in Postfix's log after {timeout} s:\n{log}")
+            time.sleep(0.05)
+        return log
 
     def maillog(self):
         """Return Postfix's log so far."""
