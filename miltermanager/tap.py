@@ -64,15 +64,14 @@ class Options(usage.Options):
 
 
 def makeService(options):
-    """Listen for the MTA; with no child milters every command gets the fallback."""
+    """Listen for the MTA; each MTA connection becomes a ManagerSession."""
     from twisted.internet import reactor
 
-    from miltermanager.fallback import FallbackMilter
-    from miltermanager.server import MilterServerFactory
+    from miltermanager.session import manager_factory
 
     configuration = options.configuration
-    status = configuration.manager.fallback_status.label
-    factory = MilterServerFactory(lambda connection: FallbackMilter(status))
+    factory = manager_factory(configuration, reactor)
+    factory.noisy = False  # no "Starting factory" line per connection
     service = listen_service(reactor, configuration.manager, factory)
     service.setName("milter-manager")
     service.configuration = configuration

@@ -14,14 +14,11 @@ from twisted.internet.error import CannotListenError
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface.verify import verifyObject
 
 from miltermanager import config, tap
 from miltermanager.merge import Status
-from miltermanager.fallback import FallbackMilter, fallback_reply
 from miltermanager.macros import Macros
-from miltermanager.protocol import messages, negotiation
-from miltermanager.server import IMilter
+from miltermanager.protocol import messages
 
 
 class PluginTests(SynchronousTestCase):
@@ -264,30 +261,10 @@ class UNIXSocketTests(TestCase):
 
 
 def tap_factory():
-    from miltermanager.server import MilterServerFactory
+    from twisted.internet import reactor
 
-    return MilterServerFactory(lambda connection: FallbackMilter("accept"))
+    from miltermanager.session import manager_factory
+
+    return manager_factory(config.default(), reactor)
 
 
-class FallbackMilterTests(SynchronousTestCase):
-    def test_provides_imilter(self):
-        """The fallback milter is an IMilter."""
-        verifyObject(IMilter, FallbackMilter("accept"))
-
-    def test_negotiates_every_event_with_reply(self):
-        """It asks for every event and negotiates no "no reply" step."""
-        wanted = FallbackMilter("reject").negotiate(negotiation.offer())
-        self.assertEqual((wanted.actions, wanted.protocol), (0, 0))
-
-    def test_answers_each_command_with_the_status(self):
-        """Every command gets the fallback status as its one reply."""
-        milter = FallbackMilter("temporary_failure")
-        for event in (milter.connect, milter.helo, milter.mail, milter.rcpt,
-                      milter.end_of_message):
-            self.assertIs(event(None, Macros()), messages.TEMPFAIL)
-
-    def test_status_names(self):
-        """Status names are upstream's, case-insensitive, with _ for -."""
-        self.assertIs(fallback_reply("Accept"), messages.ACCEPT)
-        self.assertIs(fallback_reply("discard"), messages.DISCARD)
-        self.assertRaises(ValueError, fallback_reply, "bounce")
