@@ -16,7 +16,7 @@ from zope.interface import implementer
 from .body import BodyBuffer
 from .children import Child
 from .headers import HeaderList
-from .merge import Status, merge_negotiation, reply_for
+from .merge import Status, merge_negotiation, reply_for, status_of
 from .protocol import constants as c
 from .protocol import messages
 from .protocol.messages import Negotiate
@@ -171,7 +171,8 @@ class ManagerSession:
         if kind is _RCPT:
             if status is Status.CONTINUE:
                 child.recipients += 1
-            elif status is Status.ACCEPT:
+            elif status is Status.ACCEPT and status_of(result.reply) is Status.ACCEPT:
+                # A real accept; an evaluation child's reject only loses it the recipient.
                 child.in_message = False
         elif kind is _CONNECTION:
             if status is not Status.CONTINUE:
