@@ -341,17 +341,22 @@ class ManagerSession:
                 if child is message.live:
                     response = yield child.send(messages.END_OF_MESSAGE,
                                                 macros.stage(c.END_OF_MESSAGE))
+                    at_end = True
                 else:
-                    response = yield self._replay(child, message, macros)
+                    response, at_end = yield self._replay(child, message, macros)
             except defer.CancelledError:
                 raise  # the MTA went away: close() cleans up
             except Exception:
                 message.statuses.append(
                     self._child_failed(child, Failure(), "end-of-message"))
                 continue
-            child.in_message = False
-            if response is None:  # it accepted or skipped out before the end
+            if response is None:  # it accepted before the end
+                child.in_message = False
                 continue
+            if at_end:
+                child.in_message = False
+            # else its verdict before the end ends the message: it is aborted with the rest,
+            # as the child that gets the message live is
             status = child.status_of(response)
             if status >= Status.TEMPORARY_FAILURE:
                 self._abort_message()
@@ -362,20 +367,20 @@ class ManagerSession:
 
     @defer.inlineCallbacks
     def _replay(self, child, message, macros):
-        """Send child the whole message; fire with its end-of-message Response.
+        """Send child the whole message; fire with (its end-of-message Response, True).
 
-        Fires None if it accepted before the end (it then takes no further
-        part); a reject or temporary failure before the end fires that
-        Response at once.
+        Fires (None, False) if it accepted before the end (it then takes no
+        further part); a reject or temporary failure before the end fires
+        (that Response, False) at once.
         """
         header_macros = macros.stage(c.HEADER)
         for name, value in message.headers:
             response = yield child.send(messages.Header(name, value), header_macros)
             if response is not None and response.reply is not messages.CONTINUE:
-                return self._early(child, message, response)
+                return self._early(child, message, response), False
         response = yield child.send(messages.END_OF_HEADERS, macros.stage(c.END_OF_HEADERS))
         if response is not None and response.reply is not messages.CONTINUE:
-            return self._early(child, message, response)
+            return self._early(child, message, response), False
         body_macros = macros.stage(c.BODY)
         for chunk in message.current_body.chunks(self.chunk_size):
             response = yield child.send(messages.Body(chunk), body_macros)
@@ -383,9 +388,9 @@ class ManagerSession:
                 continue
             if response.reply is messages.SKIP:
                 break
-            return self._early(child, message, response)
+            return self._early(child, message, response), False
         response = yield child.send(messages.END_OF_MESSAGE, macros.stage(c.END_OF_MESSAGE))
-        return response
+        return response, True
 
     def _early(self, child, message, response):
         """A verdict before the end of message: accept leaves, anything else ends it."""
