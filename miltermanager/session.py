@@ -261,7 +261,11 @@ class ManagerSession:
         else:
             message.end_of_headers = True
         child = message.live
-        if child is None or (stage == c.BODY and child.skip_body):
+        if child is None:
+            if not message.chain and not message.statuses:
+                return self._no_child_reply()  # nobody takes part in this message
+            return messages.CONTINUE
+        if stage == c.BODY and child.skip_body:
             return messages.CONTINUE
         d = child.send(command, macros.stage(stage))
         return d.addBoth(self._live_answered, child, stage)
