@@ -120,28 +120,40 @@ class UNIXSocketEndpoint:
         self.group = group
 
     def listen(self, factory):
+        gid = None
+        if self.group is not None:
+            import grp
+
+            try:
+                gid = grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                return defer.fail(self._group_error("no such group"))
         if self.remove_stale:
             try:
                 remove_stale_socket(self.path)
             except CannotListenError:
                 return defer.fail()
         listening = self.endpoint.listen(factory)
-        if self.group is not None:
-            listening.addCallback(self._give_to_group)
+        if gid is not None:
+            listening.addCallback(self._give_to_group, gid)
         return listening
 
-    def _give_to_group(self, port):
-        import grp
-
+    def _give_to_group(self, port, gid):
         try:
-            os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
-        except (KeyError, OSError) as error:
-            port.stopListening()
-            reason = "no such group" if isinstance(error, KeyError) else error.strerror
-            raise CannotListenError(
-                None, self.path, f"cannot give the socket to group {self.group}: {reason}"
-            ) from None
+            os.chown(self.path, -1, gid)
+        except OSError as error:
+            problem = self._group_error(error.strerror)
+
+            def stopped(_):
+                raise problem
+
+            # Fail once the port is closed, so nothing unlinks the socket later.
+            return defer.maybeDeferred(port.stopListening).addBoth(stopped)
         return port
+
+    def _group_error(self, reason):
+        return CannotListenError(
+            None, self.path, f"cannot give the socket to group {self.group}: {reason}")
 
 
 def remove_stale_socket(path):
