@@ -382,9 +382,11 @@ class ManagerSession:
             response = yield child.send(messages.Header(name, value), header_macros)
             if response is not None and response.reply is not messages.CONTINUE:
                 return self._early(child, message, response), False
-        response = yield child.send(messages.END_OF_HEADERS, macros.stage(c.END_OF_HEADERS))
-        if response is not None and response.reply is not messages.CONTINUE:
-            return self._early(child, message, response), False
+        if message.end_of_headers:
+            response = yield child.send(messages.END_OF_HEADERS,
+                                        macros.stage(c.END_OF_HEADERS))
+            if response is not None and response.reply is not messages.CONTINUE:
+                return self._early(child, message, response), False
         body_macros = macros.stage(c.BODY)
         for chunk in message.current_body.chunks(self.chunk_size):
             response = yield child.send(messages.Body(chunk), body_macros)
