@@ -2,7 +2,9 @@
 
 A ScriptedMilter listens on loopback, records every event with its macros
 and answers from a script, so a test can state "child 1 rejects at RCPT,
-child 2 adds a header at end of message" as data.
+child 2 adds a header at end of message" as data. ConnectionTracker lets a
+test wait until every connection of a server factory is gone, so trial finds
+a clean reactor.
 """
 
 from dataclasses import dataclass, field
@@ -10,7 +12,59 @@ from dataclasses import dataclass, field
 from twisted.internet import defer
 
 from .protocol import messages
-from .server import Milter, MilterServerFactory
+from .protocol import constants as c
+from .server import Milter, MilterServerFactory, MilterServerProtocol
+
+
+class ConnectionTracker:
+    """Follows the connections of server factories; wait() fires once none is open."""
+
+    def __init__(self):
+        self.open = set()
+        self._waiters = []
+
+    def track(self, factory):
+        """Make factory's protocols report to this tracker; return factory."""
+        tracker = self
+
+        class Tracked(factory.protocol):
+            def connectionMade(self):
+                tracker.open.add(self)
+                super().connectionMade()
+
+            def connectionLost(self, reason=None):
+                try:
+                    super().connectionLost(reason)
+                finally:
+                    tracker._lost(self)
+
+        factory.protocol = Tracked
+        return factory
+
+    def wait(self):
+        """A Deferred that fires with None once no tracked connection is open."""
+        if not self.open:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def _lost(self, protocol):
+        self.open.discard(protocol)
+        if not self.open:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+
+
+class Disconnect:
+    """A scripted reply: the milter drops the connection instead of answering."""
+
+    def __repr__(self):
+        return "DISCONNECT"
+
+
+DISCONNECT = Disconnect()
 
 
 @dataclass
@@ -31,6 +85,7 @@ class Script:
     "header", "end_of_headers", "body", "end_of_message", "unknown") to a
     reply, a list of replies (end of message: edits then the final one), or
     a callable (command, macros) -> either, or a Deferred of either.
+    DISCONNECT (also from a callable) closes the connection instead.
     Events not named answer CONTINUE.
     """
 
@@ -49,13 +104,19 @@ _STAGES = {
 
 
 class ScriptedMilter(Milter):
-    """An IMilter answering from a Script and recording into a shared list."""
+    """An IMilter answering from a Script and recording into a shared list.
+
+    "abort" is recorded for an ABORT command only, not for the abort the
+    server library implies when a new MAIL or the end of the connection cuts
+    a message short; "close" when the connection ends.
+    """
 
     def __init__(self, server, script, events, connection):
         super().__init__(server)
         self.script = script
         self.events = events
         self.connection = connection
+        self.abort_received = False
 
     def negotiate(self, offer):
         script = self.script
@@ -69,7 +130,10 @@ class ScriptedMilter(Milter):
                                  self.connection))
         reply = self.script.replies.get(name, messages.CONTINUE)
         if callable(reply):
-            return reply(command, macros)
+            reply = reply(command, macros)
+        if reply is DISCONNECT:
+            self.server.transport.loseConnection()
+            return defer.Deferred()  # cancelled when the connection is gone
         return reply
 
     def connect(self, command, macros):
@@ -103,10 +167,23 @@ class ScriptedMilter(Milter):
         return self._event("unknown", command, macros)
 
     def abort(self, macros):
-        self.events.append(Event("abort", None, {}, self.connection))
+        # Only an ABORT the MTA sent; the server library also calls abort() when a
+        # new MAIL or the end of the connection cuts a message short.
+        if self.abort_received:
+            self.abort_received = False
+            self.events.append(Event("abort", None, {}, self.connection))
 
     def close(self):
         self.events.append(Event("close", None, {}, self.connection))
+
+
+class _ScriptedServerProtocol(MilterServerProtocol):
+    """Tells the scripted milter which abort() calls answer an ABORT command."""
+
+    def _handle(self, message):
+        if message.code == c.ABORT and self.milter is not None:
+            self.milter.abort_received = True
+        super()._handle(message)
 
 
 class ScriptedChild:
@@ -118,6 +195,7 @@ class ScriptedChild:
         self.port = None
         self._listening = None
         self._connections = 0
+        self.tracker = ConnectionTracker()
 
     def start(self, reactor):
         """Listen on a free loopback port; return the milter connection spec."""
@@ -126,6 +204,8 @@ class ScriptedChild:
             return ScriptedMilter(server, self.script, self.events, self._connections)
 
         factory = MilterServerFactory(milter)
+        factory.protocol = _ScriptedServerProtocol
+        self.tracker.track(factory)
         factory.noisy = False
         self._listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.port = self._listening.getHost().port
@@ -137,6 +217,10 @@ class ScriptedChild:
 
     def stop(self):
         return defer.maybeDeferred(self._listening.stopListening)
+
+    def when_closed(self):
+        """A Deferred that fires once every connection made to this child is gone."""
+        return self.tracker.wait()
 
     def names(self):
         """The names of the events seen, in order."""
