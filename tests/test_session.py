@@ -489,6 +489,26 @@ class PrecedenceTests(ScenarioTestCase):
     del test, _first, _second
 
 
+class ReplyCodeTests(ScenarioTestCase):
+    """A child's reply code goes out only with the merged status it stands for."""
+
+    def test_reply_code_wins_over_tempfail(self):
+        """550 text from one child and tempfail from the other: the MTA gets the 550 text."""
+        return self.run_scenario(Scenario(
+            children=[Kid("one", replies={"mail": ReplyCode(b"550 5.7.1 no")}),
+                      Kid("two", replies={"mail": TEMPFAIL})],
+            steps=[(CONNECT, CONTINUE), (HELO, CONTINUE), (MAIL, ReplyCode(b"550 5.7.1 no"))],
+        ))
+
+    def test_4xx_text_not_sent_with_reject(self):
+        """451 text from one child and reject from the other: a plain reject, not the 451 text."""
+        return self.run_scenario(Scenario(
+            children=[Kid("one", replies={"mail": ReplyCode(b"451 4.7.1 later")}),
+                      Kid("two", replies={"mail": REJECT})],
+            steps=[(CONNECT, CONTINUE), (HELO, CONTINUE), (MAIL, REJECT)],
+        ))
+
+
 # ---------------------------------------------------------------- RCPT
 
 
@@ -1264,6 +1284,18 @@ class AgainTests(ScenarioTestCase):
                             f"the next one is judged on its own replies.")
             locals()[test.__name__] = test
     del test, _stage, _verdict
+
+    def test_after_lone_child_accepts_at_header(self):
+        """A lone child that accepted at a header (MTA got accept) is in the next message."""
+        return self.run_scenario(Scenario(
+            children=[Kid("one", replies={"header": _refuse_spam(ACCEPT)})],
+            steps=[(CONNECT, CONTINUE), (HELO, CONTINUE),
+                   Send(SPAM, macros={b"{mail_addr}": b"spam@example.com"}),
+                   (RCPT, CONTINUE), (DATA, CONTINUE), (SUBJECT, ACCEPT),
+                   Send(MAIL, macros={b"{mail_addr}": b"sender@example.net"})]
+            + _message(CONTINUE)[3:],
+            seen={"one": "connect helo mail rcpt data header " + ALL_SEEN[len("connect helo "):]},
+        ))
 
     def test_after_accept_at_mail(self):
         """A child that accepted one message takes part in the next one."""
