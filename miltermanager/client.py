@@ -1,16 +1,14 @@
 """The MTA side of the milter protocol: one Twisted connection driving one child milter."""
 
-import socket
 from collections import deque
 from dataclasses import dataclass, field
 
 from twisted.internet import defer, error
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-from . import connection_spec
+from . import connection_spec, sockets
 from .protocol import constants as c
 from .protocol import negotiation
 from .protocol.errors import ProtocolError
@@ -23,8 +21,6 @@ COMMAND_NAMES = {
                  "QUIT_NEW_CONNECTION", "HEADER", "MAIL", "END_OF_HEADERS", "NEGOTIATE",
                  "QUIT", "RCPT", "DATA", "UNKNOWN")
 }
-# Linux only; elsewhere delayed ACKs stay as they are.
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 # Before negotiation every command is sent and answered, as in the base protocol.
 _UNNEGOTIATED = negotiation.Options(protocol=0)
 
@@ -138,21 +134,18 @@ class MilterClientProtocol(Protocol):
         self._close_waiters = None
         # Why the connection is unusable (a string), or None while it works.
         self._ended = "not connected yet"
-        self._socket = None  # set for TCP: see _quick_ack
+        self._socket = None  # the TCP socket, for quick ACKs
+        self._send = None  # writes a packet: see sockets.writer
 
     # ------------------------------------------------------------ Protocol
 
     def connectionMade(self):
         self._ended = None
         transport = self.transport
-        # Small request/response packets: without TCP_NODELAY, Nagle plus
-        # delayed ACKs cost ~40 ms per body chunk. UNIX transports claim
-        # ITCPTransport too, so look at the address family instead.
-        if (isinstance(transport.getHost(), (IPv4Address, IPv6Address))
-                and hasattr(transport, "setTcpNoDelay")):
-            transport.setTcpNoDelay(True)
-            if _TCP_QUICKACK is not None and hasattr(transport, "getHandle"):
-                self._socket = transport.getHandle()
+        tcp = sockets.tcp_socket(transport)
+        if sockets.TCP_QUICKACK is not None:
+            self._socket = tcp
+        self._send = sockets.writer(transport)
         transport.registerProducer(self, True)
 
     def dataReceived(self, data):
@@ -210,7 +203,7 @@ class MilterClientProtocol(Protocol):
         """Send Quit and close; commands still waiting fail with MilterConnectionLost."""
         if self._ended is None:
             self._ended = "closed by us"
-            self.transport.write(QUIT.encode())
+            self._send(QUIT.encode())
             self.transport.loseConnection()
 
     def when_closed(self):
@@ -245,12 +238,12 @@ class MilterClientProtocol(Protocol):
         options = self.options or _UNNEGOTIATED
         if not options.sends(code):
             if macro is not None:
-                self.transport.write(macro.encode())
+                self._send(macro.encode())
             return _fired(d)
         if macro is None:
-            self.transport.write(command.encode())
+            self._send(command.encode())
         else:
-            self.transport.write(macro.encode() + command.encode())
+            self._send(macro.encode() + command.encode())
         if not options.replies(code):
             return _fired(d)
         if code == c.END_OF_MESSAGE:
@@ -265,18 +258,9 @@ class MilterClientProtocol(Protocol):
         return d
 
     def _quick_ack(self):
-        """ACK the child's next packets at once instead of up to 40 ms later.
-
-        libmilter writes each end-of-message packet separately with Nagle on:
-        the second one waits for the ACK of the first, which our delayed ACK
-        holds back. Linux clears the flag by itself, so it is set again for
-        each read while the end-of-message reply is incomplete.
-        """
-        if self._socket is not None:
-            try:
-                self._socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-            except OSError:
-                self._socket = None
+        """ACK the child's next packets at once: see sockets.quick_ack."""
+        if self._socket is not None and not sockets.quick_ack(self._socket):
+            self._socket = None
 
     def _timeout_for(self, code):
         if code == c.END_OF_MESSAGE:

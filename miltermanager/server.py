@@ -8,6 +8,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from . import sockets
 from .macros import STAGES as MACRO_STAGES, Macros
 from .protocol import constants as c
 from .protocol import messages, negotiation
@@ -239,17 +240,13 @@ class MilterServerProtocol(Protocol):
         self._waiting = None  # the milter's pending Deferred
         self._handling = False
         self._milter_closed = False
+        self._write = None  # writes a packet: see sockets.writer
 
     # ------------------------------------------------------------ Twisted
 
     def connectionMade(self):
-        # Small request/response packets: Nagle plus delayed ACKs would add ~40 ms each.
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            try:
-                set_no_delay(True)
-            except OSError:
-                pass  # a UNIX socket transport has the method but not the option
+        sockets.tcp_socket(self.transport)
+        self._write = sockets.writer(self.transport)
         self._decoder = FrameDecoder(self.factory.max_packet_size)
         try:
             self.milter = self.factory.milter_factory(self)
@@ -299,7 +296,7 @@ class MilterServerProtocol(Protocol):
         """
         if self.stage is not Stage.END_OF_MESSAGE:
             return False
-        self.transport.write(_PROGRESS_PACKET)
+        self._write(_PROGRESS_PACKET)
         return True
 
     # ------------------------------------------------------------ commands
@@ -474,15 +471,12 @@ class MilterServerProtocol(Protocol):
                 packet = result.encode()
             except ValueError as error:
                 packet = self._unencodable(code, result, error).encode()
-            self.transport.write(packet)
+            self._write(packet)
             return
         if not isinstance(result, (list, tuple)):
             result = (result,)
         packets = self._packets(code, result, mode)
-        if len(packets) == 1:
-            self.transport.write(packets[0])
-        else:
-            self.transport.writeSequence(packets)
+        self._write(packets[0] if len(packets) == 1 else b"".join(packets))
 
     def _may_skip(self, code):
         return code == c.BODY and self.options.protocol & c.SMFIP_SKIP
@@ -577,7 +571,7 @@ class MilterServerProtocol(Protocol):
             for code, flag in c.NO_REPLY_FLAG.items()
         }
         self.stage = Stage.CONNECT
-        self.transport.write(reply.encode())
+        self._write(reply.encode())
 
     # ------------------------------------------------------------ endings
 

@@ -8,7 +8,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from miltermanager import client
+from miltermanager import client, sockets
 from miltermanager.client import (
     MilterClientProtocol, MilterConnectError, MilterConnectionLost, MilterTimeoutError,
     Response, Timeouts,
@@ -370,6 +370,7 @@ class NoReplyTests(ClientTestCase):
         macro = Macro(c.MAIL, {b"{mail_addr}": b"a@example.net"})
         writes = []
         self.transport.write = writes.append
+        self.protocol._send = sockets.writer(self.transport)
         d = self.protocol.send(MAIL, macro)
         self.assertEqual(writes, [macro.encode() + MAIL.encode()])
         self.reply(CONTINUE)
@@ -717,18 +718,15 @@ class _RecordingSocket:
 
 
 class _TCPStringTransport(StringTransport):
-    """A StringTransport that looks like TCP and hands out a recording socket."""
+    """A StringTransport that looks like TCP and has a recording socket."""
 
     def __init__(self):
         super().__init__()
-        self.handle = _RecordingSocket()
+        self.socket = _RecordingSocket()
         self.no_delay = False
 
     def setTcpNoDelay(self, enabled):
         self.no_delay = enabled
-
-    def getHandle(self):
-        return self.handle
 
 
 class TCPOptionsTests(unittest.TestCase):
@@ -743,8 +741,8 @@ class TCPOptionsTests(unittest.TestCase):
         self.successResultOf(d)
 
     def quick_acks(self):
-        return [option for option in self.transport.handle.options
-                if option == (socket.IPPROTO_TCP, client._TCP_QUICKACK, 1)]
+        return [option for option in self.transport.socket.options
+                if option == (socket.IPPROTO_TCP, sockets.TCP_QUICKACK, 1)]
 
     def test_no_delay(self):
         """TCP_NODELAY is set on a TCP connection."""
@@ -752,7 +750,7 @@ class TCPOptionsTests(unittest.TestCase):
 
     def test_quick_ack_while_end_of_message_reply_is_incomplete(self):
         """TCP_QUICKACK is set on sending END_OF_MESSAGE and after each partial reply to it."""
-        self.assertIsNotNone(client._TCP_QUICKACK, "Debian's Python has TCP_QUICKACK")
+        self.assertIsNotNone(sockets.TCP_QUICKACK, "Debian's Python has TCP_QUICKACK")
         self.protocol.send(RCPT)
         self.protocol.dataReceived(CONTINUE.encode())
         self.assertEqual(self.quick_acks(), [])

@@ -578,7 +578,7 @@ class EndOfMessageTests(SynchronousTestCase):
         return h
 
     def test_modifications_in_one_write(self):
-        """Modifications and the final reply go out in one writeSequence, in order."""
+        """Modifications and the final reply go out in one write, in order."""
         h = self.harness()
         replies = [m.AddHeader(b"X-Spam", b"yes"), m.ChangeHeader(1, b"X-Old", b""),
                    m.InsertHeader(0, b"X-First", b"v"), m.AddRecipient(b"<x@y>"),
@@ -588,7 +588,7 @@ class EndOfMessageTests(SynchronousTestCase):
                    m.PROGRESS, m.ACCEPT]
         h.milter.answers["end_of_message"] = replies
         h.send(m.END_OF_MESSAGE)
-        self.assertEqual(h.transport.writes, [[reply.encode() for reply in replies]])
+        self.assertEqual(h.transport.writes, [b"".join(reply.encode() for reply in replies)])
         self.assertEqual(h.protocol.stage, Stage.HELO)
 
     def test_reply_code(self):
