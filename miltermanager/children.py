@@ -8,7 +8,7 @@ from .protocol import constants as c
 from .protocol import messages
 from .protocol.messages import Macro
 
-# The reply code edit messages that carry a header value.
+# The edits that carry a header value.
 _HEADER_EDITS = (messages.AddHeader, messages.InsertHeader, messages.ChangeHeader)
 
 # Modification -> the action flag the child must have negotiated for it.
@@ -128,7 +128,8 @@ class Child:
     def abort(self):
         """Abandon the current message at this child."""
         if self.in_message and self.alive:
-            self.connection.send(messages.ABORT)
+            # Nothing waits for it; if the connection ends before it goes out, so be it.
+            self.connection.send(messages.ABORT).addErrback(_ignore)
         self.in_message = False
 
     def quit(self):
@@ -169,6 +170,10 @@ class Child:
                 edit = _with_leading_space(edit)
             allowed.append(edit)
         return allowed
+
+
+def _ignore(failure):
+    return None
 
 
 def _with_leading_space(edit):
