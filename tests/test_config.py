@@ -19,11 +19,16 @@ class ConfigTestCase(SynchronousTestCase):
         os.makedirs(self.directory)
 
     def write(self, name, text):
-        """Write a configuration file under the test's directory; return its absolute path."""
+        """Write a configuration file under the test's directory; return its absolute path.
+
+        Modes are set whatever the umask, as a configuration must be writable by us only.
+        """
         path = os.path.join(self.directory, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.chmod(os.path.dirname(path), 0o755)
         with open(path, "w", encoding="utf-8") as file:
             file.write(textwrap.dedent(text))
+        os.chmod(path, 0o644)
         return path
 
     def load(self, text, name="milter-manager.conf"):
@@ -151,6 +156,8 @@ class SettingTests(ConfigTestCase):
                 milter.end_of_message_timeout = 4
                 milter.applicable_conditions = ["Remote Network"]
                 milter.add_applicable_condition("S25R")
+            define_applicable_condition("Remote Network")
+            define_applicable_condition("S25R")
             """).milters[0]
         self.assertEqual(milter.connection_spec, "inet:8891@[127.0.0.1]")
         self.assertEqual(milter.description, "DKIM")
@@ -388,10 +395,16 @@ class ValidationTests(ConfigTestCase):
 
     def test_log_level(self):
         """log.level is |-joined upstream level names."""
+        levels = ", ".join(config.model.LOG_LEVELS)
         self.assertError(
             'log.level = "error|verbose"\n', 1,
-            "log.level must be names joined with |, each one of "
-            + ", ".join(config.model.LOG_LEVELS) + "; got 'error|verbose'")
+            f"log.level has no level 'verbose': the names joined with | are each one of {levels}"
+            "; got 'error|verbose'")
+        for value in ('""', "3", "None"):
+            self.assertError(
+                f"log.level = {value}\n", 1,
+                f"log.level must be level names joined with |, each one of {levels}"
+                f"; got {eval(value)!r}")
 
     def test_syslog_facility(self):
         """log.syslog_facility is one of syslog's facilities."""
@@ -420,24 +433,34 @@ class UnknownAttributeTests(ConfigTestCase):
                 milter.conection_spec = "inet:1@[127.0.0.1]"
             """, 2,
             "milter \"a\" has no setting 'conection_spec'; did you mean connection_spec? known: "
-            "applicable_conditions, connection_spec, connection_timeout, description, enabled, "
-            "end_of_message_timeout, evaluation_mode, fallback_status, name, reading_timeout, "
-            "writing_timeout")
+            "add_applicable_condition, applicable_conditions, command, command_options, "
+            "connection_spec, connection_timeout, description, enabled, end_of_message_timeout, "
+            "evaluation_mode, fallback_status, name, reading_timeout, user_name, writing_timeout")
 
     def test_unknown_manager_setting(self):
-        """Assigning an unknown manager setting fails and lists the known ones."""
+        """Assigning an unknown manager setting fails, suggesting and listing settings and verbs."""
+        error = self.assertError(
+            "manager.n_worker = 4\n", 1,
+            "manager has no setting 'n_worker'; did you mean n_workers? known: "
+            + ", ".join(sorted({*config.settings_of(config.ManagerConfig()),
+                                "define_connection_checker", "event_loop_created", "maintained",
+                                "use_netstat_connection_checker"})))
+        self.assertIn("use_netstat_connection_checker", error.reason)
+
+    def test_unknown_setting_without_suggestion(self):
+        """A name like no known one gets the list without a guess."""
         self.assertError(
-            "manager.n_workers = 4\n", 1,
-            "manager has no setting 'n_workers'; known: chunk_size, connection_spec, "
-            "fallback_status, max_body_memory, progress_interval, remove_unix_socket_on_create, "
-            "unix_socket_group, unix_socket_mode")
+            "controller.xyzzy = 1\n", 1,
+            "controller has no setting 'xyzzy'; known: connection_spec, "
+            "remove_unix_socket_on_close, remove_unix_socket_on_create, unix_socket_group, "
+            "unix_socket_mode")
 
     def test_reading_an_unknown_setting(self):
         """Reading an unknown setting fails the same way, with its line."""
         self.assertError(
             "\nx = security.effective_usr\n", 2,
             "security has no setting 'effective_usr'; did you mean effective_user? known: "
-            "effective_group, effective_user")
+            "effective_group, effective_user, privilege_mode")
 
     def test_getattr_default(self):
         """An unknown setting is an AttributeError, so getattr with a default works."""
@@ -464,10 +487,9 @@ class FileErrorTests(ConfigTestCase):
             "def f():\n    return 1 / 0\n\nf()\n", 2, "ZeroDivisionError: division by zero")
 
     def test_unknown_name(self):
-        """A name the language does not have (yet) is a NameError with its line."""
+        """A name the language does not have is a NameError with its line."""
         self.assertError(
-            "\ndefine_applicable_condition('x')\n", 2,
-            "NameError: name 'define_applicable_condition' is not defined")
+            "\ndefine_condition('x')\n", 2, "NameError: name 'define_condition' is not defined")
 
     def test_missing_file(self):
         """A missing top-level file is an error without a line."""
@@ -598,6 +620,7 @@ class DumpTests(ConfigTestCase):
             manager.connection_spec = "unix:/tmp/x.sock"
             manager.unix_socket_mode = 0o640
             log.level = "all"
+            define_applicable_condition("Remote Network")
             with define_milter('quote"and\\\\slash') as milter:
                 milter.connection_spec = "inet:1@[127.0.0.1]"
                 milter.applicable_conditions = ["Remote Network"]

@@ -2,6 +2,7 @@
 
     configuration = config.load("/etc/milter-manager/milter-manager.conf")
     configuration.manager.connection_spec, configuration.enabled_milters, ...
+    configuration.conditions["S25R"].stoppers_of("connect"), ...
 
 See miltermanager.config.loader for the language and model for the settings.
 """
@@ -9,14 +10,19 @@ See miltermanager.config.loader for the language and model for the settings.
 import os
 
 from .dump import dump
-from .loader import Loader, default, load
+from .loader import Loader, check_trusted, default, load
 from .model import (
     DEFAULT_CONNECTION_SPEC,
+    STOPPERS,
+    ConditionConfig,
     Configuration,
     ConfigurationError,
+    ControllerConfig,
+    Hook,
     LogConfig,
     ManagerConfig,
     MilterConfig,
+    PackageConfig,
     SecurityConfig,
     set_value,
     settings_of,
@@ -48,9 +54,21 @@ def locate(path=None, directory=None, environ=None, default_directory=DEFAULT_DI
     return candidate if os.path.exists(candidate) else None
 
 
+def load_paths(directory=None, environ=None, default_directory=DEFAULT_DIRECTORY):
+    """Where a relative load() looks after the including file's directory, as upstream.
+
+    directory (--config-dir) first, then $MILTER_MANAGER_CONFIG_DIR, then the
+    default directory; pass the result as `load(path, load_paths=...)`.
+    """
+    environment = (os.environ if environ is None else environ).get(DIRECTORY_VARIABLE) or None
+    return list(dict.fromkeys(
+        path for path in (directory, environment, default_directory) if path is not None))
+
+
 __all__ = [
     "DEFAULT_CONNECTION_SPEC", "DEFAULT_DIRECTORY", "DIRECTORY_VARIABLE", "FILE_NAME",
-    "Configuration", "ConfigurationError", "Loader", "LogConfig", "ManagerConfig",
-    "MilterConfig", "SecurityConfig", "default", "dump", "load", "locate", "set_value",
-    "settings_of",
+    "STOPPERS", "ConditionConfig", "Configuration", "ConfigurationError", "ControllerConfig",
+    "Hook", "Loader", "LogConfig", "ManagerConfig", "MilterConfig", "PackageConfig",
+    "SecurityConfig", "check_trusted", "default", "dump", "load", "load_paths", "locate",
+    "set_value", "settings_of",
 ]

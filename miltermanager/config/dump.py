@@ -1,4 +1,14 @@
-"""Writing a resolved configuration back in its own language, with where each value was set."""
+"""Writing a resolved configuration back in its own language, with where each value was set.
+
+The result is itself a configuration file that loads to the same thing:
+each value ends with `# FILE:LINE` (or `# default`). Registered functions
+(stoppers, connection checkers, hooks) are written back from the source
+text their file had; one whose source is unknown (a lambda) becomes a
+comment. Secret settings are never written: they show as `<hidden>` in a
+comment.
+"""
+
+import textwrap
 
 from miltermanager.merge import Status
 
@@ -10,27 +20,66 @@ _HEADER = "# The resolved configuration; each value ends with where it was set (
 def dump(configuration):
     """The configuration as a file `load` reads back, each value with a `# FILE:LINE` comment."""
     lines = [_HEADER]
-    for section in (configuration.security, configuration.log, configuration.manager):
+    for section in configuration.sections():
         lines.append("\n")
-        lines.extend(_settings(section.SECTION, section))
+        if section.SECTION == "manager":
+            lines.extend(_manager_hooks(section))
+        lines.extend(section_lines(section.SECTION, section))
+    for condition in configuration.conditions.values():
+        where = condition.origins.get("name") or "default"
+        lines.append(f"\nwith define_applicable_condition({_literal(condition.name)}) "
+                     f"as condition:  # {where}\n")
+        lines.extend(section_lines("    condition", condition))
+        for stopper in condition.stoppers:
+            lines.extend(_hook(f"@condition.define_{stopper.kind}_stopper", stopper, "    "))
     for milter in configuration.milters:
         where = milter.origins.get("name") or "default"
         lines.append(f"\nwith define_milter({_literal(milter.name)}) as milter:  # {where}\n")
-        lines.extend(_settings("    milter", milter))
+        lines.extend(section_lines("    milter", milter))
     return "".join(lines)
 
 
-def _settings(prefix, section):
+def section_lines(prefix, section):
+    """One `PREFIX.NAME = VALUE  # ORIGIN` line per setting of section."""
+    indent = prefix[:len(prefix) - len(prefix.lstrip())]
     for name, item in settings_of(section).items():
         where = section.origins.get(name, "default")
         value = getattr(section, name)
+        if item.metadata.get("secret") and value is not None:
+            yield f"{indent}# {prefix.lstrip()}.{name} = <hidden>  # {where}\n"
+            continue
         if value is None and not _accepts_none(item):
             # A required setting left unset (a disabled milter's connection_spec).
-            indent = prefix[:len(prefix) - len(prefix.lstrip())]
             yield f"{indent}# {prefix.lstrip()}.{name} is not set\n"
             continue
         literal = item.metadata["literal"](value) if item.metadata["literal"] else _literal(value)
         yield f"{prefix}.{name} = {literal}  # {where}\n"
+
+
+def _manager_hooks(manager):
+    # Before the settings: use_netstat_connection_checker(interval) also sets
+    # connection_check_interval, which a later line may have changed.
+    for checker in manager.connection_checkers.values():
+        if checker.builtin == "netstat":
+            yield (f"manager.use_netstat_connection_checker({checker.arguments[0]!r})"
+                   f"  # {checker.origin or 'default'}\n\n")
+        else:
+            yield from _hook(
+                f"@manager.define_connection_checker({_literal(checker.name)})", checker)
+    for hook in manager.maintained_hooks:
+        yield from _hook("@manager.maintained", hook)
+    for hook in manager.event_loop_created_hooks:
+        yield from _hook("@manager.event_loop_created", hook)
+
+
+def _hook(decorator, hook, indent=""):
+    where = hook.origin or "default"
+    if hook.source is None:
+        yield (f"{indent}# {decorator[1:]}: {hook.name} ({where}) is not shown: "
+               f"its source is unknown (a lambda?)\n")
+        return
+    yield f"{indent}{decorator}  # {where}\n"
+    yield textwrap.indent(hook.source, indent) + "\n"
 
 
 def _accepts_none(item):

@@ -2,9 +2,14 @@
 
 A file is Python run with these names (upstream's, in snake_case):
 
-    manager.connection_spec = "inet:10025@[127.0.0.1]"
+    package.platform = "debian"
     security.effective_user = "milter-manager"
     log.level = "default"
+    manager.connection_spec = "inet:10025@[127.0.0.1]"
+    controller.connection_spec = None
+    with define_applicable_condition("Internal Only") as condition:
+        @condition.define_envelope_recipient_stopper
+        def external(context, recipient): ...
     with define_milter("opendkim") as milter:
         milter.connection_spec = "inet:8891@[127.0.0.1]"
     defined_milters, remove_milter(name)
@@ -12,21 +17,46 @@ A file is Python run with these names (upstream's, in snake_case):
 
 Every assignment is checked at once and remembered with its FILE:LINE; every
 error becomes a ConfigurationError whose message starts with the FILE:LINE of
-the offending line.
+the offending line. Checks that need the whole configuration (a milter's
+socket, the conditions a milter names) run in `Loader.finish`.
+
+A configuration file is code that runs as root, so a file (or its directory)
+that anyone but root and us could change is refused, as sshd's StrictModes.
 """
 
+import ast
+import difflib
 import glob
 import os
+import pwd
+import stat
 import sys
 
+from twisted.logger import Logger
+
 from .model import (
+    REFUSED,
+    STOPPERS,
+    ConditionConfig,
     Configuration,
     ConfigurationError,
+    Hook,
+    InvalidValue,
     MilterConfig,
+    check_arguments,
     set_value,
     settings_of,
     unknown_setting,
 )
+
+_log = Logger(namespace="miltermanager.config")
+
+# Values accepted for upstream's files that change nothing here; loading notes them.
+NOTES = {
+    ("manager", "event_loop_backend"):
+        "accepted for upstream's files; milter-manager runs on Twisted's reactor whatever "
+        "the value",
+}
 
 
 class _SettingError(AttributeError):
@@ -34,39 +64,48 @@ class _SettingError(AttributeError):
 
 
 class _Section:
-    """`manager`, `security`, `log` and `milter` in a file: attributes are the settings."""
+    """`package`, `security`, `log`, `manager`, `controller`, `milter`, `condition` in a file.
+
+    Attributes are the settings of the target record; public methods of a
+    subclass are the section's verbs (add_applicable_condition, ...).
+    """
 
     def __init__(self, loader, target):
         object.__setattr__(self, "_loader", loader)
         object.__setattr__(self, "_target", target)
 
     def __setattr__(self, name, value):
-        set_value(self._target, name, value, self._loader.location())
+        origin = self._loader.location()
+        set_value(self._target, name, value, origin, extra=self._verbs())
+        self._loader.noted(self._target, name, origin)
 
     def __getattr__(self, name):
         # Only called for names the proxy itself lacks: the settings.
         if name in settings_of(self._target):
             return getattr(self._target, name)
-        raise _SettingError(unknown_setting(self._target, name))
+        message = unknown_setting(self._target, name, self._verbs())
+        if f"{getattr(self._target, 'SECTION', None)}.{name}" in REFUSED:
+            raise ConfigurationError(message, self._loader.location())
+        raise _SettingError(message)
+
+    @classmethod
+    def _verbs(cls):
+        return [name for name in dir(cls) if not name.startswith("_")]
 
     def __dir__(self):
-        return sorted(settings_of(self._target))
+        return sorted({*settings_of(self._target), *self._verbs()})
 
     def __repr__(self):
         return f"<configuration {self._target!r}>"
 
 
-class _Milter(_Section):
-    """`milter` inside `with define_milter(name) as milter:`; also usable without `with`."""
+class _Named(_Section):
+    """A section defined by name, used as `with define_...(name) as x:` or without `with`."""
 
     @property
     def name(self):
-        """The milter's name (read-only)."""
+        """The name given at definition (read-only)."""
         return self._target.name
-
-    def add_applicable_condition(self, name):
-        """Append a condition name to applicable_conditions (upstream's helper)."""
-        self.applicable_conditions = [*self._target.applicable_conditions, name]
 
     def __enter__(self):
         return self
@@ -74,8 +113,106 @@ class _Milter(_Section):
     def __exit__(self, *exc_info):
         return False
 
-    def __dir__(self):
-        return [*super().__dir__(), "add_applicable_condition", "name"]
+
+class _Milter(_Named):
+    """`milter` inside `with define_milter(name) as milter:`."""
+
+    def add_applicable_condition(self, name):
+        """Append a condition name to applicable_conditions (upstream's helper)."""
+        self.applicable_conditions = [*self._target.applicable_conditions, name]
+
+
+def _stopper_definer(kind):
+    arguments = STOPPERS[kind]
+
+    def define(self, function):
+        self._loader.register(self._target.stoppers, kind, None, function,
+                              f"{kind} stopper", arguments, describe=self._target)
+        return function
+
+    define.__name__ = f"define_{kind}_stopper"
+    define.__doc__ = (f"Decorator: stop the child when function({', '.join(arguments)}) "
+                      f"returns true.")
+    return define
+
+
+class _Condition(_Named):
+    """`condition` inside `with define_applicable_condition(name) as condition:`.
+
+    Its verbs are define_KIND_stopper for each kind of STOPPERS, decorators.
+    """
+
+
+for _kind in STOPPERS:
+    setattr(_Condition, f"define_{_kind}_stopper", _stopper_definer(_kind))
+del _kind
+
+
+class _Manager(_Section):
+    """`manager`: settings, and the hooks upstream registers with blocks."""
+
+    def use_netstat_connection_checker(self, interval=5):
+        """Check every interval seconds with netstat that each SMTP client is still there."""
+        self.connection_check_interval = interval
+        checkers = self._target.connection_checkers
+        checkers.pop("netstat", None)
+        checkers["netstat"] = Hook(
+            "connection_checker", "netstat", origin=self._loader.location(),
+            builtin="netstat", arguments=(interval,))
+
+    def define_connection_checker(self, name, function=None):
+        """Decorator: function(context) returns whether the SMTP client is still connected.
+
+        A second checker of the same name replaces the first, as upstream.
+        """
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(
+                f"manager.define_connection_checker needs a name (a non-empty string); "
+                f"got {name!r}", self._loader.location())
+
+        def define(function):
+            self._target.connection_checkers.pop(name, None)
+            self._loader.register(self._target.connection_checkers, "connection_checker",
+                                  name, function, f"connection checker {name!r}", ("context",))
+            return function
+        return define if function is None else define(function)
+
+    def maintained(self, function):
+        """Decorator: call function() at each maintenance (see maintenance_interval)."""
+        self._loader.register(self._target.maintained_hooks, "maintained", None, function,
+                              "maintained hook", ())
+        return function
+
+    def event_loop_created(self, function):
+        """Decorator: call function(reactor) once when the manager starts."""
+        self._loader.register(self._target.event_loop_created_hooks, "event_loop_created",
+                              None, function, "event_loop_created hook", ("reactor",))
+        return function
+
+    def report_memory_statistics(self):
+        """Log memory use at each maintenance (the same as assigning True)."""
+        self.report_memory_statistics = True
+
+
+class _Refused:
+    """An upstream name that only made sense for Ruby: any use is an error saying why."""
+
+    def __init__(self, loader, name):
+        object.__setattr__(self, "_loader", loader)
+        object.__setattr__(self, "_name", name)
+
+    def _refuse(self, attribute=None):
+        name = self._name if attribute is None else f"{self._name}.{attribute}"
+        raise ConfigurationError(f"{name}: {REFUSED[self._name]}", self._loader.location())
+
+    def __getattr__(self, name):
+        self._refuse(name)
+
+    def __setattr__(self, name, value):
+        self._refuse(name)
+
+    def __call__(self, *args, **kwargs):
+        self._refuse()
 
 
 class _DefinedMilters:
@@ -105,15 +242,25 @@ class _DefinedMilters:
 
 
 class Loader:
-    """Evaluates configuration files into one Configuration."""
+    """Evaluates configuration files into one Configuration.
 
-    def __init__(self, configuration=None):
+    load_paths are further directories a relative `load()` pattern is looked
+    up in, after the including file's directory: upstream's --config-dir,
+    $MILTER_MANAGER_CONFIG_DIR and /etc/milter-manager (see
+    `miltermanager.config.load_paths`). strict refuses files that others
+    could change (see check_trusted); only tests on odd file systems turn it off.
+    """
+
+    def __init__(self, configuration=None, load_paths=(), strict=True):
         self.configuration = configuration if configuration is not None else Configuration()
+        self.load_paths = [os.path.abspath(path) for path in load_paths]
+        self.strict = strict
         self._loading = []  # files being evaluated, outermost first
+        self._sources = {}  # path -> text, to show registered functions
+        self._trees = {}
         self._sections = {
-            "manager": _Section(self, self.configuration.manager),
-            "security": _Section(self, self.configuration.security),
-            "log": _Section(self, self.configuration.log),
+            name: (_Manager if name == "manager" else _Section)(self, section)
+            for name, section in zip(Configuration.SECTIONS, self.configuration.sections())
         }
         self._defined_milters = _DefinedMilters(self.configuration)
 
@@ -136,10 +283,15 @@ class Loader:
                 f"{path} is already being loaded (a load loop)", self.location())
         try:
             with open(path, "rb") as file:
+                if self.strict:
+                    check_trusted(path, os.fstat(file.fileno()))
                 source = file.read()
         except OSError as error:
             raise ConfigurationError(
                 f"cannot read {path}: {error.strerror}", self.location()) from None
+        except ConfigurationError as error:
+            raise ConfigurationError(error.reason, self.location()) from None
+        self._sources[path] = source
         self._loading.append(path)
         try:
             exec(compile(source, path, "exec", dont_inherit=True), self._namespace(path))
@@ -161,7 +313,8 @@ class Loader:
 
     def finish(self):
         """Check what only a whole configuration can tell; return it."""
-        for milter in self.configuration.milters:
+        configuration = self.configuration
+        for milter in configuration.milters:
             # A disabled child is never contacted, so it may lack a socket: a
             # local file can disable a milter some platform file never defined.
             if milter.enabled and milter.connection_spec is None:
@@ -169,7 +322,70 @@ class Loader:
                     f'milter "{milter.name}": connection_spec is required '
                     f'(where the child milter listens, e.g. "inet:8891@[127.0.0.1]")',
                     milter.origins.get("name"))
-        return self.configuration
+            # Checked here, not at assignment, so that conditions may be
+            # defined after the milters that name them.
+            for name in milter.applicable_conditions:
+                if name not in configuration.conditions:
+                    raise ConfigurationError(
+                        _unknown_condition(milter, name, configuration.conditions),
+                        milter.origins.get("applicable_conditions"))
+        for note in configuration.notes:
+            _log.info("[configuration][note] {note}", note=note)
+        return configuration
+
+    def noted(self, section, name, origin):
+        """Record a note if assigning section.name changes nothing here."""
+        note = NOTES.get((getattr(section, "SECTION", None), name))
+        if note:
+            where = f"{origin}: " if origin else ""
+            self.configuration.notes.append(
+                f"{where}{section.SECTION}.{name} = {getattr(section, name)!r}: {note}")
+
+    def register(self, hooks, kind, name, function, what, arguments, describe=None):
+        """Check function takes arguments and keep it as a Hook in hooks (a list or dict)."""
+        location = self.location()
+        try:
+            check_arguments(function, arguments, what)
+        except InvalidValue as error:
+            prefix = f'{describe.KIND} "{describe.name}": ' if describe is not None else ""
+            raise ConfigurationError(f"{prefix}{error}", location) from None
+        code = getattr(function, "__code__", None)
+        if code is not None and code.co_filename in self._sources:
+            location = f"{code.co_filename}:{code.co_firstlineno}"
+        hook = Hook(kind, name or getattr(function, "__name__", repr(function)), function,
+                    location, self.source_of(function))
+        if isinstance(hooks, dict):
+            hooks[name] = hook
+        else:
+            hooks.append(hook)
+        return hook
+
+    def source_of(self, function):
+        """The `def` of function as its file wrote it (decorators left out), or None."""
+        code = getattr(function, "__code__", None)
+        if code is None or code.co_filename not in self._sources:
+            return None
+        tree = self._trees.get(code.co_filename)
+        if tree is None:
+            tree = self._trees[code.co_filename] = ast.parse(self._sources[code.co_filename])
+        for node in ast.walk(tree):
+            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    and node.name == function.__name__
+                    and (node.decorator_list[0] if node.decorator_list else node).lineno
+                    == code.co_firstlineno):
+                break
+        else:
+            return None  # a lambda
+        lines = self._sources[code.co_filename].decode("utf-8").splitlines(keepends=True)
+        indent = node.col_offset
+        text = "".join(line[indent:] if not line[:indent].strip() else line
+                       for line in lines[node.lineno - 1:node.end_lineno])
+        text = text.rstrip() + "\n"
+        try:
+            ast.parse(text)
+        except SyntaxError:
+            return None
+        return text
 
     # The names a file sees.
 
@@ -179,33 +395,33 @@ class Loader:
         def load(pattern):
             """Load the files matching pattern (a glob), relative to this file's directory.
 
-            A pattern without wildcards must name an existing file; a glob may match nothing.
+            Then the load paths are tried (--config-dir, $MILTER_MANAGER_CONFIG_DIR, the
+            default directory). A pattern without wildcards must name an existing file; a
+            glob may match nothing.
             """
-            resolved = os.path.join(directory, pattern)
-            if _has_wildcards(resolved):
-                for match in sorted(glob.glob(resolved)):
-                    self.load_file(match)
-            else:
-                self.load_file(resolved)
+            matches = self._resolve(pattern, directory)
+            if not matches and not _has_wildcards(pattern):
+                matches = [os.path.join(directory, pattern)]  # fails, naming the file
+            for match in matches:
+                self.load_file(match)
 
         def load_if_exist(pattern):
             """Like load, but a missing file is silently skipped."""
-            resolved = os.path.join(directory, pattern)
-            if _has_wildcards(resolved) or os.path.exists(resolved):
-                load(pattern)
+            for match in self._resolve(pattern, directory):
+                self.load_file(match)
 
         def load_default():
-            """Upstream loads the platform defaults (which detect installed milters) here.
-
-            A no-op for now: detection is a later release. Keep the call in
-            milter-manager.conf so that files keep working when it lands.
-            """
+            """Load defaults/PLATFORM.conf (package.platform) from the load paths, if present."""
+            load_if_exist(os.path.join("defaults", f"{self.configuration.package.platform}.conf"))
 
         return {
             "__name__": "milter_manager_configuration",
             "__file__": path,
             **self._sections,
+            "database": _Refused(self, "database"),
+            "define_policy": _Refused(self, "define_policy"),
             "define_milter": self.define_milter,
+            "define_applicable_condition": self.define_applicable_condition,
             "defined_milters": self._defined_milters,
             "remove_milter": self.remove_milter,
             "load": load,
@@ -213,15 +429,31 @@ class Loader:
             "load_default": load_default,
         }
 
+    def _resolve(self, pattern, directory):
+        """The files pattern names: in the first of directory and the load paths that has any."""
+        bases = [""] if os.path.isabs(pattern) else dict.fromkeys([directory, *self.load_paths])
+        for base in bases:
+            resolved = os.path.join(base, pattern)
+            if _has_wildcards(resolved):
+                matches = sorted(glob.glob(resolved))
+            else:
+                matches = [resolved] if os.path.exists(resolved) else []
+            if matches:
+                return matches
+        return []
+
+    def _name(self, what, name):
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(
+                f"{what} needs a name (a non-empty string); got {name!r}", self.location())
+
     def define_milter(self, name):
         """Define the child milter name, or update it if defined already.
 
         As upstream, a redefined milter moves to the end of the child order
         (the order children are contacted in).
         """
-        if not isinstance(name, str) or not name:
-            raise ConfigurationError(
-                f"define_milter needs a name (a non-empty string); got {name!r}", self.location())
+        self._name("define_milter", name)
         milter = self.configuration.milter(name)
         if milter is None:
             milter = MilterConfig(name)
@@ -231,11 +463,62 @@ class Loader:
         self.configuration.milters.append(milter)
         return _Milter(self, milter)
 
+    def define_applicable_condition(self, name):
+        """Define the applicable condition name, or add to it if defined already."""
+        self._name("define_applicable_condition", name)
+        condition = self.configuration.conditions.get(name)
+        if condition is None:
+            condition = self.configuration.conditions[name] = ConditionConfig(name)
+            condition.origins["name"] = self.location()
+        return _Condition(self, condition)
+
     def remove_milter(self, name):
         """Forget the child milter name; a name never defined is ignored, as upstream."""
         milter = self.configuration.milter(name)
         if milter is not None:
             self.configuration.milters.remove(milter)
+
+
+def check_trusted(path, status=None, euid=None):
+    """Raise ConfigurationError unless only root and we can change path and its directory.
+
+    A file that others may write (group- or world-writable, or owned by
+    another user), or a file in such a directory, could be made to run any
+    code as root. status is path's os.stat result if already known.
+    """
+    euid = os.geteuid() if euid is None else euid
+    real = os.path.realpath(path)
+    checks = [(path, status if status is not None else os.stat(real), None)]
+    for directory in dict.fromkeys([os.path.dirname(os.path.abspath(path)),
+                                    os.path.dirname(real)]):
+        checks.append((directory, os.stat(directory), os.path.basename(path)))
+    for target, status_, name in checks:
+        if status_.st_uid not in (0, euid):
+            problem = (f"owned by {_user_name(status_.st_uid)}, who could change code that "
+                       f"runs as root")
+        elif status_.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            problem = (f"mode {stat.S_IMODE(status_.st_mode):04o} lets others change code "
+                       f"that runs as root")
+        else:
+            continue
+        refusal = "refusing to load" if name is None else f"refusing to load {name} from it"
+        raise ConfigurationError(f"{target}: {refusal}: {problem}")
+
+
+def _user_name(uid):
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _unknown_condition(milter, name, conditions):
+    hint = difflib.get_close_matches(name, list(conditions), n=1)
+    suggestion = f"did you mean {hint[0]!r}? " if hint else ""
+    defined = (f"defined: {', '.join(repr(known) for known in conditions)}" if conditions
+               else "no condition is defined")
+    return (f'milter "{milter.name}": applicable_conditions: no condition {name!r}; '
+            f"{suggestion}{defined}")
 
 
 def _has_wildcards(pattern):
@@ -259,9 +542,9 @@ def _describe(error):
     return f"{type(error).__name__}: {error}"
 
 
-def load(path):
+def load(path, load_paths=(), strict=True):
     """Load the configuration file at path (and the files it loads)."""
-    loader = Loader()
+    loader = Loader(load_paths=load_paths, strict=strict)
     loader.load_file(path)
     return loader.finish()
 

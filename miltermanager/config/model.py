@@ -4,9 +4,16 @@ Each assignable setting is a dataclass field made with `setting()`, whose
 metadata holds the check and a one-line description. The loader, the
 command-line overrides and `dump` all find settings through `settings_of()`,
 so a new setting is one field here and nothing anywhere else.
+
+Functions a file registers (stoppers, connection checkers, manager hooks)
+are kept as `Hook` records with where they were defined and their source
+text, so that `dump` can write them back.
 """
 
+import inspect
 import math
+import re
+import shlex
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -14,10 +21,40 @@ from miltermanager import client, connection_spec
 from miltermanager.merge import FALLBACK_STATUSES, Status, parse_status
 
 DEFAULT_CONNECTION_SPEC = "inet:10025@[127.0.0.1]"
+DEFAULT_PLATFORM = "debian"
 LOG_LEVELS = ("default", "all", "none", "critical", "error", "warning", "message", "info",
               "debug", "statistics", "profile", "trace")
 SYSLOG_FACILITIES = ("authpriv", "cron", "daemon", "kern", "lpr", "mail", "news", "user",
                      "uucp", *(f"local{n}" for n in range(8)))
+EVENT_LOOP_BACKENDS = ("glib", "libev")
+MAX_WORKERS = 1000  # upstream's MILTER_CLIENT_MAX_N_WORKERS
+
+# The stoppers of an applicable condition: kind -> the arguments it is called
+# with. Upstream's nine, in protocol order, then ours: `envelope` is called
+# once at DATA with the sender and every recipient.
+STOPPERS = {
+    "connect": ("context", "host", "socket_address"),
+    "helo": ("context", "fqdn"),
+    "envelope_from": ("context", "sender"),
+    "envelope_recipient": ("context", "recipient"),
+    "data": ("context",),
+    "header": ("context", "name", "value"),
+    "end_of_header": ("context",),
+    "body": ("context", "chunk"),
+    "end_of_message": ("context",),
+    "envelope": ("context", "sender", "recipients"),
+}
+
+# Upstream items that only made sense for its Ruby runtime: refused with the reason.
+REFUSED = {
+    "database": "milter-manager has no ActiveRecord; keep data in the child milters' own "
+                "stores",
+    "manager.run_gc_on_maintain": "there is no Ruby garbage collector to run; remove the line",
+    "manager.report_memory_profile": "Ruby's memory profile does not exist here; "
+                                     "use manager.report_memory_statistics()",
+    "define_policy": "upstream's undocumented policy experiment is not supported; "
+                     "use define_applicable_condition",
+}
 
 
 class ConfigurationError(Exception):
@@ -46,12 +83,14 @@ class InvalidValue(ValueError):
         self.as_is = as_is
 
 
-def setting(default=None, *, check, doc, factory=None, literal=None):
+def setting(default=None, *, check, doc, factory=None, literal=None, secret=False):
     """A dataclass field that the configuration language may assign, validated by check.
 
-    literal, if given, writes the value for `dump` (oct for a mode).
+    literal, if given, writes the value for `dump` (oct for a mode). A secret
+    setting (a password) is never shown: `dump` and error messages print
+    <hidden> instead of its value.
     """
-    metadata = {"check": check, "doc": doc, "literal": literal}
+    metadata = {"check": check, "doc": doc, "literal": literal, "secret": secret}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -72,6 +111,15 @@ def _boolean(value):
     return value
 
 
+def _boolean_or_word(value):
+    # security.privilege_mode: upstream also takes the strings "true" and "false".
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if type(value) is not bool:
+        raise InvalidValue('must be True or False (or "true", "false")')
+    return value
+
+
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -88,11 +136,15 @@ def _seconds_or_zero(value):
     return float(value)
 
 
-def _integer(low, high=None):
+def _integer(low, high=None, zero=None, none_is_zero=False):
     expected = (f"an integer from {low} to {high}" if high is not None
                 else f"an integer, {low} or more")
+    if zero:
+        expected += f" (0 {zero})"
 
     def check(value):
+        if value is None and none_is_zero:
+            return 0
         if type(value) is not int or value < low or (high is not None and value > high):
             raise InvalidValue(f"must be {expected}")
         return value
@@ -115,6 +167,10 @@ def _spec(value):
     except ValueError as error:
         raise InvalidValue(str(error), as_is=True) from None
     return value
+
+
+def _optional_spec(value):
+    return None if value is None else _spec(value)
 
 
 def _optional_text(value):
@@ -142,23 +198,100 @@ def _mode(value):
 
 
 def _log_level(value):
-    if not isinstance(value, str) or not value.strip() or not all(
-            name.strip() in LOG_LEVELS for name in value.split("|")):
-        raise InvalidValue(f"must be names joined with |, each one of {', '.join(LOG_LEVELS)}")
+    expected = f"each one of {', '.join(LOG_LEVELS)}"
+    if not (isinstance(value, str) and value.strip()):
+        raise InvalidValue(f"must be level names joined with |, {expected}")
+    unknown = [name.strip() for name in value.split("|") if name.strip() not in LOG_LEVELS]
+    if unknown:
+        raise InvalidValue(f"has no level {unknown[0]!r}: the names joined with | are {expected}")
     return value
 
 
-def _facility(value):
-    if value not in SYSLOG_FACILITIES:
-        raise InvalidValue(f"must be one of {', '.join(SYSLOG_FACILITIES)}")
+def _one_of(choices):
+    def check(value):
+        if value not in choices:
+            raise InvalidValue(f"must be one of {', '.join(choices)}")
+        return value
+    return check
+
+
+def _platform(value):
+    # It names defaults/<platform>.conf, so it must not climb out of that directory.
+    if not (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value)):
+        raise InvalidValue(
+            "must be a platform name such as debian, redhat, freebsd or pkgsrc "
+            "(letters, digits, '.', '_', '-')")
     return value
+
+
+def _package_options(value):
+    if value is None:
+        return None
+    if isinstance(value, str) and all(
+            re.fullmatch(r"\s*[^=,\s][^=,]*=[^,]*", option) for option in value.split(",")):
+        return value
+    raise InvalidValue('must be None or "NAME=VALUE,NAME=VALUE" (e.g. "prefix=/usr/pkg")')
+
+
+def _command_options(value):
+    # Upstream: a list is shell-quoted element by element and joined with spaces.
+    if isinstance(value, (list, tuple)) and all(isinstance(option, str) for option in value):
+        return " ".join(shlex.quote(option) for option in value) or None
+    if value is None or isinstance(value, str):
+        return value or None
+    raise InvalidValue("must be a string, a list of strings, or None")
+
+
+@dataclass
+class Hook:
+    """A function a configuration file registered, kept to be called later.
+
+    kind is a stopper kind (a key of STOPPERS), "connection_checker",
+    "maintained" or "event_loop_created"; name is a connection checker's name
+    or the function's. source is the function's definition as the file wrote
+    it, which `dump` writes back; None when it cannot be shown (a lambda, a
+    function from elsewhere). builtin names a checker milter-manager provides
+    ("netstat"), with its arguments; then function is None.
+    """
+
+    kind: str
+    name: str
+    function: object = field(default=None, compare=False, repr=False)
+    origin: str | None = field(default=None, compare=False)
+    source: str | None = None
+    builtin: str | None = None
+    arguments: tuple = ()
+
+
+@dataclass
+class PackageConfig:
+    """`package.*`: which platform's defaults `load_default()` loads."""
+
+    SECTION: ClassVar[str] = "package"
+    platform: str = setting(
+        DEFAULT_PLATFORM, check=_platform,
+        doc="platform whose defaults/PLATFORM.conf load_default() loads")
+    options: str | None = setting(
+        check=_package_options, doc='"NAME=VALUE,..." for the platform defaults (pkgsrc: prefix=)')
+    origins: dict = _origins()
+
+    @property
+    def parsed_options(self):
+        """options as {name: value}, or {} when unset."""
+        if not self.options:
+            return {}
+        pairs = (option.split("=", 1) for option in self.options.split(","))
+        return {name.strip(): value.strip() for name, value in pairs}
 
 
 @dataclass
 class SecurityConfig:
-    """`security.*`: stored only for now; applied when privilege dropping lands."""
+    """`security.*`: privileges; stored here, applied by the service."""
 
     SECTION: ClassVar[str] = "security"
+    privilege_mode: bool = setting(
+        False, check=_boolean_or_word,
+        doc="start child milters (milter.command) as root when they cannot be reached")
     effective_user: str | None = setting(
         check=_optional_text, doc="user to switch to after listening")
     effective_group: str | None = setting(
@@ -168,34 +301,78 @@ class SecurityConfig:
 
 @dataclass
 class LogConfig:
-    """`log.*`: stored only for now; applied when logging configuration lands."""
+    """`log.*`: stored here, applied by the service."""
 
     SECTION: ClassVar[str] = "log"
     level: str = setting("default", check=_log_level, doc="log levels joined with |")
     path: str | None = setting(check=_optional_text, doc="log file; None logs to standard output")
     use_syslog: bool = setting(True, check=_boolean, doc="also log to syslog")
-    syslog_facility: str = setting("mail", check=_facility, doc="syslog facility")
+    syslog_facility: str = setting(
+        "mail", check=_one_of(SYSLOG_FACILITIES), doc="syslog facility")
     origins: dict = _origins()
+
+    @property
+    def levels(self):
+        """log.level as a set of names."""
+        return {name.strip() for name in self.level.split("|")}
 
 
 @dataclass
 class ManagerConfig:
-    """`manager.*`: the MTA-facing side of milter-manager."""
+    """`manager.*`: the MTA-facing side of milter-manager and its process."""
 
     SECTION: ClassVar[str] = "manager"
     connection_spec: str = setting(
         DEFAULT_CONNECTION_SPEC, check=_spec, doc="where the MTA connects")
-    fallback_status: Status = setting(
-        Status.ACCEPT, check=_status, doc="answer to the MTA when no child milter can answer")
-    chunk_size: int = setting(
-        65535, check=_integer(1, 65535),
-        doc="body chunk size when the body is replayed to children")
     unix_socket_mode: int = setting(
         0o660, check=_mode, literal=oct, doc="mode of the listening UNIX socket")
     unix_socket_group: str | None = setting(
         check=_optional_text, doc="group given the listening UNIX socket; None keeps ours")
     remove_unix_socket_on_create: bool = setting(
         True, check=_boolean, doc="remove a stale UNIX socket file before listening")
+    remove_unix_socket_on_close: bool = setting(
+        True, check=_boolean, doc="remove the UNIX socket file when stopping")
+    daemon: bool = setting(False, check=_boolean, doc="run in the background")
+    pid_file: str | None = setting(check=_optional_text, doc="file the process id is written to")
+    maintenance_interval: int = setting(
+        10, check=_integer(0, zero="disables it", none_is_zero=True),
+        doc="run maintenance (the maintained hooks) every N finished sessions")
+    suspend_time_on_unacceptable: int = setting(
+        5, check=_integer(1),
+        doc="seconds to wait before accepting again when no connection can be accepted")
+    max_connections: int = setting(
+        0, check=_integer(0, zero="is unlimited"), doc="most MTA connections served at once")
+    max_file_descriptors: int = setting(
+        0, check=_integer(0, zero="keeps the system's"), doc="limit of open files (RLIMIT_NOFILE)")
+    custom_configuration_directory: str | None = setting(
+        check=_optional_text,
+        doc="where the controller saves milter-manager.custom.conf; None: "
+            "~EFFECTIVE_USER/.milter-manager")
+    fallback_status: Status = setting(
+        Status.ACCEPT, check=_status, doc="answer to the MTA when no child milter can answer")
+    fallback_status_at_disconnect: Status = setting(
+        Status.TEMPORARY_FAILURE, check=_status,
+        doc="answer when a connection checker finds the SMTP client gone")
+    event_loop_backend: str = setting(
+        "glib", check=_one_of(EVENT_LOOP_BACKENDS),
+        doc="accepted for upstream's files; Twisted's reactor runs whatever the value")
+    n_workers: int = setting(
+        0, check=_integer(0, MAX_WORKERS, zero="serves in this process"),
+        doc="worker processes sharing the listening socket")
+    packet_buffer_size: int = setting(
+        0, check=_integer(0, zero="disables it"),
+        doc="bytes of end-of-message replies buffered before sending to the MTA")
+    chunk_size: int = setting(
+        65535, check=_integer(1, 65535),
+        doc="body chunk size when the body is replayed to children")
+    max_pending_finished_sessions: int = setting(
+        0, check=_integer(0, zero="cleans up only when idle"),
+        doc="finished sessions kept before cleaning up")
+    connection_check_interval: float = setting(
+        0.0, check=_seconds_or_zero,
+        doc="seconds between checks that the SMTP client is still connected")
+    report_memory_statistics: bool = setting(
+        False, check=_boolean, doc="log memory use at each maintenance")
     max_body_memory: int = setting(
         5 * 1024 * 1024, check=_integer(0),
         doc="bytes of message body kept in memory before spilling to a temporary file")
@@ -203,13 +380,55 @@ class ManagerConfig:
         10.0, check=_seconds_or_zero,
         doc="seconds between progress replies to the MTA while children work on end of "
             "message; 0 disables them")
+    # Registered functions: name -> Hook ("netstat" is built in), and two hook lists.
+    connection_checkers: dict = field(default_factory=dict)
+    maintained_hooks: list = field(default_factory=list)
+    event_loop_created_hooks: list = field(default_factory=list)
     origins: dict = _origins()
+
+
+@dataclass
+class ControllerConfig:
+    """`controller.*`: the control socket; None connection_spec: no controller."""
+
+    SECTION: ClassVar[str] = "controller"
+    connection_spec: str | None = setting(
+        check=_optional_spec, doc="where the control socket listens; None disables it")
+    unix_socket_mode: int = setting(
+        0o660, check=_mode, literal=oct, doc="mode of the control UNIX socket")
+    unix_socket_group: str | None = setting(
+        check=_optional_text, doc="group given the control UNIX socket")
+    remove_unix_socket_on_create: bool = setting(
+        True, check=_boolean, doc="remove a stale UNIX socket file before listening")
+    remove_unix_socket_on_close: bool = setting(
+        True, check=_boolean, doc="remove the UNIX socket file when stopping")
+    origins: dict = _origins()
+
+
+@dataclass
+class ConditionConfig:
+    """One applicable condition, `define_applicable_condition(name)`, and its stoppers.
+
+    stoppers is a list of Hook in definition order; stoppers_of(kind) picks
+    one kind. A child stops when any stopper of the stage returns true.
+    """
+
+    KIND: ClassVar[str] = "condition"
+    name: str
+    description: str | None = setting(check=_optional_text, doc="free text")
+    stoppers: list = field(default_factory=list)
+    origins: dict = _origins()
+
+    def stoppers_of(self, kind):
+        """The stoppers of one kind (a key of STOPPERS), in definition order."""
+        return [stopper for stopper in self.stoppers if stopper.kind == kind]
 
 
 @dataclass
 class MilterConfig:
     """One child milter, `define_milter(name)`; timeouts are upstream's (server's less 3 s)."""
 
+    KIND: ClassVar[str] = "milter"
     name: str
     connection_spec: str | None = setting(check=_spec, doc="where the child listens (required)")
     description: str | None = setting(check=_optional_text, doc="free text")
@@ -218,14 +437,20 @@ class MilterConfig:
         Status.ACCEPT, check=_status, doc="this child's verdict when it fails or times out")
     evaluation_mode: bool = setting(
         False, check=_boolean, doc="log the child's verdict and changes without applying them")
+    applicable_conditions: list = setting(
+        check=_names, factory=list, doc="names of the conditions that may stop this child")
+    command: str | None = setting(
+        check=_optional_text,
+        doc="command starting the child when it cannot be reached (security.privilege_mode)")
+    command_options: str | None = setting(
+        check=_command_options, doc="arguments of command: a string, or a list to shell-quote")
+    user_name: str | None = setting(check=_optional_text, doc="user command runs as")
     connection_timeout: float = setting(297.0, check=_positive_seconds, doc="seconds to connect")
     writing_timeout: float = setting(7.0, check=_positive_seconds, doc="seconds per write")
     reading_timeout: float = setting(
         7.0, check=_positive_seconds, doc="seconds to wait for a reply")
     end_of_message_timeout: float = setting(
         297.0, check=_positive_seconds, doc="seconds to wait for the end-of-message reply")
-    applicable_conditions: list = setting(
-        check=_names, factory=list, doc="names of the conditions that may stop this child")
     origins: dict = _origins()
 
     @property
@@ -238,13 +463,25 @@ class MilterConfig:
 
 @dataclass
 class Configuration:
-    """Everything milter-manager runs on; `milters` is in upstream's child order."""
+    """Everything milter-manager runs on; `milters` is in upstream's child order.
+
+    conditions maps each applicable condition's name to its ConditionConfig,
+    in definition order. notes are "FILE:LINE: text" lines worth logging
+    (values accepted but without effect here).
+    """
 
     manager: ManagerConfig = field(default_factory=ManagerConfig)
     milters: list = field(default_factory=list)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    package: PackageConfig = field(default_factory=PackageConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    conditions: dict = field(default_factory=dict)
     files: list = field(default_factory=list, compare=False)  # loaded files, in order
+    notes: list = field(default_factory=list, compare=False)
+
+    # The top-level sections, in the order dump writes them (upstream's).
+    SECTIONS: ClassVar[tuple] = ("package", "security", "log", "manager", "controller")
 
     def milter(self, name):
         """The child milter called name, or None."""
@@ -255,6 +492,10 @@ class Configuration:
         """The children a session contacts, in order."""
         return [milter for milter in self.milters if milter.enabled]
 
+    def sections(self):
+        """The top-level section records, in dump order."""
+        return [getattr(self, name) for name in self.SECTIONS]
+
 
 def settings_of(section):
     """The assignable settings of a section, {name: dataclass field}, in declaration order."""
@@ -263,27 +504,42 @@ def settings_of(section):
 
 def describe(section, name):
     """How errors name a setting: 'manager.chunk_size' or 'milter "clamav": fallback_status'."""
-    if isinstance(section, MilterConfig):
-        return f'milter "{section.name}": {name}'
+    if hasattr(section, "KIND"):
+        return f'{section.KIND} "{section.name}": {name}'
     return f"{section.SECTION}.{name}"
 
 
-def unknown_setting(section, name):
-    """The message for a setting that does not exist, with the ones that do."""
+def _owner(section):
+    if hasattr(section, "KIND"):
+        return f'{section.KIND} "{section.name}"'
+    return section.SECTION
+
+
+def unknown_setting(section, name, extra=()):
+    """The message for a setting that does not exist, with the ones that do.
+
+    extra are further names the section offers (methods such as
+    add_applicable_condition).
+    """
     import difflib
 
-    known = list(settings_of(section))
-    if isinstance(section, MilterConfig):
+    refused = REFUSED.get(f"{getattr(section, 'SECTION', None)}.{name}")
+    if refused:
+        return f"{describe(section, name)}: {refused}"
+    known = list(dict.fromkeys([*settings_of(section), *extra]))
+    if hasattr(section, "KIND") and "name" not in known:
         known.append("name")
-        where = f'milter "{section.name}" has'
-    else:
-        where = f"{section.SECTION} has"
     hint = difflib.get_close_matches(name, known, n=1)
     suggestion = f"did you mean {hint[0]}? " if hint else ""
-    return f"{where} no setting {name!r}; {suggestion}known: {', '.join(sorted(known))}"
+    return f"{_owner(section)} has no setting {name!r}; {suggestion}known: {', '.join(sorted(known))}"
 
 
-def set_value(section, name, value, origin=None):
+def show(item, value):
+    """value as messages may show it: <hidden> for a secret setting."""
+    return "<hidden>" if item.metadata.get("secret") else repr(value)
+
+
+def set_value(section, name, value, origin=None, extra=()):
     """Check value, store it in section and remember origin; raise ConfigurationError.
 
     origin is where the value comes from ("FILE:LINE" or a command-line
@@ -291,16 +547,37 @@ def set_value(section, name, value, origin=None):
     """
     settings = settings_of(section)
     if name not in settings:
-        if isinstance(section, MilterConfig) and name == "name":
-            raise ConfigurationError(f'milter "{section.name}": name is read-only', origin)
-        raise ConfigurationError(unknown_setting(section, name), origin)
+        if hasattr(section, "KIND") and name == "name":
+            raise ConfigurationError(f"{describe(section, name)} is read-only", origin)
+        raise ConfigurationError(unknown_setting(section, name, extra), origin)
+    item = settings[name]
     try:
-        stored = settings[name].metadata["check"](value)
+        stored = item.metadata["check"](value)
     except InvalidValue as error:
         reason = (f"{describe(section, name)}: {error}" if error.as_is
-                  else f"{describe(section, name)} {error}; got {value!r}")
+                  else f"{describe(section, name)} {error}; got {show(item, value)}")
         raise ConfigurationError(reason, origin) from None
     setattr(section, name, stored)
     if origin is not None:
         section.origins[name] = origin
     return stored
+
+
+def check_arguments(function, arguments, what):
+    """Raise InvalidValue unless function can be called with the named arguments.
+
+    what names the registration in the message ("connect stopper").
+    """
+    if not callable(function):
+        raise InvalidValue(f"{what} must be a function; got {function!r}", as_is=True)
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: trust it
+    try:
+        signature.bind(*arguments)
+    except TypeError:
+        name = getattr(function, "__name__", repr(function))
+        wanted = f"({', '.join(arguments)})" if arguments else "no arguments"
+        raise InvalidValue(
+            f"{what} {name}{signature} must take {wanted}", as_is=True) from None
