@@ -2,15 +2,54 @@
 
 import os
 import textwrap
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from miltermanager import client, config
 from miltermanager.config import ConfigurationError
+from miltermanager.config.dump import section_lines
+from miltermanager.config.model import InvalidValue, set_value, setting
 from miltermanager.merge import Status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATUSES = "accept, temporary-failure, reject, discard"
+# One stopper of each kind, shared by the condition and dump tests.
+EVERY_STOPPER = """\
+    with define_applicable_condition("Every Stage") as condition:
+        condition.description = "one stopper of each kind"
+        @condition.define_connect_stopper
+        def connect(context, host, socket_address):
+            return host == "[192.0.2.1]"
+        @condition.define_helo_stopper
+        def helo(context, fqdn):
+            return False
+        @condition.define_envelope_from_stopper
+        def envelope_from(context, sender):
+            return False
+        @condition.define_envelope_recipient_stopper
+        def envelope_recipient(context, recipient):
+            return not recipient.lower().endswith("@example.com>")
+        @condition.define_data_stopper
+        def data(context):
+            return False
+        @condition.define_header_stopper
+        def header(context, name, value):
+            return False
+        @condition.define_end_of_header_stopper
+        def end_of_header(context):
+            return False
+        @condition.define_body_stopper
+        def body(context, chunk):
+            return False
+        @condition.define_end_of_message_stopper
+        def end_of_message(context):
+            return False
+        @condition.define_envelope_stopper
+        def envelope(context, sender, recipients):
+            return len(recipients) > 10
+    """
 
 
 class ConfigTestCase(SynchronousTestCase):
@@ -575,17 +614,33 @@ class LoadTests(ConfigTestCase):
 
 
 class ShippedFilesTests(SynchronousTestCase):
+    # strict=False: the checkout's modes follow the developer's umask; the
+    # installed files' modes are the package's business.
+
     def test_milter_manager_conf(self):
-        """etc/milter-manager.conf loads to the defaults."""
-        configuration = config.load(os.path.join(ROOT, "etc", "milter-manager.conf"))
+        """etc/milter-manager.conf loads the conditions, debian defaults, and is the defaults."""
+        path = os.path.join(ROOT, "etc", "milter-manager.conf")
+        configuration = config.load(path, strict=False)
         self.assertEqual(configuration, config.default())
+        self.assertEqual(configuration.files,
+                         [os.path.join(ROOT, "etc", "defaults", "debian.conf"), path])
+
+    def test_milter_manager_conf_loads(self):
+        """The shipped file has upstream's three loading lines."""
+        with open(os.path.join(ROOT, "etc", "milter-manager.conf"), encoding="utf-8") as file:
+            lines = file.read().splitlines()
+        for line in ('load("applicable-conditions/*.conf")', "load_default()",
+                     'load_if_exist("milter-manager.local.conf")'):
+            self.assertTrue(any(text.startswith(line) for text in lines), line)
 
     def test_milter_manager_conf_defaults_are_true(self):
-        """The commented defaults in etc/milter-manager.conf are the real defaults."""
+        """The commented defaults in etc/milter-manager.conf are every setting's real default."""
         path = os.path.join(ROOT, "etc", "milter-manager.conf")
+        sections = ("package.", "security.", "log.", "manager.", "controller.")
         with open(path, encoding="utf-8") as file:
             lines = [line[2:] for line in file
-                     if line.startswith(("# manager.", "# security.", "# log.", "#     milter."))]
+                     if line.startswith(tuple(f"# {name}" for name in sections))
+                     or line.startswith("#     milter.")]
         source = "with define_milter('x') as milter:\n" + "".join(
             line if line.startswith("    milter.") else "    " + line for line in lines)
         directory = os.path.abspath(self.mktemp())
@@ -593,18 +648,24 @@ class ShippedFilesTests(SynchronousTestCase):
         uncommented = os.path.join(directory, "uncommented.conf")
         with open(uncommented, "w", encoding="utf-8") as file:
             file.write(source)
-        configuration = config.load(uncommented)
+        configuration = config.load(uncommented, strict=False)
         expected = config.default()
         expected.milters.append(config.MilterConfig("x", "inet:8891@[127.0.0.1]"))
         self.assertEqual(configuration, expected)
-        every = sum(len(config.settings_of(section)) for section in (
-            expected.manager, expected.security, expected.log, expected.milters[0]))
+        every = sum(len(config.settings_of(section))
+                    for section in [*expected.sections(), expected.milters[0]])
         self.assertEqual(len(lines), every, "each setting is shown once")
+
+    def test_debian_defaults(self):
+        """etc/defaults/debian.conf loads and sets nothing yet."""
+        configuration = config.load(
+            os.path.join(ROOT, "etc", "defaults", "debian.conf"), strict=False)
+        self.assertEqual(configuration, config.default())
 
     def test_postfix_two_children(self):
         """The Postfix example defines a libmilter child and opendkim, which tempfails when down."""
         configuration = config.load(
-            os.path.join(ROOT, "etc", "examples", "postfix-two-children.conf"))
+            os.path.join(ROOT, "etc", "examples", "postfix-two-children.conf"), strict=False)
         self.assertEqual(configuration.manager.connection_spec, "inet:10025@[127.0.0.1]")
         self.assertEqual(
             [(milter.name, milter.connection_spec, milter.fallback_status)
@@ -629,6 +690,137 @@ class DumpTests(ConfigTestCase):
             """)
         dumped = self.write("dumped.conf", config.dump(configuration))
         self.assertEqual(config.load(dumped), configuration)
+
+    EVERY_ITEM = textwrap.dedent("""\
+        package.platform = "redhat"
+        package.options = "prefix=/usr/local"
+        security.privilege_mode = True
+        security.effective_user = "milter-manager"
+        security.effective_group = "mail"
+        log.level = "error|warning|statistics"
+        log.path = "/var/log/milter-manager.log"
+        log.use_syslog = False
+        log.syslog_facility = "local4"
+        manager.use_netstat_connection_checker(3)
+        manager.connection_spec = "unix:/run/milter-manager/milter-manager.sock"
+        manager.unix_socket_mode = 0o600
+        manager.unix_socket_group = "postfix"
+        manager.remove_unix_socket_on_create = False
+        manager.remove_unix_socket_on_close = False
+        manager.daemon = True
+        manager.pid_file = "/run/milter-manager.pid"
+        manager.maintenance_interval = 0
+        manager.suspend_time_on_unacceptable = 2
+        manager.max_connections = 100
+        manager.max_file_descriptors = 4096
+        manager.custom_configuration_directory = "/var/lib/milter-manager"
+        manager.fallback_status = "reject"
+        manager.fallback_status_at_disconnect = "accept"
+        manager.event_loop_backend = "libev"
+        manager.n_workers = 4
+        manager.packet_buffer_size = 8192
+        manager.chunk_size = 1024
+        manager.max_pending_finished_sessions = 10
+        manager.connection_check_interval = 9
+        manager.report_memory_statistics()
+        manager.max_body_memory = 1024
+        manager.progress_interval = 0
+
+        @manager.define_connection_checker("always")
+        def always(context):
+            return True
+
+        @manager.maintained
+        def maintained():
+            pass
+
+        @manager.event_loop_created
+        def created(reactor):
+            return reactor
+
+        controller.connection_spec = "inet:10026@[127.0.0.1]"
+        controller.unix_socket_mode = 0o640
+        controller.unix_socket_group = "adm"
+        controller.remove_unix_socket_on_create = False
+        controller.remove_unix_socket_on_close = False
+
+        with define_milter("clamav") as milter:
+            milter.connection_spec = "inet:3310@[127.0.0.1]"
+            milter.description = "virus scanner"
+            milter.enabled = False
+            milter.fallback_status = "temporary-failure"
+            milter.evaluation_mode = True
+            milter.applicable_conditions = ["Every Stage"]
+            milter.add_applicable_condition("Other")
+            milter.command = "/etc/init.d/clamav-milter"
+            milter.command_options = ["start", "a b"]
+            milter.user_name = "clamav"
+            milter.connection_timeout = 1
+            milter.writing_timeout = 2
+            milter.reading_timeout = 3
+            milter.end_of_message_timeout = 4
+
+        with define_applicable_condition("Other") as other:
+            other.description = None
+        """) + textwrap.dedent(EVERY_STOPPER)
+
+    def test_round_trip_every_item(self):
+        """A configuration using every item, conditions and hooks included, dumps and reloads."""
+        configuration = self.load(self.EVERY_ITEM)
+        dumped = self.write("dumped.conf", config.dump(configuration))
+        reloaded = config.load(dumped)
+        self.assertEqual(reloaded, configuration)
+        for section in (*configuration.sections(), *configuration.milters,
+                        *configuration.conditions.values()):
+            for name in config.settings_of(section):
+                if name != "description" or section.name != "Other":
+                    self.assertIn(name, section.origins, f"{section!r} sets every item")
+        # The functions work in the reloaded configuration.
+        connect, = reloaded.conditions["Every Stage"].stoppers_of("connect")
+        self.assertIs(connect.function(None, "[192.0.2.1]", None), True)
+        self.assertIs(reloaded.manager.connection_checkers["always"].function(None), True)
+        # A second dump differs only in where each value was set.
+        again = config.dump(reloaded).replace(dumped, "FILE")
+        first = config.dump(configuration).replace(
+            os.path.join(self.directory, "milter-manager.conf"), "FILE")
+        strip = lambda text: [line.split("  # ")[0] for line in text.splitlines()]
+        self.assertEqual(strip(again), strip(first))
+
+    def test_dumped_condition(self):
+        """A condition is dumped as a with block, each stopper from its source with FILE:LINE."""
+        path = self.write("milter-manager.conf", """\
+            with define_applicable_condition("Internal Only") as c:
+                c.description = "ours"
+                @c.define_envelope_recipient_stopper
+                def external(context, recipient):
+                    # only our domain
+                    return not recipient.endswith("@example.com>")
+                c.define_data_stopper(lambda context: False)
+            """)
+        dumped = config.dump(config.load(path))
+        self.assertIn(
+            f'with define_applicable_condition("Internal Only") as condition:  # {path}:1\n'
+            f'    condition.description = "ours"  # {path}:2\n'
+            f"    @condition.define_envelope_recipient_stopper  # {path}:3\n"
+            "    def external(context, recipient):\n"
+            "        # only our domain\n"
+            '        return not recipient.endswith("@example.com>")\n'
+            "\n"
+            f"    # condition.define_data_stopper: <lambda> ({path}:7) is not shown: its source is "
+            "unknown (a lambda?)\n", dumped)
+
+    def test_dumped_hooks(self):
+        """The netstat checker is dumped as its call, before the settings it sets."""
+        path = self.write("milter-manager.conf", """\
+            manager.use_netstat_connection_checker()
+            manager.connection_check_interval = 60
+            """)
+        configuration = config.load(path)
+        dumped = config.dump(configuration).splitlines()
+        call = dumped.index(f"manager.use_netstat_connection_checker(5)  # {path}:1")
+        interval = dumped.index(f"manager.connection_check_interval = 60.0  # {path}:2")
+        self.assertLess(call, interval)
+        self.assertEqual(config.load(self.write("dumped.conf", "\n".join(dumped))), configuration)
 
     def test_origins_in_comments(self):
         """Each value carries `# FILE:LINE`, or `# default`."""
@@ -673,3 +865,616 @@ class LocateTests(SynchronousTestCase):
     def test_both(self):
         """--config and --config-dir together are refused."""
         self.assertRaises(ConfigurationError, config.locate, "/a.conf", "/dir", {})
+
+
+class UpstreamItemTests(ConfigTestCase):
+    """The items of upstream's language beyond the first cut: defaults and stored values."""
+
+    def test_new_defaults(self):
+        """package, security, manager and controller items default as upstream."""
+        configuration = config.default()
+        self.assertEqual(configuration.package.platform, "debian")
+        self.assertIsNone(configuration.package.options)
+        self.assertEqual(configuration.package.parsed_options, {})
+        self.assertIs(configuration.security.privilege_mode, False)
+        manager = configuration.manager
+        self.assertEqual(
+            {name: getattr(manager, name) for name in (
+                "remove_unix_socket_on_close", "daemon", "pid_file", "maintenance_interval",
+                "suspend_time_on_unacceptable", "max_connections", "max_file_descriptors",
+                "custom_configuration_directory", "fallback_status_at_disconnect",
+                "event_loop_backend", "n_workers", "packet_buffer_size",
+                "max_pending_finished_sessions", "connection_check_interval",
+                "report_memory_statistics")},
+            {"remove_unix_socket_on_close": True, "daemon": False, "pid_file": None,
+             "maintenance_interval": 10, "suspend_time_on_unacceptable": 5,
+             "max_connections": 0, "max_file_descriptors": 0,
+             "custom_configuration_directory": None,
+             "fallback_status_at_disconnect": Status.TEMPORARY_FAILURE,
+             "event_loop_backend": "glib", "n_workers": 0, "packet_buffer_size": 0,
+             "max_pending_finished_sessions": 0, "connection_check_interval": 0.0,
+             "report_memory_statistics": False})
+        self.assertEqual((manager.connection_checkers, manager.maintained_hooks,
+                          manager.event_loop_created_hooks), ({}, [], []))
+        controller = configuration.controller
+        self.assertEqual(
+            (controller.connection_spec, controller.unix_socket_mode,
+             controller.unix_socket_group, controller.remove_unix_socket_on_create,
+             controller.remove_unix_socket_on_close),
+            (None, 0o660, None, True, True))
+        self.assertEqual(configuration.conditions, {})
+        milter = config.MilterConfig("a")
+        self.assertEqual((milter.command, milter.command_options, milter.user_name),
+                         (None, None, None))
+
+    def test_manager_items(self):
+        """Each new manager.* item is stored as written, converted to its type."""
+        manager = self.load("""\
+            manager.remove_unix_socket_on_close = False
+            manager.daemon = True
+            manager.pid_file = "/run/milter-manager/milter-manager.pid"
+            manager.maintenance_interval = 100
+            manager.suspend_time_on_unacceptable = 1
+            manager.max_connections = 500
+            manager.max_file_descriptors = 8192
+            manager.custom_configuration_directory = "/var/lib/milter-manager"
+            manager.fallback_status_at_disconnect = "discard"
+            manager.event_loop_backend = "libev"
+            manager.n_workers = 1000
+            manager.packet_buffer_size = 4096
+            manager.max_pending_finished_sessions = 3
+            manager.connection_check_interval = 30
+            manager.report_memory_statistics = True
+            """).manager
+        self.assertEqual(
+            (manager.remove_unix_socket_on_close, manager.daemon, manager.pid_file,
+             manager.maintenance_interval, manager.suspend_time_on_unacceptable,
+             manager.max_connections, manager.max_file_descriptors,
+             manager.custom_configuration_directory, manager.fallback_status_at_disconnect,
+             manager.event_loop_backend, manager.n_workers, manager.packet_buffer_size,
+             manager.max_pending_finished_sessions, manager.connection_check_interval,
+             manager.report_memory_statistics),
+            (False, True, "/run/milter-manager/milter-manager.pid", 100, 1, 500, 8192,
+             "/var/lib/milter-manager", Status.DISCARD, "libev", 1000, 4096, 3, 30.0, True))
+
+    def test_maintenance_interval_none(self):
+        """maintenance_interval None disables maintenance, as 0 does upstream."""
+        self.assertEqual(
+            self.load("manager.maintenance_interval = None\n").manager.maintenance_interval, 0)
+
+    def test_event_loop_backend_note(self):
+        """event_loop_backend is accepted and noted, since Twisted's reactor runs anyway."""
+        path = self.write("milter-manager.conf", '\nmanager.event_loop_backend = "libev"\n')
+        configuration = config.load(path)
+        self.assertEqual(configuration.notes, [
+            f"{path}:2: manager.event_loop_backend = 'libev': accepted for upstream's files; "
+            "milter-manager runs on Twisted's reactor whatever the value"])
+        self.assertEqual(config.load(self.write("b.conf", "")).notes, [])
+
+    def test_package_and_security(self):
+        """package.* and security.privilege_mode are stored; privilege_mode takes "true"."""
+        configuration = self.load("""\
+            package.platform = "freebsd"
+            package.options = "prefix=/usr/pkg, rcddir = /etc/rc.d"
+            security.privilege_mode = "True"
+            """)
+        self.assertEqual(configuration.package.platform, "freebsd")
+        self.assertEqual(configuration.package.parsed_options,
+                         {"prefix": "/usr/pkg", "rcddir": "/etc/rc.d"})
+        self.assertIs(configuration.security.privilege_mode, True)
+        self.assertIs(self.load('security.privilege_mode = "false"').security.privilege_mode,
+                      False)
+
+    def test_controller(self):
+        """controller.* is stored and checked as the manager's socket settings."""
+        controller = self.load("""\
+            controller.connection_spec = "unix:/run/milter-manager/controller.sock"
+            controller.unix_socket_mode = 0o600
+            controller.unix_socket_group = "milter-manager"
+            controller.remove_unix_socket_on_create = False
+            controller.remove_unix_socket_on_close = False
+            """).controller
+        self.assertEqual(
+            (controller.connection_spec, controller.unix_socket_mode,
+             controller.unix_socket_group, controller.remove_unix_socket_on_create,
+             controller.remove_unix_socket_on_close),
+            ("unix:/run/milter-manager/controller.sock", 0o600, "milter-manager", False, False))
+        self.assertIsNone(self.load("controller.connection_spec = None\n").controller
+                          .connection_spec)
+
+    def test_milter_command(self):
+        """command, user_name and command_options; a list of options is shell-quoted, joined."""
+        configuration = self.load("""\
+            with define_milter("spamass") as milter:
+                milter.connection_spec = "unix:/run/spamass.sock"
+                milter.command = "/etc/init.d/spamass-milter"
+                milter.command_options = ["start", "it's here", "a b"]
+                milter.user_name = "spamass"
+            define_milter("other").command_options = "start --now"
+            define_milter("other").connection_spec = "inet:1@[127.0.0.1]"
+            """)
+        milter = configuration.milter("spamass")
+        self.assertEqual(milter.command, "/etc/init.d/spamass-milter")
+        self.assertEqual(milter.command_options, "start 'it'\"'\"'s here' 'a b'")
+        self.assertEqual(milter.user_name, "spamass")
+        self.assertEqual(configuration.milter("other").command_options, "start --now")
+
+    def test_milter_name_is_readable(self):
+        """milter.name reads the name given to define_milter."""
+        configuration = self.load("""\
+            with define_milter("clamav") as milter:
+                milter.connection_spec = "inet:1@[127.0.0.1]"
+                milter.description = milter.name.upper()
+            """)
+        self.assertEqual(configuration.milters[0].description, "CLAMAV")
+
+
+class ValueCheckTests(ConfigTestCase):
+    """The new items' checks: each message exact, with FILE:LINE."""
+
+    def test_ranges(self):
+        """Counts refuse negative numbers, n_workers stops at 1000, suspend time at 1."""
+        for name, value, expected in (
+                ("n_workers", "1001", "an integer from 0 to 1000 (0 serves in this process)"),
+                ("n_workers", "-1", "an integer from 0 to 1000 (0 serves in this process)"),
+                ("max_connections", "-1", "an integer, 0 or more (0 is unlimited)"),
+                ("max_file_descriptors", "1.0",
+                 "an integer, 0 or more (0 keeps the system's)"),
+                ("packet_buffer_size", "-5", "an integer, 0 or more (0 disables it)"),
+                ("max_pending_finished_sessions", '"3"',
+                 "an integer, 0 or more (0 cleans up only when idle)"),
+                ("maintenance_interval", "-1", "an integer, 0 or more (0 disables it)"),
+                ("suspend_time_on_unacceptable", "0", "an integer, 1 or more")):
+            self.assertError(
+                f"\n\nmanager.{name} = {value}\n", 3,
+                f"manager.{name} must be {expected}; got {eval(value)!r}")
+
+    def test_enumerations(self):
+        """event_loop_backend, fallback_status_at_disconnect and syslog_facility are enumerations."""
+        self.assertError(
+            'manager.event_loop_backend = "epoll"\n', 1,
+            "manager.event_loop_backend must be one of glib, libev; got 'epoll'")
+        self.assertError(
+            'manager.fallback_status_at_disconnect = "continue"\n', 1,
+            f"manager.fallback_status_at_disconnect must be one of {STATUSES}; got 'continue'")
+
+    def test_package(self):
+        """platform names a file, so it cannot hold a path; options is NAME=VALUE pairs."""
+        self.assertError(
+            'package.platform = "../../tmp/x"\n', 1,
+            "package.platform must be a platform name such as debian, redhat, freebsd or pkgsrc "
+            "(letters, digits, '.', '_', '-'); got '../../tmp/x'")
+        self.assertError(
+            'package.options = "prefix"\n', 1,
+            'package.options must be None or "NAME=VALUE,NAME=VALUE" (e.g. "prefix=/usr/pkg"); '
+            "got 'prefix'")
+
+    def test_privilege_mode(self):
+        """privilege_mode takes booleans and the words true and false only."""
+        self.assertError(
+            'security.privilege_mode = "yes"\n', 1,
+            'security.privilege_mode must be True or False (or "true", "false"); got \'yes\'')
+
+    def test_controller_spec(self):
+        """A bad controller.connection_spec is refused as the manager's is."""
+        self.assertError(
+            'controller.connection_spec = "inet:x"\n', 1,
+            "controller.connection_spec: bad connection spec 'inet:x': port 'x' is not a number; "
+            + config.model.connection_spec.EXPECTED)
+
+    def test_command_options(self):
+        """command_options is a string or a list of strings."""
+        self.assertError(
+            'with define_milter("a") as milter:\n    milter.command_options = ["-a", 1]\n', 2,
+            'milter "a": command_options must be a string, a list of strings, or None; '
+            "got ['-a', 1]")
+
+
+class RefusedTests(ConfigTestCase):
+    """Upstream items that only made sense for Ruby are refused, saying why, with FILE:LINE."""
+
+    def test_database(self):
+        """Any database.* item, assigned or called, is refused."""
+        reason = "milter-manager has no ActiveRecord; keep data in the child milters' own stores"
+        self.assertError('\ndatabase.type = "sqlite3"\n', 2, f"database.type: {reason}")
+        self.assertError("database.setup()\n", 1, f"database.setup: {reason}")
+        self.assertError('x = database.name\n', 1, f"database.name: {reason}")
+
+    def test_run_gc_on_maintain(self):
+        """manager.run_gc_on_maintain has no garbage collector to run."""
+        self.assertError(
+            "manager.run_gc_on_maintain = True\n", 1,
+            "manager.run_gc_on_maintain: there is no Ruby garbage collector to run; "
+            "remove the line")
+
+    def test_report_memory_profile(self):
+        """manager.report_memory_profile (Ruby's) points at report_memory_statistics."""
+        self.assertError(
+            "\nmanager.report_memory_profile()\n", 2,
+            "manager.report_memory_profile: Ruby's memory profile does not exist here; "
+            "use manager.report_memory_statistics()")
+
+    def test_define_policy(self):
+        """define_policy, an undocumented upstream experiment, is refused."""
+        self.assertError(
+            'define_policy("x")\n', 1,
+            "define_policy: upstream's undocumented policy experiment is not supported; "
+            "use define_applicable_condition")
+
+
+class HookTests(ConfigTestCase):
+    """Functions registered on manager: connection checkers, maintained, event_loop_created."""
+
+    def test_use_netstat_connection_checker(self):
+        """use_netstat_connection_checker sets the interval (default 5) and the netstat checker."""
+        path = self.write("milter-manager.conf", "manager.use_netstat_connection_checker()\n")
+        manager = config.load(path).manager
+        self.assertEqual(manager.connection_check_interval, 5.0)
+        self.assertEqual(manager.origins["connection_check_interval"], f"{path}:1")
+        self.assertEqual(manager.connection_checkers, {"netstat": config.Hook(
+            "connection_checker", "netstat", builtin="netstat", arguments=(5,))})
+        self.assertEqual(manager.connection_checkers["netstat"].origin, f"{path}:1")
+        self.assertEqual(
+            self.load("manager.use_netstat_connection_checker(30)\n")
+            .manager.connection_check_interval, 30.0)
+
+    def test_define_connection_checker(self):
+        """define_connection_checker(name) decorates or takes the function; a name replaces."""
+        path = self.write("milter-manager.conf", """\
+            @manager.define_connection_checker("alive")
+            def alive(context):
+                return True
+
+            def never(context):
+                return False
+            manager.define_connection_checker("dead", never)
+            manager.define_connection_checker("alive", lambda context: False)
+            """)
+        checkers = config.load(path).manager.connection_checkers
+        self.assertEqual(list(checkers), ["dead", "alive"])
+        self.assertIs(checkers["dead"].function(None), False)
+        self.assertEqual(checkers["dead"].origin, f"{path}:5")
+        self.assertEqual(checkers["dead"].source, "def never(context):\n    return False\n")
+        self.assertIs(checkers["alive"].function(None), False)
+        self.assertIsNone(checkers["alive"].source)
+        self.assertEqual(checkers["alive"].origin, f"{path}:8")
+
+    def test_maintained_and_event_loop_created(self):
+        """maintained and event_loop_created decorate functions, kept in order with their lines."""
+        path = self.write("milter-manager.conf", """\
+            calls = []
+
+            @manager.maintained
+            def first():
+                calls.append(1)
+
+            @manager.maintained
+            def second():
+                calls.append(2)
+
+            @manager.event_loop_created
+            def started(reactor):
+                calls.append(reactor)
+            manager.report_memory_statistics()
+            """)
+        manager = config.load(path).manager
+        self.assertEqual([(hook.kind, hook.name, hook.origin) for hook in
+                          manager.maintained_hooks + manager.event_loop_created_hooks],
+                         [("maintained", "first", f"{path}:3"),
+                          ("maintained", "second", f"{path}:7"),
+                          ("event_loop_created", "started", f"{path}:11")])
+        for hook in manager.maintained_hooks:
+            hook.function()
+        manager.event_loop_created_hooks[0].function("reactor")
+        self.assertEqual(manager.maintained_hooks[0].function.__globals__["calls"],
+                         [1, 2, "reactor"])
+        self.assertIs(manager.report_memory_statistics, True)
+        self.assertEqual(manager.origins["report_memory_statistics"], f"{path}:14")
+
+    def test_wrong_arguments(self):
+        """A hook that cannot take its arguments is refused where it is registered."""
+        self.assertError(
+            "\n@manager.maintained\ndef f(configuration):\n    pass\n", 2,
+            "maintained hook f(configuration) must take no arguments")
+        self.assertError(
+            "manager.event_loop_created(print if False else 3)\n", 1,
+            "event_loop_created hook must be a function; got 3")
+        self.assertError(
+            'manager.define_connection_checker("x", lambda: True)\n', 1,
+            "connection checker 'x' <lambda>() must take (context)")
+        self.assertError(
+            "manager.define_connection_checker(None)\n", 1,
+            "manager.define_connection_checker needs a name (a non-empty string); got None")
+
+
+class ConditionTests(ConfigTestCase):
+    """define_applicable_condition: description, stoppers, and the names milters use."""
+
+    EVERY_STOPPER = EVERY_STOPPER
+
+    def test_every_stopper(self):
+        """Each stopper kind is kept, in order, with its function, FILE:LINE and source."""
+        path = self.write("milter-manager.conf", self.EVERY_STOPPER)
+        configuration = config.load(path)
+        condition = configuration.conditions["Every Stage"]
+        self.assertEqual(condition.description, "one stopper of each kind")
+        self.assertEqual(condition.origins["name"], f"{path}:1")
+        self.assertEqual([stopper.kind for stopper in condition.stoppers], list(config.STOPPERS))
+        self.assertEqual([stopper.name for stopper in condition.stoppers], list(config.STOPPERS))
+        self.assertEqual([stopper.origin for stopper in condition.stoppers],
+                         [f"{path}:{line}" for line in range(3, 33, 3)])
+        connect, = condition.stoppers_of("connect")
+        self.assertIs(connect.function(None, "[192.0.2.1]", None), True)
+        recipient, = condition.stoppers_of("envelope_recipient")
+        self.assertEqual(recipient.source, (
+            "def envelope_recipient(context, recipient):\n"
+            '    return not recipient.lower().endswith("@example.com>")\n'))
+        self.assertIs(recipient.function(None, "<a@example.com>"), False)
+
+    def test_without_with(self):
+        """A condition also works without `with`, and a stopper may be passed directly."""
+        configuration = self.load("""\
+            condition = define_applicable_condition("Late")
+            condition.define_data_stopper(lambda context: True)
+            """)
+        data, = configuration.conditions["Late"].stoppers_of("data")
+        self.assertIs(data.function(None), True)
+
+    def test_redefinition_adds(self):
+        """Defining a condition again adds to it, as redefining a milter merges."""
+        configuration = self.load("""\
+            with define_applicable_condition("A") as condition:
+                condition.description = "first"
+                condition.define_data_stopper(lambda context: True)
+            define_applicable_condition("B")
+            with define_applicable_condition("A") as condition:
+                condition.define_data_stopper(lambda context: False)
+            """)
+        self.assertEqual(list(configuration.conditions), ["A", "B"])
+        self.assertEqual(configuration.conditions["A"].description, "first")
+        self.assertEqual(len(configuration.conditions["A"].stoppers), 2)
+
+    def test_milters_name_conditions_defined_anywhere(self):
+        """A milter may name a condition defined later, even in a later file."""
+        self.write("applicable-conditions/late.conf", 'define_applicable_condition("Late")\n')
+        configuration = self.load("""\
+            with define_milter("a") as milter:
+                milter.connection_spec = "inet:1@[127.0.0.1]"
+                milter.applicable_conditions = ["Late"]
+            load("applicable-conditions/*.conf")
+            """)
+        self.assertEqual(configuration.milters[0].applicable_conditions, ["Late"])
+        self.assertIn("Late", configuration.conditions)
+
+    def test_unknown_condition(self):
+        """An unknown condition is reported at the line naming it, with the defined ones."""
+        self.assertError(
+            """\
+            define_applicable_condition("Remote Network")
+            define_applicable_condition("S25R")
+            with define_milter("a") as milter:
+                milter.connection_spec = "inet:1@[127.0.0.1]"
+
+                milter.applicable_conditions = ["S25R", "Remote Netwrk"]
+            """, 6,
+            "milter \"a\": applicable_conditions: no condition 'Remote Netwrk'; did you mean "
+            "'Remote Network'? defined: 'Remote Network', 'S25R'")
+
+    def test_unknown_condition_added(self):
+        """add_applicable_condition of an unknown condition names its own line."""
+        self.assertError(
+            """\
+            with define_milter("a") as milter:
+                milter.connection_spec = "inet:1@[127.0.0.1]"
+                milter.add_applicable_condition("S25R")
+            """, 3,
+            "milter \"a\": applicable_conditions: no condition 'S25R'; no condition is defined")
+
+    def test_condition_errors(self):
+        """Misspelt verbs, bad descriptions, read-only names and wrong stopper arguments."""
+        self.assertError(
+            'with define_applicable_condition("A") as condition:\n'
+            "    @condition.define_conect_stopper\n"
+            "    def f(context, host, address):\n"
+            "        return False\n", 2,
+            "condition \"A\" has no setting 'define_conect_stopper'; did you mean "
+            "define_connect_stopper? known: "
+            + ", ".join(sorted(["description", "name", *(
+                f"define_{kind}_stopper" for kind in config.STOPPERS)])))
+        self.assertError(
+            'with define_applicable_condition("A") as condition:\n'
+            "    condition.description = 3\n", 2,
+            'condition "A": description must be a non-empty string or None; got 3')
+        self.assertError(
+            'define_applicable_condition("A").name = "B"\n', 1,
+            'condition "A": name is read-only')
+        self.assertError(
+            'with define_applicable_condition("A") as condition:\n'
+            "    @condition.define_body_stopper\n"
+            "    def body(context, name, chunk):\n"
+            "        return False\n", 2,
+            'condition "A": body stopper body(context, name, chunk) must take (context, chunk)')
+        self.assertError(
+            "define_applicable_condition('')\n", 1,
+            "define_applicable_condition needs a name (a non-empty string); got ''")
+
+
+class LoadPathTests(ConfigTestCase):
+    def test_load_default(self):
+        """load_default loads defaults/PLATFORM.conf beside the file, if present."""
+        self.write("defaults/debian.conf", "manager.chunk_size = 11\n")
+        self.write("defaults/freebsd.conf", "manager.chunk_size = 12\n")
+        self.assertEqual(self.load("load_default()\n").manager.chunk_size, 11)
+        self.assertEqual(
+            self.load('package.platform = "freebsd"\nload_default()\n').manager.chunk_size, 12)
+        self.assertEqual(
+            self.load('package.platform = "pkgsrc"\nload_default()\n'), config.default()
+            .__class__(package=config.PackageConfig(platform="pkgsrc")))
+
+    def test_load_paths(self):
+        """A relative load() not found beside the file is looked up in the load paths."""
+        other = os.path.join(self.directory, "other")
+        self.write("other/defaults/debian.conf", "manager.chunk_size = 13\n")
+        self.write("other/extra.conf", "manager.n_workers = 2\n")
+        path = self.write("main/milter-manager.conf", 'load_default()\nload("extra.conf")\n')
+        configuration = config.load(path, load_paths=[other])
+        self.assertEqual(configuration.manager.chunk_size, 13)
+        self.assertEqual(configuration.manager.n_workers, 2)
+        self.assertEqual(configuration.files[-1], path)
+
+    def test_load_paths_order(self):
+        """config.load_paths: --config-dir, then $MILTER_MANAGER_CONFIG_DIR, then the default."""
+        environ = {"MILTER_MANAGER_CONFIG_DIR": "/env"}
+        self.assertEqual(config.load_paths("/dir", environ, "/etc/m"), ["/dir", "/env", "/etc/m"])
+        self.assertEqual(config.load_paths(None, {}, "/etc/m"), ["/etc/m"])
+        self.assertEqual(config.load_paths("/etc/m", {}, "/etc/m"), ["/etc/m"])
+
+
+class SafetyTests(ConfigTestCase):
+    """A file that others could change is code they could run as root: it is refused."""
+
+    def assertRefused(self, path, message, **kwargs):
+        error = self.assertRaises(ConfigurationError, config.load, path, **kwargs)
+        self.assertEqual(str(error), message)
+        return error
+
+    def test_world_writable_file(self):
+        """A world-writable file is refused, naming it and its mode."""
+        path = self.write("milter-manager.conf", "")
+        os.chmod(path, 0o666)
+        self.assertRefused(
+            path, f"{path}: refusing to load: mode 0666 lets others change code that runs as root")
+
+    def test_group_writable_file(self):
+        """A group-writable file is refused too."""
+        path = self.write("milter-manager.conf", "")
+        os.chmod(path, 0o620)
+        self.assertRefused(
+            path, f"{path}: refusing to load: mode 0620 lets others change code that runs as root")
+
+    def test_writable_directory(self):
+        """A file in a directory others may write to is refused, naming the directory."""
+        path = self.write("conf/milter-manager.conf", "")
+        directory = os.path.dirname(path)
+        os.chmod(directory, 0o777)
+        self.addCleanup(os.chmod, directory, 0o755)
+        self.assertRefused(
+            path, f"{directory}: refusing to load milter-manager.conf from it: mode 0777 lets "
+                  "others change code that runs as root")
+
+    def test_sticky_directory(self):
+        """A sticky world-writable directory (/tmp) is refused: others could add a local file."""
+        path = self.write("conf/milter-manager.conf", "")
+        directory = os.path.dirname(path)
+        os.chmod(directory, 0o1777)
+        self.addCleanup(os.chmod, directory, 0o755)
+        error = self.assertRaises(ConfigurationError, config.load, path)
+        self.assertIn("mode 1777", str(error))
+
+    def test_owned_by_another_user(self):
+        """A file owned by a user other than root and us is refused."""
+        path = self.write("milter-manager.conf", "")
+        other = 0 if os.geteuid() != 0 else 65534
+        try:
+            os.chown(path, other, -1)
+        except PermissionError:
+            raise SkipTest("cannot give a file away without root")
+        import pwd
+        try:
+            owner = f"{pwd.getpwuid(other).pw_name} (uid {other})"
+        except KeyError:
+            owner = f"uid {other}"
+        self.assertRefused(
+            path, f"{path}: refusing to load: owned by {owner}, who could change code that "
+                  "runs as root", )
+        self.assertRaises(ConfigurationError, config.check_trusted, path, euid=12345)
+        config.check_trusted(path, euid=other)
+
+    def test_included_file(self):
+        """An included file that others can change is refused at the including line."""
+        included = self.write("applicable-conditions/a.conf", "")
+        os.chmod(included, 0o646)
+        path = self.write("milter-manager.conf", '\nload("applicable-conditions/*.conf")\n')
+        self.assertRefused(
+            path, f"{path}:2: {included}: refusing to load: mode 0646 lets others change code "
+                  "that runs as root")
+
+    def test_not_strict(self):
+        """strict=False (for unusual test file systems) loads such a file anyway."""
+        path = self.write("milter-manager.conf", "manager.chunk_size = 3\n")
+        os.chmod(path, 0o666)
+        self.assertEqual(config.load(path, strict=False).manager.chunk_size, 3)
+
+    def test_trial_temporary_directories(self):
+        """Files written under trial's temporary directories, as fixtures do, load."""
+        directory = os.path.realpath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "milter-manager.conf")
+        with open(path, "w") as file:
+            file.write("manager.chunk_size = 2\n")
+        self.assertEqual(config.load(path).manager.chunk_size, 2)
+
+
+@dataclass
+class _SecretSection:
+    """A test-only section with a secret setting, like a later LDAP bind password."""
+
+    SECTION: ClassVar[str] = "ldap"
+    bind_password: str | None = setting(
+        check=lambda value: _check_password(value), doc="password", secret=True)
+    origins: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+def _check_password(value):
+    if value is not None and not (isinstance(value, str) and len(value) >= 8):
+        raise InvalidValue("must be a string of 8 characters or more")
+    return value
+
+
+class SecretTests(SynchronousTestCase):
+    def test_dump_hides_secrets(self):
+        """A secret setting is dumped as <hidden>, commented out so the dump still loads."""
+        section = _SecretSection()
+        set_value(section, "bind_password", "s3cr3t-pass", "x.conf:3")
+        self.assertEqual(list(section_lines("ldap", section)),
+                         ["# ldap.bind_password = <hidden>  # x.conf:3\n"])
+        self.assertEqual(list(section_lines("ldap", _SecretSection())),
+                         ["ldap.bind_password = None  # default\n"])
+
+    def test_errors_hide_secrets(self):
+        """An error about a secret setting does not show the value."""
+        error = self.assertRaises(
+            ConfigurationError, set_value, _SecretSection(), "bind_password", "short", "x:1")
+        self.assertEqual(
+            str(error), "x:1: ldap.bind_password must be a string of 8 characters or more; "
+                        "got <hidden>")
+        self.assertNotIn("short", str(error))
+
+
+class ErrorLocationTests(ConfigTestCase):
+    """Every kind of error names the file and line of the offending line and the value."""
+
+    CASES = [
+        ("unknown name", "manager.conection_spec = 'x'", "did you mean connection_spec?"),
+        ("bad type", "manager.daemon = 'yes'", "got 'yes'"),
+        ("bad enum", "log.syslog_facility = 'mial'", "got 'mial'"),
+        ("bad spec", "manager.connection_spec = 'inet:70000'", "'inet:70000'"),
+        ("syntax error", "manager.daemon = = True", "syntax error"),
+        ("bad range", "manager.n_workers = 1001", "got 1001"),
+        ("unknown condition",
+         "with define_milter('a') as milter:\n"
+         "    milter.connection_spec = 'inet:1@[127.0.0.1]'\n"
+         "    milter.applicable_conditions = ['Nowhere']", "'Nowhere'"),
+        ("refused", "database.type = 'mysql2'", "database.type: milter-manager has no"),
+    ]
+
+    def test_every_kind(self):
+        """Unknown name, bad type, enum, spec, range, syntax, condition, refusal: FILE:LINE."""
+        for kind, text, fragment in self.CASES:
+            lines = text.count("\n") + 1
+            included = self.write(f"{kind.replace(' ', '-')}.conf", "# first\n\n" + text + "\n")
+            path = self.write("milter-manager.conf", f"\nload({os.path.basename(included)!r})\n")
+            error = self.assertRaises(ConfigurationError, config.load, path)
+            self.assertEqual(error.location, f"{included}:{lines + 2}", kind)
+            self.assertTrue(str(error).startswith(f"{included}:{lines + 2}: "), kind)
+            self.assertIn(fragment, error.reason, kind)
