@@ -45,17 +45,9 @@ RESTART_SETTINGS = (
 )
 
 
-def _setting(section, name, default=None):
-    # Settings the configuration may not define yet read as their upstream default.
-    return getattr(section, name, default)
-
-
 def hooks(configuration, name):
-    """The callables registered with manager.<name> (`maintained`, `event_loop_created`)."""
-    registered = _setting(configuration.manager, f"{name}_hooks", None)
-    if registered is None:
-        registered = getattr(configuration, f"{name}_hooks", ())
-    return list(registered or ())
+    """The functions registered with @manager.<name> (maintained, event_loop_created)."""
+    return [hook.function for hook in getattr(configuration.manager, f"{name}_hooks")]
 
 
 def error_lines(error):
@@ -116,7 +108,7 @@ class ManagerFactory(MilterServerFactory):
     def connection_lost(self):
         self.connections -= 1
         self.finished += 1
-        interval = _setting(self.configuration.manager, "maintenance_interval", 10)
+        interval = self.configuration.manager.maintenance_interval
         if interval and self.finished % interval == 0:
             self.maintain()
         self.update_accepting()
@@ -131,7 +123,7 @@ class ManagerFactory(MilterServerFactory):
 
     def update_accepting(self):
         """Stop or resume accepting for max_connections (after a change of either)."""
-        limit = _setting(self.configuration.manager, "max_connections", 0)
+        limit = self.configuration.manager.max_connections
         full = bool(limit) and self.connections >= limit
         if full == self.paused:
             return
@@ -176,7 +168,7 @@ def listen_endpoint(reactor, settings, backlog=50):
         endpoint = UNIXSocketEndpoint(
             endpoint, spec.path, settings.remove_unix_socket_on_create,
             settings.unix_socket_group,
-            _setting(settings, "remove_unix_socket_on_close", True))
+            settings.remove_unix_socket_on_close)
     return endpoint
 
 
@@ -551,11 +543,11 @@ class ManagerService(service.Service):
         super().privilegedStartService()
         manager = self.configuration.manager
         security = self.configuration.security
-        set_max_file_descriptors(_setting(manager, "max_file_descriptors", 0))
+        set_max_file_descriptors(manager.max_file_descriptors)
         resolve_identity(security.effective_user, security.effective_group)
         self.port = _now(listen_endpoint(self.reactor, manager).listen(self.factory))
         self.factory.add_port(self.port)
-        pid_file = _setting(manager, "pid_file")
+        pid_file = manager.pid_file
         if pid_file is not None:
             try:
                 write_pid_file(pid_file)
@@ -588,7 +580,7 @@ class ManagerService(service.Service):
         manager = self.configuration.manager
         self.log.info("[manager][start] listening on {spec}; {children}",
                       spec=manager.connection_spec, children=_children(self.configuration))
-        n_workers = _setting(manager, "n_workers", 0)
+        n_workers = manager.n_workers
         if n_workers:
             self.log.warn("[manager][workers] manager.n_workers = {n}: several worker processes "
                           "are not implemented yet; running one process", n=n_workers)
@@ -680,7 +672,7 @@ class ManagerService(service.Service):
         path = getattr(self.port, "path", None)
         if path is None:
             return
-        self.port.remove_on_close = _setting(settings, "remove_unix_socket_on_close", True)
+        self.port.remove_on_close = settings.remove_unix_socket_on_close
         try:
             if stat.S_IMODE(os.stat(path).st_mode) != settings.unix_socket_mode:
                 os.chmod(path, settings.unix_socket_mode)
@@ -699,8 +691,8 @@ class ManagerService(service.Service):
         self.factory.update_accepting()
         self._configure_log(configuration, "reload")
         for section, name in RESTART_SETTINGS:
-            before = _setting(getattr(old, section), name)
-            after = _setting(getattr(configuration, section), name)
+            before = getattr(getattr(old, section), name)
+            after = getattr(getattr(configuration, section), name)
             if before != after:
                 self.log.warn("[reload][restart-needed] {section}.{name} changed from "
                               "{before!r} to {after!r}: it takes effect at the next start",

@@ -147,8 +147,11 @@ class Options(usage.Options):
         """Load the configuration file (or the built-in one) and apply the overrides."""
         from miltermanager import config
 
-        configuration = (config.load(self.path) if self.path is not None
-                         else config.default())
+        if self.path is None:
+            configuration = config.default()
+        else:
+            configuration = config.load(self.path, load_paths=config.load_paths(
+                self["config-dir"], default_directory=self.default_config_directory))
         for option, section, name, value in self._overrides():
             config.set_value(getattr(configuration, section), name, value, origin=f"--{option}")
         return configuration

@@ -267,3 +267,192 @@ def tap_factory():
     return manager_factory(config.default(), reactor)
 
 
+
+
+class OverrideTests(SynchronousTestCase):
+    """Upstream's command-line overrides: each checked by the configuration, each its own origin."""
+
+    def parse(self, *arguments):
+        options = isolated_options(self)
+        options.parseOptions(list(arguments))
+        return options.configuration
+
+    def test_log_options(self):
+        """--log-level, --log-path, --syslog-facility and --no-syslog set log.*."""
+        configuration = self.parse("--log-level", "error|debug", "--log-path", "/tmp/m.log",
+                                   "--syslog-facility", "local2", "--no-syslog")
+        log = configuration.log
+        self.assertEqual((log.level, log.path, log.syslog_facility, log.use_syslog),
+                         ("error|debug", "/tmp/m.log", "local2", False))
+        self.assertEqual(log.origins, {"level": "--log-level", "path": "--log-path",
+                                       "syslog_facility": "--syslog-facility",
+                                       "use_syslog": "--no-syslog"})
+
+    def test_verbose(self):
+        """--verbose (-v) is log.level all."""
+        for flag in ("--verbose", "-v"):
+            log = self.parse(flag).log
+            self.assertEqual((log.level, log.origins["level"]), ("all", "--verbose"))
+
+    def test_log_path_dash(self):
+        """--log-path - is standard output (no log file)."""
+        self.assertIsNone(self.parse("--log-path", "-").log.path)
+
+    def test_process_options(self):
+        """--user-name, --group-name, --pid-file, --n-workers, --unix-socket-* set their items."""
+        configuration = self.parse(
+            "--user-name", "nobody", "--group-name", "nogroup", "--pid-file", "/tmp/m.pid",
+            "--n-workers", "3", "--unix-socket-mode", "0600", "--unix-socket-group", "nogroup")
+        manager, security = configuration.manager, configuration.security
+        self.assertEqual((security.effective_user, security.effective_group),
+                         ("nobody", "nogroup"))
+        self.assertEqual((manager.pid_file, manager.n_workers, manager.unix_socket_mode,
+                          manager.unix_socket_group), ("/tmp/m.pid", 3, 0o600, "nogroup"))
+        self.assertEqual(security.origins["effective_user"], "--user-name")
+        self.assertEqual(manager.origins["n_workers"], "--n-workers")
+
+    def test_bad_values(self):
+        """A bad override is refused with the option and what the setting expects."""
+        for option, value, expected in (
+                ("--n-workers", "many", "--n-workers: manager.n_workers must be"),
+                ("--log-level", "loud", "--log-level: log.level has no level 'loud'"),
+                ("--unix-socket-mode", "999", "--unix-socket-mode: manager.unix_socket_mode"),
+                ("--syslog-facility", "mailx", "--syslog-facility: log.syslog_facility")):
+            options = isolated_options(self)
+            error = self.assertRaises(usage.UsageError, options.parseOptions, [option, value])
+            self.assertTrue(str(error).startswith(expected), str(error))
+
+    def test_unknown_user(self):
+        """An unknown --user-name is refused at start-up, not after listening."""
+        options = isolated_options(self)
+        error = self.assertRaises(usage.UsageError, options.parseOptions,
+                                  ["--user-name", "no-such-user-here"])
+        self.assertEqual(str(error), "--user-name: security.effective_user: no such user "
+                                     "'no-such-user-here'")
+
+    def test_contradicting_flags(self):
+        """--syslog with --no-syslog, or --daemon with --no-daemon, is refused."""
+        for flags in (["--syslog", "--no-syslog"], ["--daemon", "--no-daemon"]):
+            options = isolated_options(self)
+            self.assertRaises(usage.UsageError, options.parseOptions, flags)
+
+    def test_show_config_names_the_option(self):
+        """--show-config shows an override's origin as the option."""
+        options = isolated_options(self)
+        output = io.StringIO()
+        self.patch(sys, "stdout", output)
+        self.assertRaises(SystemExit, options.parseOptions,
+                          ["--log-level", "error", "--show-config"])
+        self.assertIn('log.level = "error"  # --log-level\n', output.getvalue())
+
+    def test_reload_applies_overrides_again(self):
+        """load_configuration re-reads the file and applies the same overrides."""
+        path = write_config(self, "manager.chunk_size = 7\nlog.level = \"debug\"\n")
+        options = isolated_options(self)
+        options.parseOptions(["-c", path, "--log-level", "error"])
+        with open(path, "w") as file:
+            file.write("manager.chunk_size = 8\nlog.level = \"debug\"\n")
+        again = options.load_configuration()
+        self.assertEqual((again.manager.chunk_size, again.log.level), (8, "error"))
+        self.assertIsNot(again, options.configuration)
+
+    def test_version(self):
+        """--version prints milter-manager's version."""
+        import miltermanager
+
+        output = io.StringIO()
+        self.patch(sys, "stdout", output)
+        self.assertRaises(SystemExit, isolated_options(self).parseOptions, ["--version"])
+        self.assertEqual(output.getvalue(), f"milter-manager {miltermanager.__version__}\n")
+
+
+class DaemonTests(SynchronousTestCase):
+    """--daemon, --no-daemon and manager.daemon tell twistd whether to daemonize."""
+
+    def nodaemon(self, arguments, twistd_n=False, text=None):
+        options = isolated_options(self)
+        options.parent = {"nodaemon": twistd_n}
+        if text is not None:
+            arguments = ["-c", write_config(self, text), *arguments]
+        options.parseOptions(arguments)
+        return options.parent["nodaemon"]
+
+    def test_twistd_decides_by_default(self):
+        """Without any of them, twistd's -n decides."""
+        self.assertFalse(self.nodaemon([]))
+        self.assertTrue(self.nodaemon([], twistd_n=True))
+
+    def test_flags(self):
+        """--no-daemon keeps it in the foreground, --daemon daemonizes even with -n."""
+        self.assertTrue(self.nodaemon(["--no-daemon"]))
+        self.assertFalse(self.nodaemon(["--daemon"], twistd_n=True))
+
+    def test_file(self):
+        """A file's manager.daemon = False keeps it in the foreground; True leaves -n in charge."""
+        self.assertTrue(self.nodaemon([], text="manager.daemon = False\n"))
+        self.assertTrue(self.nodaemon([], twistd_n=True, text="manager.daemon = True\n"))
+        self.assertFalse(self.nodaemon([], text="manager.daemon = True\n"))
+
+
+class CheckConfigTests(SynchronousTestCase):
+    """--check-config, in process and through the real twistd."""
+
+    def check(self, arguments):
+        options = isolated_options(self)
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        error = self.assertRaises(SystemExit, options.parseOptions, ["--check-config", *arguments])
+        return error.code, out.getvalue(), err.getvalue()
+
+    def test_ok(self):
+        """A good file: exit 0 and "configuration OK: FILE"."""
+        path = write_config(self, "manager.chunk_size = 9\n")
+        self.assertEqual(self.check(["-c", path]), (0, f"configuration OK: {path}\n", ""))
+
+    def test_errors(self):
+        """A bad file: exit 1 and the error with FILE:LINE on standard error."""
+        path = write_config(self, "\nmanager.chunk_size = 0\n")
+        code, out, err = self.check(["-c", path])
+        self.assertEqual((code, out), (1, ""))
+        self.assertTrue(err.startswith(f"{path}:2: manager.chunk_size must be"), err)
+
+    def test_every_startup_problem(self):
+        """Unknown users and groups are all reported, each with where it was set."""
+        path = write_config(self, 'security.effective_user = "no-such-user-x"\n'
+                                  'manager.unix_socket_group = "no-such-group-x"\n')
+        code, out, err = self.check(["-c", path])
+        self.assertEqual(code, 1)
+        self.assertEqual(err.splitlines(), [
+            f"{path}:1: security.effective_user: no such user 'no-such-user-x'",
+            f"{path}:2: manager.unix_socket_group: no such group 'no-such-group-x'"])
+
+    def test_real_twistd(self):
+        """`twistd milter-manager --check-config` exits 0 or 1 and binds nothing."""
+        import subprocess
+
+        from tests.peers.fixtures import REPO, TWISTD
+
+        directory = tempfile.mkdtemp(prefix="mm-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, directory)
+        socket_path = os.path.join(directory, "m.sock")
+        path = write_config(self, f'manager.connection_spec = "unix:{socket_path}"\n')
+        env = dict(os.environ, PYTHONPATH=REPO)
+        env.pop(config.DIRECTORY_VARIABLE, None)
+
+        def run(config_path):
+            return subprocess.run(
+                [sys.executable, "-c", TWISTD, "--pidfile=", "milter-manager", "--check-config",
+                 "-c", config_path], capture_output=True, text=True, env=env, cwd=directory,
+                timeout=60)
+
+        good = run(path)
+        self.assertEqual((good.returncode, good.stdout), (0, f"configuration OK: {path}\n"))
+        self.assertFalse(os.path.exists(socket_path))
+        self.assertEqual(os.listdir(directory), [])  # no twistd.pid, no twistd.log
+        with open(path, "a") as file:
+            file.write('log.level = "loud"\n')
+        bad = run(path)
+        self.assertEqual(bad.returncode, 1)
+        self.assertIn(f"{path}:2: log.level has no level 'loud'", bad.stderr)
+        self.assertFalse(os.path.exists(socket_path))
