@@ -656,6 +656,19 @@ class ShippedFilesTests(SynchronousTestCase):
                     for section in [*expected.sections(), expected.milters[0]])
         self.assertEqual(len(lines), every, "each setting is shown once")
 
+    def test_documentation_names_every_setting(self):
+        """docs/configuration.md has a row for every setting and every stopper."""
+        with open(os.path.join(ROOT, "docs", "configuration.md"), encoding="utf-8") as file:
+            text = file.read()
+        configuration = config.default()
+        for section in (*configuration.sections(), config.MilterConfig("x"),
+                        config.ConditionConfig("x")):
+            prefix = getattr(section, "SECTION", None) or section.KIND
+            for name in config.settings_of(section):
+                self.assertIn(f"| `{prefix}.{name}` |", text)
+        for kind in config.STOPPERS:
+            self.assertIn(f"| `define_{kind}_stopper` |", text)
+
     def test_debian_defaults(self):
         """etc/defaults/debian.conf loads and sets nothing yet."""
         configuration = config.load(
