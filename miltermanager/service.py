@@ -254,6 +254,7 @@ class UNIXPort:
     """
 
     log = Logger()
+    cleaner = False  # True: the cleanup process removes the file if we cannot
 
     def __init__(self, port, path, remove_on_close=True):
         self.port = port
@@ -269,7 +270,7 @@ class UNIXPort:
 
     def stopListening(self):
         if self.remove_on_close:
-            remove_socket_file(self.path, self.identity, self.log)
+            remove_socket_file(self.path, self.identity, None if self.cleaner else self.log)
         return self.port.stopListening()
 
     loseConnection = stopListening
@@ -425,7 +426,8 @@ def spawn_cleaner(socket_path=None, pid_file=None):
     terminals send to the whole group, so it outlives us. It removes the
     socket only if it is still the same file (device and inode) and the pid
     file only if it still holds our pid, so a newer manager's files stay.
-    Returns the pipe's write end (kept open until exit) or None.
+    Returns (the pipe's write end, kept open until exit; the child's pid),
+    or None when there is nothing to remove.
     """
     targets = []
     if socket_path is not None:
@@ -460,7 +462,7 @@ def spawn_cleaner(socket_path=None, pid_file=None):
         finally:
             os._exit(0)
     os.close(read_end)
-    return write_end
+    return write_end, pid
 
 
 # ---------------------------------------------------------------- the service
@@ -562,7 +564,14 @@ class ManagerService(service.Service):
                 socket_path = None
             if os.getuid() == 0:
                 self._cleaner = spawn_cleaner(socket_path, self.pid_file)
-            drop_privileges(security.effective_user, security.effective_group)
+            if self._cleaner is not None and socket_path is not None:
+                self.port.cleaner = True
+            if drop_privileges(security.effective_user, security.effective_group):
+                self.log.info(
+                    "[manager][privileges] now uid {uid} gid {gid}{cleaner}", uid=os.getuid(),
+                    gid=os.getgid(), cleaner=(
+                        f"; process {self._cleaner[1]} removes the socket and pid file "
+                        "after we exit" if self._cleaner else ""))
 
     def _close_port_now(self):
         port, self.port = self.port, None
@@ -609,7 +618,7 @@ class ManagerService(service.Service):
             self.factory.remove_port(port)
             stopping = defer.maybeDeferred(port.stopListening)
         if self.pid_file is not None:
-            remove_pid_file(self.pid_file, os.getpid(), self.log)
+            remove_pid_file(self.pid_file, os.getpid(), None if self._cleaner else self.log)
         return stopping
 
     # ------------------------------------------------------------ reload

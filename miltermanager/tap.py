@@ -83,11 +83,15 @@ class Options(usage.Options):
          "warning, message, info, debug, statistics, profile, trace"],
         ["log-path", None, None, "log.path: the log file ('-': standard output)"],
         ["syslog-facility", None, None, "log.syslog_facility (mail, daemon, local0, ...)"],
-        ["user-name", None, None, "security.effective_user: switch to it after listening"],
+        ["user-name", None, None,
+         "security.effective_user: switch to it after listening (rather than twistd's "
+         "-u, which leaves the socket and pid file behind at stop)"],
         ["group-name", None, None, "security.effective_group: switch to it after listening"],
         ["unix-socket-mode", None, None, "manager.unix_socket_mode, in octal (0660)"],
         ["unix-socket-group", None, None, "manager.unix_socket_group"],
-        ["pid-file", None, None, "manager.pid_file (not twistd's --pidfile: see --help)"],
+        ["pid-file", None, None,
+         "manager.pid_file, written after listening and removed at stop (twistd's own "
+         "--pidfile is another file: give --pidfile= to have only this one)"],
         ["n-workers", None, None, "manager.n_workers"],
     ]
     optFlags = [
