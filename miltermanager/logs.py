@@ -25,8 +25,7 @@ import socket
 import sys
 import time
 
-from twisted.logger import LogLevel, eventAsText, formatEvent
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, LogLevel, eventAsText, formatEvent
 from zope.interface import implementer
 
 LEVELS = ("critical", "error", "warning", "message", "info", "debug", "statistics", "profile",

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import time
 
-from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, formatEvent
