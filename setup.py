@@ -23,6 +23,7 @@ setup(
         "console_scripts": [
             "milter-test-server = miltermanager.tools.test_server:main",
             "milter-test-client = miltermanager.tools.test_client:main",
+            "milter-manager-import-config = miltermanager.tools.import_config:main",
         ],
     },
 )
