@@ -15,6 +15,9 @@ from miltermanager.merge import Status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATUSES = "accept, temporary-failure, reject, discard"
+# Gives the milter of a test its socket, so that the one error the test pins is
+# not joined by "connection_spec is required".
+SPEC = '    milter.connection_spec = "inet:1@[127.0.0.1]"\n'
 # One stopper of each kind, shared by the condition and dump tests.
 EVERY_STOPPER = """\
     with define_applicable_condition("Every Stage") as condition:
@@ -374,7 +377,7 @@ class ValidationTests(ConfigTestCase):
             'log.use_syslog = "false"\n', 1, "log.use_syslog must be True or False; got 'false'")
         for name in ("enabled", "evaluation_mode"):
             self.assertError(
-                f'with define_milter("a") as milter:\n    milter.{name} = "yes"\n', 2,
+                f'with define_milter("a") as milter:\n    milter.{name} = "yes"\n' + SPEC, 2,
                 f"milter \"a\": {name} must be True or False; got 'yes'")
 
     def test_timeouts(self):
@@ -383,7 +386,8 @@ class ValidationTests(ConfigTestCase):
                      "end_of_message_timeout"):
             for value in ("0", "-1", '"7"', "False", 'float("inf")'):
                 self.assertError(
-                    f'with define_milter("a") as milter:\n    milter.{name} = {value}\n', 2,
+                    f'with define_milter("a") as milter:\n    milter.{name} = {value}\n' + SPEC,
+                    2,
                     f'milter "a": {name} must be a number of seconds greater than 0; '
                     f"got {eval(value)!r}")
 
@@ -421,14 +425,14 @@ class ValidationTests(ConfigTestCase):
             "security.effective_user = 0\n", 1,
             "security.effective_user must be a non-empty string or None; got 0")
         self.assertError(
-            'with define_milter("a") as milter:\n    milter.description = ""\n', 2,
+            'with define_milter("a") as milter:\n    milter.description = ""\n' + SPEC, 2,
             "milter \"a\": description must be a non-empty string or None; got ''")
 
     def test_applicable_conditions(self):
         """applicable_conditions is a list of names, not one string."""
         self.assertError(
             'with define_milter("a") as milter:\n'
-            '    milter.applicable_conditions = "Remote Network"\n', 2,
+            '    milter.applicable_conditions = "Remote Network"\n' + SPEC, 2,
             'milter "a": applicable_conditions must be a list of names (non-empty strings); '
             "got 'Remote Network'")
 
@@ -459,22 +463,29 @@ class ValidationTests(ConfigTestCase):
             "define_milter(None)\n", 1,
             "define_milter needs a name (a non-empty string); got None")
         self.assertError(
-            'with define_milter("a") as milter:\n    milter.name = "b"\n', 2,
+            'with define_milter("a") as milter:\n    milter.name = "b"\n' + SPEC, 2,
             'milter "a": name is read-only')
 
 
 class UnknownAttributeTests(ConfigTestCase):
     def test_unknown_milter_setting(self):
-        """Assigning a misspelt milter setting fails, suggesting and listing the known ones."""
-        self.assertError(
-            """\
+        """A misspelt milter setting fails, suggesting and listing the known ones.
+
+        The milter is then left without its socket, which is reported too.
+        """
+        path = self.write("milter-manager.conf", """\
             with define_milter("a") as milter:
                 milter.conection_spec = "inet:1@[127.0.0.1]"
-            """, 2,
-            "milter \"a\" has no setting 'conection_spec'; did you mean connection_spec? known: "
-            "add_applicable_condition, applicable_conditions, command, command_options, "
-            "connection_spec, connection_timeout, description, enabled, end_of_message_timeout, "
-            "evaluation_mode, fallback_status, name, reading_timeout, user_name, writing_timeout")
+            """)
+        error = self.assertRaises(ConfigurationError, config.load, path)
+        self.assertEqual([str(each) for each in error.errors], [
+            f"{path}:2: milter \"a\" has no setting 'conection_spec'; did you mean "
+            "connection_spec? known: add_applicable_condition, applicable_conditions, command, "
+            "command_options, connection_spec, connection_timeout, description, enabled, "
+            "end_of_message_timeout, evaluation_mode, fallback_status, name, reading_timeout, "
+            "user_name, writing_timeout",
+            f'{path}:1: milter "a": connection_spec is required (where the child milter '
+            'listens, e.g. "inet:8891@[127.0.0.1]")'])
 
     def test_unknown_manager_setting(self):
         """Assigning an unknown manager setting fails, suggesting and listing settings and verbs."""
@@ -1078,7 +1089,8 @@ class ValueCheckTests(ConfigTestCase):
     def test_command_options(self):
         """command_options is a string or a list of strings."""
         self.assertError(
-            'with define_milter("a") as milter:\n    milter.command_options = ["-a", 1]\n', 2,
+            'with define_milter("a") as milter:\n    milter.command_options = ["-a", 1]\n'
+            + SPEC, 2,
             'milter "a": command_options must be a string, a list of strings, or None; '
             "got ['-a', 1]")
 
@@ -1491,3 +1503,130 @@ class ErrorLocationTests(ConfigTestCase):
             self.assertEqual(error.location, f"{included}:{lines + 2}", kind)
             self.assertTrue(str(error).startswith(f"{included}:{lines + 2}: "), kind)
             self.assertIn(fragment, error.reason, kind)
+
+
+class ErrorCollectionTests(ConfigTestCase):
+    """Loading goes on after an error in a value, as upstream, and reports every error."""
+
+    def errors(self, path, **kwargs):
+        """Load path; return the FILE:LINE of each error and the error raised."""
+        error = self.assertRaises(ConfigurationError, config.load, path, **kwargs)
+        return [each.location for each in error.errors], error
+
+    def test_three_errors(self):
+        """Three bad lines: three errors, each with its line, str() one per line."""
+        path = self.write("milter-manager.conf", """\
+            manager.chunk_size = 0
+            log.syslog_facility = "mial"
+            manager.conection_spec = "inet:10025"
+            """)
+        locations, error = self.errors(path)
+        self.assertEqual(locations, [f"{path}:1", f"{path}:2", f"{path}:3"])
+        lines = str(error).split("\n")
+        self.assertEqual(lines, [str(each) for each in error.errors])
+        self.assertTrue(lines[0].startswith(f"{path}:1: manager.chunk_size must be"))
+        self.assertTrue(lines[1].startswith(f"{path}:2: log.syslog_facility must be"))
+        self.assertTrue(lines[2].startswith(f"{path}:3: manager has no setting 'conection_spec'"))
+        self.assertIsNone(error.location)
+        self.assertEqual(error.reason, str(error))
+
+    def test_every_kind_collected(self):
+        """Each kind of value error is kept and loading goes on, across files, in order."""
+        untrusted = self.write("untrusted.conf", "")
+        os.chmod(untrusted, 0o666)
+        self.write("included.conf", "manager.daemon = 'yes'\n")
+        path = self.write("milter-manager.conf", """\
+            manager.n_workers = 1001
+            manager.connection_spec = "inet:70000"
+            database.type = "mysql2"
+            database.setup()
+            manager.report_memory_profile()
+            define_policy("x")
+            load("included.conf")
+            load("untrusted.conf")
+            load("missing.conf")
+            with define_milter("a") as milter:
+                milter.conection_spec = "inet:1@[127.0.0.1]"
+                milter.applicable_conditions = ["Nowhere"]
+            with define_milter("b") as milter:
+                milter.connection_spec = "inet:x"
+            @manager.maintained
+            def hook(argument):
+                pass
+            with define_milter(None) as milter:
+                milter.connection_spec = "inet:1@[127.0.0.1]"
+            manager.chunk_size = 0
+            """)
+        included = os.path.join(self.directory, "included.conf")
+        locations, error = self.errors(path)
+        self.assertEqual(locations, [
+            *(f"{path}:{line}" for line in range(1, 7)), f"{included}:1",
+            *(f"{path}:{line}" for line in (8, 9, 11, 14, 15, 18, 20)),
+            # The whole configuration: "a" has no socket and names no condition. The
+            # socket "b" was refused is not reported missing as well.
+            f"{path}:10", f"{path}:12"])
+        reasons = [each.reason for each in error.errors]
+        self.assertIn("refusing to load", reasons[7])
+        self.assertIn("No such file or directory", reasons[8])
+        self.assertIn('milter "a": connection_spec is required', reasons[14])
+        self.assertIn("no condition 'Nowhere'", reasons[15])
+
+    def test_stopped_file(self):
+        """A syntax error stops its whole file (none of it runs); the other files' errors stay."""
+        self.write("broken.conf", "manager.daemon = 1\nmanager.chunk_size = = 1\n")
+        path = self.write("milter-manager.conf", """\
+            log.use_syslog = "no"
+            load("broken.conf")
+            manager.max_connections = -1
+            """)
+        broken = os.path.join(self.directory, "broken.conf")
+        locations, error = self.errors(path)
+        self.assertEqual(locations, [f"{path}:1", f"{broken}:2", f"{path}:3"])
+        self.assertTrue(error.errors[1].reason.startswith("syntax error: "))
+
+    def test_exception_stops_the_file(self):
+        """An exception from the file's code stops it; its later lines do not run."""
+        path = self.write("milter-manager.conf", """\
+            manager.chunk_size = 0
+            raise RuntimeError("no")
+            manager.daemon = 1
+            """)
+        locations, error = self.errors(path)
+        self.assertEqual(locations, [f"{path}:1", f"{path}:2"])
+        self.assertEqual(error.errors[1].reason, "RuntimeError: no")
+
+    def test_no_whole_configuration_checks_after_a_stop(self):
+        """After a file stopped, no socket is said missing: the line setting it never ran."""
+        path = self.write("milter-manager.conf", """\
+            with define_milter("a") as milter:
+                milter.command = 3
+                1 / 0
+                milter.connection_spec = "inet:1@[127.0.0.1]"
+            """)
+        locations, error = self.errors(path)
+        self.assertEqual(locations, [f"{path}:2", f"{path}:3"])
+
+    def test_refused_enabled_not_reported_missing(self):
+        """A milter whose enabled = False was refused is not said to need a socket."""
+        path = self.write("milter-manager.conf", 'define_milter("a").enabled = "no"\n')
+        locations, error = self.errors(path)
+        self.assertEqual(locations, [f"{path}:1"])
+
+    def test_outside_loading_raises(self):
+        """A hook of the file that assigns a bad value when run later raises at once."""
+        configuration = self.load("""\
+            @manager.maintained
+            def hook():
+                manager.chunk_size = 0
+            """)
+        error = self.assertRaises(
+            ConfigurationError, configuration.manager.maintained_hooks[0].function)
+        self.assertIn("manager.chunk_size must be", str(error))
+
+    def test_of(self):
+        """ConfigurationError.of: one error as it is; several as one, listing each."""
+        one, two = ConfigurationError("x", "a:1"), ConfigurationError("y")
+        self.assertIs(ConfigurationError.of([one]), one)
+        self.assertEqual(one.errors, [one])
+        both = ConfigurationError.of([one, two])
+        self.assertEqual((str(both), both.errors, both.location), ("a:1: x\ny", [one, two], None))

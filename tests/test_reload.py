@@ -259,12 +259,17 @@ class ReloadProcessTests(SynchronousTestCase):
         self.assertNotIn("Traceback", self.manager.log())
 
     def test_broken_reload_keeps_serving(self):
-        """A reload whose file has an error logs it with FILE:LINE and keeps serving as before."""
+        """A reload whose file has errors logs each with FILE:LINE and keeps serving as before."""
         self.reload(self.text(second=True))
-        self.reload(self.text(second=False, extra="manager.chunk_size = 0\n"),
+        self.reload(self.text(second=False, extra='manager.chunk_size = 0\n'
+                                                  'log.syslog_facility = "mial"\n'
+                                                  'manager.conection_spec = "inet:1"\n'),
                     tag="[reload][error] keeping the running configuration")
         log = self.manager.log()
-        self.assertIn(f"[reload][error] {self.manager.config_path}:5: manager.chunk_size", log)
+        for line, start in ((5, "manager.chunk_size must be"),
+                            (6, "log.syslog_facility must be"),
+                            (7, "manager has no setting 'conection_spec'")):
+            self.assertIn(f"[reload][error] {self.manager.config_path}:{line}: {start}", log)
         output = self.one_session()
         self.assertIn("status: pass", output)
         self.assertIn("X-Second: yes", output)

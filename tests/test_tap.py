@@ -106,14 +106,16 @@ class OptionsTests(SynchronousTestCase):
                                            "fallback_status": "--fallback-status"})
 
     def test_bad_config(self):
-        """A bad configuration stops start-up with a usage error naming FILE:LINE."""
+        """A bad configuration stops start-up with a usage error naming each FILE:LINE."""
         path = write_config(self, '\nwith define_milter("clamav") as milter:\n'
                                   '    milter.fallback_status = "maybe"\n')
         options = isolated_options(self)
         error = self.assertRaises(usage.UsageError, options.parseOptions, ["--config", path])
-        self.assertEqual(
-            str(error), f'{path}:3: milter "clamav": fallback_status must be one of accept, '
-                        "temporary-failure, reject, discard; got 'maybe'")
+        self.assertEqual(str(error).split("\n"), [
+            f'{path}:3: milter "clamav": fallback_status must be one of accept, '
+            "temporary-failure, reject, discard; got 'maybe'",
+            f'{path}:2: milter "clamav": connection_spec is required (where the child milter '
+            'listens, e.g. "inet:8891@[127.0.0.1]")'])
 
     def test_missing_config(self):
         """A --config file that does not exist is a usage error."""
@@ -427,32 +429,48 @@ class CheckConfigTests(SynchronousTestCase):
             f"{path}:1: security.effective_user: no such user 'no-such-user-x'",
             f"{path}:2: manager.unix_socket_group: no such group 'no-such-group-x'"])
 
-    def test_real_twistd(self):
-        """`twistd milter-manager --check-config` exits 0 or 1 and binds nothing."""
+    def twistd_check(self, config_path, cwd):
+        """Run `twistd milter-manager --check-config -c config_path` in a real process."""
         import subprocess
 
         from tests.peers.fixtures import REPO, TWISTD
 
+        env = dict(os.environ, PYTHONPATH=REPO)
+        env.pop(config.DIRECTORY_VARIABLE, None)
+        return subprocess.run(
+            [sys.executable, "-c", TWISTD, "--pidfile=", "milter-manager", "--check-config",
+             "-c", config_path], capture_output=True, text=True, env=env, cwd=cwd, timeout=60)
+
+    def test_real_twistd(self):
+        """`twistd milter-manager --check-config` exits 0 or 1 and binds nothing."""
         directory = tempfile.mkdtemp(prefix="mm-", dir="/tmp")
         self.addCleanup(shutil.rmtree, directory)
         socket_path = os.path.join(directory, "m.sock")
         path = write_config(self, f'manager.connection_spec = "unix:{socket_path}"\n')
-        env = dict(os.environ, PYTHONPATH=REPO)
-        env.pop(config.DIRECTORY_VARIABLE, None)
 
-        def run(config_path):
-            return subprocess.run(
-                [sys.executable, "-c", TWISTD, "--pidfile=", "milter-manager", "--check-config",
-                 "-c", config_path], capture_output=True, text=True, env=env, cwd=directory,
-                timeout=60)
-
-        good = run(path)
+        good = self.twistd_check(path, directory)
         self.assertEqual((good.returncode, good.stdout), (0, f"configuration OK: {path}\n"))
         self.assertFalse(os.path.exists(socket_path))
         self.assertEqual(os.listdir(directory), [])  # no twistd.pid, no twistd.log
         with open(path, "a") as file:
             file.write('log.level = "loud"\n')
-        bad = run(path)
+        bad = self.twistd_check(path, directory)
         self.assertEqual(bad.returncode, 1)
         self.assertIn(f"{path}:2: log.level has no level 'loud'", bad.stderr)
         self.assertFalse(os.path.exists(socket_path))
+
+    def test_real_twistd_every_error(self):
+        """Three bad lines: the real twistd exits 1 and prints each error on its own line."""
+        directory = tempfile.mkdtemp(prefix="mm-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, directory)
+        path = write_config(self, 'manager.chunk_size = 0\n'
+                                  'log.syslog_facility = "mial"\n'
+                                  'manager.conection_spec = "inet:10025"\n')
+        bad = self.twistd_check(path, directory)
+        self.assertEqual((bad.returncode, bad.stdout), (1, ""))
+        lines = bad.stderr.splitlines()
+        self.assertEqual(len(lines), 3, bad.stderr)
+        for line, start in zip(lines, ("1: manager.chunk_size must be",
+                                       "2: log.syslog_facility must be",
+                                       "3: manager has no setting 'conection_spec'")):
+            self.assertTrue(line.startswith(f"{path}:{start}"), bad.stderr)

@@ -17,8 +17,10 @@ A file is Python run with these names (upstream's, in snake_case):
 
 Every assignment is checked at once and remembered with its FILE:LINE; every
 error becomes a ConfigurationError whose message starts with the FILE:LINE of
-the offending line. Checks that need the whole configuration (a milter's
-socket, the conditions a milter names) run in `Loader.finish`.
+the offending line. As upstream, an error in a value is kept and loading goes
+on, so that one pass finds them all; `Loader.finish` raises them together
+(ConfigurationError.errors). Checks that need the whole configuration (a
+milter's socket, the conditions a milter names) run in `Loader.finish`.
 
 A configuration file is code that runs as root, so a file (or its directory)
 that anyone but root and us could change is refused, as sshd's StrictModes.
@@ -63,6 +65,36 @@ class _SettingError(AttributeError):
     """Reading a setting that does not exist; its text is shown without the class name."""
 
 
+class _Ignored:
+    """What a file gets instead of something an error made unusable (a refused item, a
+    milter without a name): whatever it does with it does nothing, so the file goes on
+    to its other lines and their errors."""
+
+    def __getattr__(self, name):
+        return self
+
+    def __setattr__(self, name, value):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    def __iter__(self):
+        return iter(())
+
+    def __repr__(self):
+        return "<ignored after a configuration error>"
+
+
+_IGNORED = _Ignored()
+
+
 class _Section:
     """`package`, `security`, `log`, `manager`, `controller`, `milter`, `condition` in a file.
 
@@ -76,7 +108,11 @@ class _Section:
 
     def __setattr__(self, name, value):
         origin = self._loader.location()
-        set_value(self._target, name, value, origin, extra=self._verbs())
+        try:
+            set_value(self._target, name, value, origin, extra=self._verbs())
+        except ConfigurationError as error:
+            self._loader.report(error, self._target, name)
+            return
         self._loader.noted(self._target, name, origin)
 
     def __getattr__(self, name):
@@ -85,7 +121,10 @@ class _Section:
             return getattr(self._target, name)
         message = unknown_setting(self._target, name, self._verbs())
         if f"{getattr(self._target, 'SECTION', None)}.{name}" in REFUSED:
-            raise ConfigurationError(message, self._loader.location())
+            self._loader.report(ConfigurationError(message, self._loader.location()))
+            return _IGNORED
+        # Not kept to go on: the file needs a value here, and getattr(section,
+        # name, default) relies on the AttributeError.
         raise _SettingError(message)
 
     @classmethod
@@ -166,9 +205,10 @@ class _Manager(_Section):
         A second checker of the same name replaces the first, as upstream.
         """
         if not isinstance(name, str) or not name:
-            raise ConfigurationError(
+            self._loader.report(ConfigurationError(
                 f"manager.define_connection_checker needs a name (a non-empty string); "
-                f"got {name!r}", self._loader.location())
+                f"got {name!r}", self._loader.location()))
+            return (lambda function: function) if function is None else function
 
         def define(function):
             self._target.connection_checkers.pop(name, None)
@@ -203,16 +243,18 @@ class _Refused:
 
     def _refuse(self, attribute=None):
         name = self._name if attribute is None else f"{self._name}.{attribute}"
-        raise ConfigurationError(f"{name}: {REFUSED[self._name]}", self._loader.location())
+        self._loader.report(
+            ConfigurationError(f"{name}: {REFUSED[self._name]}", self._loader.location()))
+        return _IGNORED
 
     def __getattr__(self, name):
-        self._refuse(name)
+        return self._refuse(name)
 
     def __setattr__(self, name, value):
         self._refuse(name)
 
     def __call__(self, *args, **kwargs):
-        self._refuse()
+        return self._refuse()
 
 
 class _DefinedMilters:
@@ -249,6 +291,10 @@ class Loader:
     $MILTER_MANAGER_CONFIG_DIR and /etc/milter-manager (see
     `miltermanager.config.load_paths`). strict refuses files that others
     could change (see check_trusted); only tests on odd file systems turn it off.
+
+    load_file keeps the errors it finds in `errors` and goes on; `finish`
+    adds those of the whole configuration and raises them all. A
+    configuration with errors is never returned.
     """
 
     def __init__(self, configuration=None, load_paths=(), strict=True):
@@ -263,6 +309,14 @@ class Loader:
             for name, section in zip(Configuration.SECTIONS, self.configuration.sections())
         }
         self._defined_milters = _DefinedMilters(self.configuration)
+        self.errors = []  # ConfigurationErrors found so far, in the order found
+        # (id(section), setting) -> section (kept, so that its id stays its
+        # own), for assignments refused: finish must not report a refused
+        # connection_spec as missing as well.
+        self._refused = {}
+        # A file stopped early (syntax error, exception): its later lines never
+        # ran, so finish's checks would report what they would have set.
+        self._stopped = False
 
     def location(self):
         """FILE:LINE of the innermost configuration-file line running now, or None."""
@@ -276,49 +330,83 @@ class Loader:
         return None
 
     def load_file(self, path):
-        """Evaluate one file; raise ConfigurationError with its FILE:LINE."""
+        """Evaluate one file; its errors, and those of the files it loads, go to `errors`.
+
+        As upstream, an error in a value, or a loaded file that is missing,
+        refused or loaded in a loop, is kept with its FILE:LINE and the file
+        goes on. A syntax error or an exception from the file's own code stops
+        that file, whose later lines could not mean what they say; the files
+        that loaded it go on. Call `finish` to have the errors raised.
+        """
         path = os.path.abspath(path)
+        location = self.location()
         if path in self._loading:
-            raise ConfigurationError(
-                f"{path} is already being loaded (a load loop)", self.location())
+            self.errors.append(ConfigurationError(
+                f"{path} is already being loaded (a load loop)", location))
+            return
         try:
             with open(path, "rb") as file:
                 if self.strict:
                     check_trusted(path, os.fstat(file.fileno()))
                 source = file.read()
         except OSError as error:
-            raise ConfigurationError(
-                f"cannot read {path}: {error.strerror}", self.location()) from None
+            self.errors.append(
+                ConfigurationError(f"cannot read {path}: {error.strerror}", location))
+            return
         except ConfigurationError as error:
-            raise ConfigurationError(error.reason, self.location()) from None
+            self.errors.append(ConfigurationError(error.reason, location))
+            return
         self._sources[path] = source
         self._loading.append(path)
         try:
             exec(compile(source, path, "exec", dont_inherit=True), self._namespace(path))
-        except ConfigurationError as error:
-            if error.location is not None:
-                raise
-            raise ConfigurationError(error.reason, _traceback_location(error, path)) from error
-        except SyntaxError as error:
-            if error.filename != path:
-                raise ConfigurationError(
-                    _describe(error), _traceback_location(error, path)) from error
-            raise ConfigurationError(
-                f"syntax error: {error.msg}", f"{path}:{error.lineno}") from None
         except Exception as error:
-            raise ConfigurationError(_describe(error), _traceback_location(error, path)) from error
+            self.errors.append(_stopping_error(error, path))
+            self._stopped = True
+            return
         finally:
             self._loading.pop()
         self.configuration.files.append(path)
 
+    def report(self, error, section=None, name=None):
+        """Keep error and go on while a file is being loaded; otherwise raise it.
+
+        section and name, if given, are the setting whose value error refuses.
+        Outside a file (a hook the file defined, run later; a tool probing
+        the language) there is nothing to go on with, so the error is raised.
+        """
+        if not self._loading:
+            raise error
+        self.errors.append(error)
+        if section is not None:
+            self._refused[(id(section), name)] = section
+
     def finish(self):
-        """Check what only a whole configuration can tell; return it."""
+        """Check what only a whole configuration can tell; return it, or raise every error.
+
+        The error raised is `ConfigurationError.of(errors)`: one error as it
+        is, several together, in the order found.
+        """
+        configuration = self.configuration
+        errors = list(self.errors)
+        if not self._stopped:
+            errors.extend(self._whole_configuration_errors())
+        if errors:
+            raise ConfigurationError.of(errors)
+        for note in configuration.notes:
+            _log.info("[configuration][note] {note}", note=note)
+        return configuration
+
+    def _whole_configuration_errors(self):
         configuration = self.configuration
         for milter in configuration.milters:
             # A disabled child is never contacted, so it may lack a socket: a
             # local file can disable a milter some platform file never defined.
-            if milter.enabled and milter.connection_spec is None:
-                raise ConfigurationError(
+            # A refused connection_spec or enabled is reported already.
+            if (milter.enabled and milter.connection_spec is None
+                    and (id(milter), "connection_spec") not in self._refused
+                    and (id(milter), "enabled") not in self._refused):
+                yield ConfigurationError(
                     f'milter "{milter.name}": connection_spec is required '
                     f'(where the child milter listens, e.g. "inet:8891@[127.0.0.1]")',
                     milter.origins.get("name"))
@@ -326,12 +414,9 @@ class Loader:
             # defined after the milters that name them.
             for name in milter.applicable_conditions:
                 if name not in configuration.conditions:
-                    raise ConfigurationError(
+                    yield ConfigurationError(
                         _unknown_condition(milter, name, configuration.conditions),
                         milter.origins.get("applicable_conditions"))
-        for note in configuration.notes:
-            _log.info("[configuration][note] {note}", note=note)
-        return configuration
 
     def noted(self, section, name, origin):
         """Record a note if assigning section.name changes nothing here."""
@@ -348,7 +433,8 @@ class Loader:
             check_arguments(function, arguments, what)
         except InvalidValue as error:
             prefix = f'{describe.KIND} "{describe.name}": ' if describe is not None else ""
-            raise ConfigurationError(f"{prefix}{error}", location) from None
+            self.report(ConfigurationError(f"{prefix}{error}", location))
+            return None
         code = getattr(function, "__code__", None)
         if code is not None and code.co_filename in self._sources:
             location = f"{code.co_filename}:{code.co_firstlineno}"
@@ -442,10 +528,13 @@ class Loader:
                 return matches
         return []
 
-    def _name(self, what, name):
-        if not isinstance(name, str) or not name:
-            raise ConfigurationError(
-                f"{what} needs a name (a non-empty string); got {name!r}", self.location())
+    def _named(self, what, name):
+        """Whether name can name a milter or condition; if not, the error is reported."""
+        if isinstance(name, str) and name:
+            return True
+        self.report(ConfigurationError(
+            f"{what} needs a name (a non-empty string); got {name!r}", self.location()))
+        return False
 
     def define_milter(self, name):
         """Define the child milter name, or update it if defined already.
@@ -453,7 +542,8 @@ class Loader:
         As upstream, a redefined milter moves to the end of the child order
         (the order children are contacted in).
         """
-        self._name("define_milter", name)
+        if not self._named("define_milter", name):
+            return _IGNORED
         milter = self.configuration.milter(name)
         if milter is None:
             milter = MilterConfig(name)
@@ -465,7 +555,8 @@ class Loader:
 
     def define_applicable_condition(self, name):
         """Define the applicable condition name, or add to it if defined already."""
-        self._name("define_applicable_condition", name)
+        if not self._named("define_applicable_condition", name):
+            return _IGNORED
         condition = self.configuration.conditions.get(name)
         if condition is None:
             condition = self.configuration.conditions[name] = ConditionConfig(name)
@@ -534,6 +625,20 @@ def _traceback_location(error, path):
             line = traceback.tb_lineno
         traceback = traceback.tb_next
     return f"{path}:{line}" if line is not None else path
+
+
+def _stopping_error(error, path):
+    """The ConfigurationError for an exception that stopped the file at path."""
+    if isinstance(error, SyntaxError) and error.filename == path:
+        return ConfigurationError(f"syntax error: {error.msg}", f"{path}:{error.lineno}")
+    if isinstance(error, ConfigurationError):
+        if error.location is not None:
+            return error
+        stopping = ConfigurationError(error.reason, _traceback_location(error, path))
+    else:
+        stopping = ConfigurationError(_describe(error), _traceback_location(error, path))
+    stopping.__cause__ = error
+    return stopping
 
 
 def _describe(error):

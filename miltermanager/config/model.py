@@ -63,12 +63,27 @@ class ConfigurationError(Exception):
     location is "FILE:LINE" (or a command-line option such as
     "--connection-spec", or None when nothing better is known); reason says
     what was wrong and what was expected. str() is "LOCATION: REASON".
+
+    errors is every error found, each a ConfigurationError with its own
+    location: [self] for one error; for several (see `of`), location is None
+    and str() is theirs, one per line.
     """
 
     def __init__(self, reason, location=None):
         super().__init__(f"{location}: {reason}" if location else reason)
         self.reason = reason
         self.location = location
+        self.errors = [self]
+
+    @classmethod
+    def of(cls, errors):
+        """The one error to raise for errors (a non-empty list): itself when it is alone."""
+        errors = list(errors)
+        if len(errors) == 1:
+            return errors[0]
+        error = cls("\n".join(str(each) for each in errors))
+        error.errors = errors
+        return error
 
 
 class InvalidValue(ValueError):
