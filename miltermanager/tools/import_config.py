@@ -1266,17 +1266,18 @@ def verify(result, output_directory):
     try:
         # Not strict: the files' owners and modes are for the admin who installs them.
         config.load(main, load_paths=(), strict=False)
-    except config.ConfigurationError as error:
-        # FILE:LINE of the output, named as the "wrote" lines name it.
-        location = error.location or main
+    except config.ConfigurationError as failure:
         root = os.path.abspath(output_directory) + os.sep
-        if location.startswith(root):
-            location = os.path.join(output_directory, location[len(root):])
-        reason = f"the translated configuration does not load: {error.reason}"
-        if "connection_spec is required" in error.reason:
-            reason += ("; upstream may have found this milter by detection (load_default): "
-                       "give it milter.connection_spec")
-        result.issues.append(Issue(location, reason))
+        for error in failure.errors:
+            # FILE:LINE of the output, named as the "wrote" lines name it.
+            location = error.location or main
+            if location.startswith(root):
+                location = os.path.join(output_directory, location[len(root):])
+            reason = f"the translated configuration does not load: {error.reason}"
+            if "connection_spec is required" in error.reason:
+                reason += ("; upstream may have found this milter by detection (load_default): "
+                           "give it milter.connection_spec")
+            result.issues.append(Issue(location, reason))
 
 
 def summary(result, written):
