@@ -3,6 +3,7 @@
 from email import message_from_bytes
 
 from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -106,9 +107,10 @@ class PostfixInteropMixin:
     def events_named(self, name):
         return [event for event in self.events if event[0] == name]
 
-    async def test_every_stage_with_postfix_macros(self):
+    @inlineCallbacks
+    def test_every_stage_with_postfix_macros(self):
         """The milter sees every stage Postfix's version has, each with Postfix's macros."""
-        result = await self.send(["bob@example.com"])
+        result = yield self.send(["bob@example.com"])
         self.assertTrue(result.accepted, result)
         order = [name for name, _, _ in self.events]
         expected = ["negotiate", "connect", "helo", "mail", "rcpt"]
@@ -134,24 +136,26 @@ class PostfixInteropMixin:
         queue_id = self.events_named("end_of_message")[0][2][b"i"]
         self.assertEqual(queue_id.decode(), result.queue_id)
 
-    async def test_added_header_and_replaced_body_are_delivered(self):
+    @inlineCallbacks
+    def test_added_header_and_replaced_body_are_delivered(self):
         """A header added and a body replaced at end of message reach the delivered mail."""
-        result = await self.send(["bob@example.com"])
+        result = yield self.send(["bob@example.com"])
         self.assertTrue(result.accepted, result)
-        [delivered] = await deferToThread(self.postfix.wait_delivered, 1)
+        [delivered] = yield deferToThread(self.postfix.wait_delivered, 1)
         message = message_from_bytes(delivered)
         self.assertEqual(message["X-Server-Library"], f"saw {result.queue_id}")
         # smtp-sink stores lines with LF only and one more LF after the final dot.
         self.assertEqual(message.get_payload().rstrip("\n"), "replaced by the milter")
 
-    async def test_reject_reaches_the_smtp_client(self):
+    @inlineCallbacks
+    def test_reject_reaches_the_smtp_client(self):
         """A recipient the milter rejects gets its 550 while the other one is delivered."""
-        result = await self.send(["reject@example.com", "bob@example.com"])
+        result = yield self.send(["reject@example.com", "bob@example.com"])
         self.assertEqual(result.rcpts["reject@example.com"],
                          (550, "5.7.1 server library rejected recipient"))
         self.assertEqual(result.rcpts["bob@example.com"][0], 250)
         self.assertTrue(result.accepted, result)
-        [delivered] = await deferToThread(self.postfix.wait_delivered, 1)
+        [delivered] = yield deferToThread(self.postfix.wait_delivered, 1)
         recipients = [line.split()[1] for line in delivered.splitlines()
                       if line.startswith(b"X-Rcpt-Args:")]
         self.assertEqual(recipients, [b"<bob@example.com>"])
