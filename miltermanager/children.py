@@ -36,6 +36,13 @@ class Child:
     alive: connected and negotiated, not yet quit or failed.
     in_message: takes part in the current message.
     recipients: recipients it accepted in the current message.
+
+    For applicable conditions (see miltermanager.conditions.context):
+    stoppers: stopper kind -> its Hooks, from the conditions the child
+    applies; None when it has none, and then nothing below is kept.
+    verdict: its last real verdict (before evaluation mode); stopped: a
+    stopper stopped it; accepted: the recipients it accepted this
+    transaction (str). Macros a stopper set go out with every command.
     """
 
     log = Logger()
@@ -57,6 +64,16 @@ class Child:
         # wants them without: strip one going out, add one to its edits coming back.
         self.convert_leading_space = False
         self._macro_filters = {}
+        self.stoppers = None
+        self.context = None
+        self.verdict = Status.NOT_CHANGE
+        self.stopped = False
+        self.accepted = None
+        self.status_view = None
+        # Macros stoppers set: for the connection, for the transaction, and both merged.
+        self._connection_macros = None
+        self._transaction_macros = None
+        self._set_macros = None
 
     def __repr__(self):
         return f"<Child {self.name}>"
@@ -107,6 +124,8 @@ class Child:
     def send(self, command, macros=None):
         """Send command with its stage's macros; fire with a Response or None."""
         macro = None
+        if self._set_macros is not None:
+            macros = {**macros, **self._set_macros} if macros else self._set_macros
         if macros:
             macro = self._macro_for(command.code, macros)
         if self.convert_leading_space and command.code == c.HEADER:
@@ -124,6 +143,40 @@ class Child:
             if not macros:
                 return None
         return Macro(stage, macros)
+
+    def own_macro(self, name):
+        """The value a stopper set for macro name (as macro_name gives it), or None."""
+        own = self._set_macros
+        return None if own is None else own.get(name)
+
+    def set_macro(self, name, value, transaction):
+        """Send macro name with every later command; value None forgets it.
+
+        transaction: forget it at the end of the transaction (forget_macros).
+        """
+        if value is None:
+            for macros in (self._connection_macros, self._transaction_macros):
+                if macros:
+                    macros.pop(name, None)
+        elif transaction:
+            if self._transaction_macros is None:
+                self._transaction_macros = {}
+            self._transaction_macros[name] = value
+        else:
+            if self._connection_macros is None:
+                self._connection_macros = {}
+            self._connection_macros[name] = value
+        self._merge_macros()
+
+    def forget_macros(self):
+        """The transaction is over: forget the macros set for it."""
+        if self._transaction_macros:
+            self._transaction_macros = None
+            self._merge_macros()
+
+    def _merge_macros(self):
+        merged = {**(self._connection_macros or {}), **(self._transaction_macros or {})}
+        self._set_macros = merged or None
 
     def abort(self):
         """Abandon the current message at this child."""
@@ -146,6 +199,7 @@ class Child:
         if response is None:
             return Status.CONTINUE
         status = status_of(response.reply)
+        self.verdict = status
         if self.evaluation and status >= Status.TEMPORARY_FAILURE:
             self.log.info("[children][evaluation][{status}] {name}: not applied",
                           status=status.label, name=self.name)

@@ -6,7 +6,20 @@ all have answered. The message (headers, body, end of message) goes live to
 the first child only; at end of message each later child is replayed the
 message as the children before it left it. The MTA then gets one merged set
 of modifications and the final verdict.
+
+Stoppers (miltermanager.conditions.context) are asked per child, before
+the command of their stage is sent to it; a child whose applicable
+conditions have none costs one attribute test per command. A stopped child
+counts as upstream's: at connect or HELO it accepts and quits for the SMTP
+connection without getting the command; at MAIL it accepts and sits out
+the transaction; at RCPT it only misses that recipient (no verdict; with no
+recipient left it is aborted at DATA); at DATA (envelope and data
+stoppers), header, end of header, body or end of message it accepts, is
+aborted, and the message goes on with the other children (those after it
+get the message replayed at its end).
 """
+
+from inspect import iscoroutine
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -15,6 +28,7 @@ from zope.interface import implementer
 
 from .body import BodyBuffer
 from .children import Child
+from .conditions.context import ChildContext, ChildStatus, SocketAddress, _Children, text
 from .headers import HeaderList
 from .merge import Status, merge_negotiation, reply_for, status_of
 from .protocol import constants as c
@@ -25,6 +39,50 @@ from .server import IMilter, MilterServerFactory
 # How a child's verdict at an envelope stage changes what it takes part in.
 _CONNECTION, _MAIL, _RCPT, _DATA, _UNKNOWN = "connection", "mail", "rcpt", "data", "unknown"
 _FINAL = (Status.TEMPORARY_FAILURE, Status.REJECT, Status.DISCARD)
+
+# The stopper kind of each message-phase command.
+_MESSAGE_STOPPERS = {
+    c.HEADER: "header", c.END_OF_HEADERS: "end_of_header", c.BODY: "body",
+}
+# At DATA: the envelope stoppers (arguments made per child), then the data stoppers.
+_DATA_STOPPERS = (("envelope", None), ("data", ()))
+
+# MTA connections this process serves now (ManagerSessions not yet closed).
+_processing_sessions = 0
+
+
+def processing_sessions():
+    """How many MTA connections this process is serving now (n_processing_sessions)."""
+    return _processing_sessions
+
+
+def stoppers_of(milter, conditions):
+    """{stopper kind: tuple of Hooks} for a child from its applicable conditions, or None.
+
+    Names that are not conditions were refused when the configuration was loaded.
+    """
+    names = getattr(milter, "applicable_conditions", None)
+    if not names:
+        return None
+    stoppers = {}
+    for name in names:
+        condition = conditions.get(name)
+        if condition is None:
+            continue
+        for hook in condition.stoppers:
+            if hook.function is not None:
+                stoppers.setdefault(hook.kind, []).append(hook)
+    return {kind: tuple(hooks) for kind, hooks in stoppers.items()} or None
+
+
+def _origin(hook):
+    """Where a stopper was defined, FILE:LINE, for the log."""
+    if hook.origin:
+        return hook.origin
+    code = getattr(hook.function, "__code__", None)
+    if code is None:
+        return repr(hook.function)
+    return f"{code.co_filename}:{code.co_firstlineno}"
 
 
 def _reply_code(response, status):
@@ -67,6 +125,9 @@ class ManagerSession:
     log = Logger()
 
     def __init__(self, server, configuration, reactor, clock=None):
+        global _processing_sessions
+        _processing_sessions += 1
+        self._counted = True
         self.server = server
         manager = configuration.manager
         self.fallback_status = manager.fallback_status
@@ -82,6 +143,43 @@ class ManagerSession:
         self._message = None
         self._data_sent = False
         self._progress = None
+        self._stopping = False  # some child has stoppers
+        self._setup_stoppers(getattr(configuration, "conditions", None) or {})
+
+    def _setup_stoppers(self, conditions):
+        for child in self.children:
+            child.stoppers = stoppers_of(child.config, conditions)
+            if child.stoppers is not None:
+                self._stopping = True
+                child.context = ChildContext(child, self)
+                child.accepted = []
+                child.stopper_timeout = child.config.timeouts.reading
+        if not self._stopping:
+            return
+        for child in self.children:
+            child.status_view = ChildStatus(child)
+        # Every configured child, also those that will fail to start (they show as quitted).
+        self.child_statuses = _Children({child.name: child for child in self.children})
+        self.socket_address = self.client_host = self.helo_name = self.envelope_from = None
+        self._shelf = None
+        self._recipient = None
+        self._asking = set()  # stoppers' Deferreds not fired yet
+
+    # ------------------------------------------------------------ for ChildContext
+
+    @property
+    def macros(self):
+        """The MTA's macros as they stand (a miltermanager.macros.Macros)."""
+        return self.server.macros
+
+    @property
+    def mail_transaction_shelf(self):
+        """The dict the stoppers share in this transaction."""
+        if self._shelf is None:
+            self._shelf = {}
+        return self._shelf
+
+    processing_sessions = staticmethod(processing_sessions)
 
     # ------------------------------------------------------------ negotiation
 
@@ -108,9 +206,18 @@ class ManagerSession:
     # ------------------------------------------------------------ envelope
 
     def connect(self, command, macros):
+        if self._stopping:
+            self.client_host = host = text(command.hostname)
+            self.socket_address = address = SocketAddress.from_connect(command)
+            return self._envelope_stopping(command, macros.stage(c.CONNECT), self._alive(),
+                                           _CONNECTION, (("connect", (host, address)),))
         return self._envelope(command, macros.stage(c.CONNECT), self._alive(), _CONNECTION)
 
     def helo(self, command, macros):
+        if self._stopping:
+            self.helo_name = fqdn = text(command.name)
+            return self._envelope_stopping(command, macros.stage(c.HELO), self._alive(),
+                                           _CONNECTION, (("helo", (fqdn,)),))
         return self._envelope(command, macros.stage(c.HELO), self._alive(), _CONNECTION)
 
     def mail(self, command, macros):
@@ -119,13 +226,25 @@ class ManagerSession:
         for child in children:
             child.in_message = True
             child.recipients = 0
+        if self._stopping:
+            self._new_transaction()
+            self.envelope_from = sender = text(command.sender)
+            return self._envelope_stopping(command, macros.stage(c.MAIL), children, _MAIL,
+                                           (("envelope_from", (sender,)),))
         return self._envelope(command, macros.stage(c.MAIL), children, _MAIL)
 
     def rcpt(self, command, macros):
+        if self._stopping:
+            self._recipient = recipient = text(command.recipient)
+            return self._envelope_stopping(command, macros.stage(c.RCPT), self._in_message(),
+                                           _RCPT, (("envelope_recipient", (recipient,)),))
         return self._envelope(command, macros.stage(c.RCPT), self._in_message(), _RCPT)
 
     def data(self, command, macros):
         self._data_sent = True
+        if self._stopping:
+            return self._envelope_stopping(command, macros.stage(c.DATA),
+                                           self._with_recipients(), _DATA, _DATA_STOPPERS)
         return self._envelope(command, macros.stage(c.DATA), self._with_recipients(), _DATA)
 
     def unknown(self, command, macros):
@@ -208,6 +327,174 @@ class ManagerSession:
         self._pending = Status.NOT_CHANGE
         return reply_for(status)
 
+    # ------------------------------------------------------------ stoppers
+
+    def _new_transaction(self):
+        """MAIL: a new shelf, and every child's verdict and stop of the last one forgotten."""
+        self._shelf = None
+        for child in self.children:
+            if child.alive:
+                child.verdict = Status.NOT_CHANGE
+                child.stopped = False
+            if child.stoppers is not None:
+                child.accepted = []
+                child.forget_macros()
+
+    def _envelope_stopping(self, command, stage_macros, targets, kind, stops):
+        """_envelope for a session where some child has stoppers.
+
+        stops: (stopper kind, arguments) pairs asked in turn; None arguments
+        are the envelope stopper's, made per child.
+        """
+        if not targets:
+            return self._no_child_reply()
+        answers = []
+        for child in targets:
+            stoppers = child.stoppers
+            stop = False if stoppers is None else self._decide(child, stoppers, stops)
+            if stop is False:
+                answers.append(self._send_envelope(child, command, stage_macros, kind))
+            elif stop is True:
+                answers.append(defer.succeed(self._stop_envelope(child, kind)))
+            else:
+                answers.append(stop.addCallback(
+                    self._envelope_decided, child, command, stage_macros, kind))
+        return defer.gatherResults(answers).addCallback(self._merged, kind)
+
+    def _send_envelope(self, child, command, stage_macros, kind):
+        d = child.send(command, stage_macros).addBoth(self._answered, child, kind)
+        if kind is _RCPT and child.accepted is not None:
+            d.addCallback(self._note_recipient, child, self._recipient)
+        return d
+
+    def _note_recipient(self, answer, child, recipient):
+        if answer[0] is Status.CONTINUE:
+            child.accepted.append(recipient)
+        return answer
+
+    def _envelope_decided(self, stop, child, command, stage_macros, kind):
+        if stop:
+            return self._stop_envelope(child, kind)
+        if not child.alive or (kind is not _CONNECTION and not child.in_message):
+            return Status.NOT_CHANGE, None  # gone while its stoppers ran
+        return self._send_envelope(child, command, stage_macros, kind)
+
+    def _stop_envelope(self, child, kind):
+        """A stopper stopped child at an envelope stage; its (status, reply) for the merge."""
+        self.log.debug("[stopper][stop][{stage}] {name}", stage=kind, name=child.name)
+        child.stopped = True
+        if kind is _CONNECTION:
+            child.quit()
+        elif kind is _MAIL:
+            child.in_message = False
+        elif kind is _RCPT:
+            return Status.NOT_CHANGE, None  # only this recipient is withheld
+        else:
+            child.abort()
+        return Status.ACCEPT, None
+
+    def _stop_in_message(self, child, message):
+        """A stopper stopped child in the message phase: it accepts and is aborted."""
+        self.log.debug("[stopper][stop][message] {name}", name=child.name)
+        child.stopped = True
+        child.abort()
+        message.statuses.append(Status.ACCEPT)
+
+    def _decide(self, child, stoppers, stops):
+        """Whether to stop child: True, False, or a Deferred firing with one of them."""
+        for index, (kind, arguments) in enumerate(stops):
+            hooks = stoppers.get(kind)
+            if not hooks:
+                continue
+            if arguments is None:
+                arguments = (self.envelope_from, list(child.accepted))
+            stop = self._ask(child, kind, hooks, arguments)
+            if stop is True:
+                return True
+            if stop is not False:
+                rest = stops[index + 1:]
+                return stop.addCallback(
+                    lambda stop: True if stop else self._decide(child, stoppers, rest))
+        return False
+
+    def _ask(self, child, kind, hooks, arguments):
+        """Call the stoppers of one kind; the child stops if any says so.
+
+        A true result decides at once (later stoppers are not called). Deferreds
+        (and coroutines) run side by side, each bounded by the child's reading
+        timeout. A stopper that raises, fails or times out is logged with where
+        it was defined and counts as "don't stop".
+        """
+        context = child.context
+        context._transaction = kind != "connect" and kind != "helo"
+        pending = None
+        for hook in hooks:
+            try:
+                result = hook.function(context, *arguments)
+                if iscoroutine(result):
+                    result = defer.ensureDeferred(result)
+            except Exception:
+                self._stopper_failed(Failure(), child, hook, kind)
+                continue
+            if isinstance(result, defer.Deferred):
+                if pending is None:
+                    pending = []
+                pending.append(self._bounded(result, child, hook, kind))
+            elif result:
+                for d in pending or ():
+                    d.cancel()
+                return True
+        if pending is None:
+            return False
+        if len(pending) == 1:
+            return pending[0]
+        d = defer.DeferredList(pending)
+        return d.addCallback(lambda results: any(stop for _, stop in results))
+
+    def _bounded(self, d, child, hook, kind):
+        """d fires True or False, within the child's timeout, and never fails."""
+        seconds = child.stopper_timeout
+        d.addTimeout(seconds, self.clock)
+        d.addCallbacks(bool, self._stopper_errback, errbackArgs=(child, hook, kind, seconds))
+        self._asking.add(d)
+        return d.addBoth(self._asked, d)
+
+    def _asked(self, stop, d):
+        self._asking.discard(d)
+        return stop
+
+    def _stopper_errback(self, failure, child, hook, kind, seconds):
+        if failure.check(defer.CancelledError):
+            return False  # decided without it, or the MTA went away
+        if failure.check(defer.TimeoutError):
+            self.log.error(
+                "[stopper][timeout][{kind}] {name}: {origin}: {stopper} gave no answer "
+                "in {seconds} s; not stopping", kind=kind, name=child.name,
+                origin=_origin(hook), stopper=hook.name, seconds=seconds)
+            return False
+        self._stopper_failed(failure, child, hook, kind)
+        return False
+
+    def _stopper_failed(self, failure, child, hook, kind):
+        self.log.failure(
+            "[stopper][error][{kind}] {name}: {origin}: {stopper} failed; not stopping",
+            failure, kind=kind, name=child.name, origin=_origin(hook), stopper=hook.name)
+
+    def _message_arguments(self, child, command, stage):
+        """A message-phase stopper's arguments, as the child would get the command."""
+        if stage == c.HEADER:
+            value = command.value
+            if child.convert_leading_space and value[:1] == b" ":
+                value = value[1:]
+            return text(command.name), text(value)
+        if stage == c.BODY:
+            return (bytes(command.chunk),)
+        return ()
+
+    def _ask_in_message(self, child, command, stage, hooks):
+        return self._ask(child, _MESSAGE_STOPPERS.get(stage, "end_of_message"), hooks,
+                         self._message_arguments(child, command, stage))
+
     # ------------------------------------------------------------ message
 
     def header(self, command, macros):
@@ -267,8 +554,32 @@ class ManagerSession:
             return messages.CONTINUE
         if stage == c.BODY and child.skip_body:
             return messages.CONTINUE
+        if child.stoppers is not None:
+            hooks = child.stoppers.get(_MESSAGE_STOPPERS[stage])
+            if hooks:
+                stop = self._ask_in_message(child, command, stage, hooks)
+                if stop is not False:
+                    if stop is True:
+                        return self._live_stopped(child)
+                    return stop.addCallback(self._live_decided, command, macros, stage, child)
         d = child.send(command, macros.stage(stage))
         return d.addBoth(self._live_answered, child, stage)
+
+    def _live_decided(self, stop, command, macros, stage, child):
+        message = self._message
+        if message is None or message.live is not child:
+            return messages.CONTINUE  # the MTA went away meanwhile
+        if stop:
+            return self._live_stopped(child)
+        d = child.send(command, macros.stage(stage))
+        return d.addBoth(self._live_answered, child, stage)
+
+    def _live_stopped(self, child):
+        """The child getting the message live was stopped: the rest get it replayed."""
+        message = self._message
+        self._stop_in_message(child, message)
+        self._leave_message(child)
+        return self._live_left(message)
 
     def _live_answered(self, result, child, stage):
         message = self._message
@@ -341,6 +652,16 @@ class ManagerSession:
         for child in list(message.chain):
             if message is not self._message:
                 return messages.CONTINUE  # the MTA aborted meanwhile
+            stoppers = child.stoppers
+            if child is message.live and stoppers is not None and "end_of_message" in stoppers:
+                stop = self._ask(child, "end_of_message", stoppers["end_of_message"], ())
+                if stop is not False and stop is not True:
+                    stop = yield stop
+                    if message is not self._message:
+                        return messages.CONTINUE
+                if stop:
+                    self._stop_in_message(child, message)
+                    continue
             try:
                 if child is message.live:
                     response = yield child.send(messages.END_OF_MESSAGE,
@@ -377,26 +698,65 @@ class ManagerSession:
         further part); a reject or temporary failure before the end fires
         (that Response, False) at once.
         """
+        stoppers = child.stoppers
+        if stoppers is None:
+            header_hooks = end_of_header_hooks = body_hooks = end_of_message_hooks = None
+        else:
+            header_hooks = stoppers.get("header")
+            end_of_header_hooks = stoppers.get("end_of_header")
+            body_hooks = stoppers.get("body")
+            end_of_message_hooks = stoppers.get("end_of_message")
         header_macros = macros.stage(c.HEADER)
         for name, value in message.headers:
-            response = yield child.send(messages.Header(name, value), header_macros)
+            command = messages.Header(name, value)
+            if header_hooks:
+                stop = self._ask_in_message(child, command, c.HEADER, header_hooks)
+                if stop is not False:
+                    stop = yield stop
+                    if stop or message is not self._message:
+                        return self._replay_stopped(child, message, stop), False
+            response = yield child.send(command, header_macros)
             if response is not None and response.reply is not messages.CONTINUE:
                 return self._early(child, message, response), False
         if message.end_of_headers:
+            if end_of_header_hooks:
+                stop = self._ask(child, "end_of_header", end_of_header_hooks, ())
+                if stop is not False:
+                    stop = yield stop
+                    if stop or message is not self._message:
+                        return self._replay_stopped(child, message, stop), False
             response = yield child.send(messages.END_OF_HEADERS,
                                         macros.stage(c.END_OF_HEADERS))
             if response is not None and response.reply is not messages.CONTINUE:
                 return self._early(child, message, response), False
         body_macros = macros.stage(c.BODY)
         for chunk in message.current_body.chunks(self.chunk_size):
+            if body_hooks:
+                stop = self._ask(child, "body", body_hooks, (bytes(chunk),))
+                if stop is not False:
+                    stop = yield stop
+                    if stop or message is not self._message:
+                        return self._replay_stopped(child, message, stop), False
             response = yield child.send(messages.Body(chunk), body_macros)
             if response is None or response.reply is messages.CONTINUE:
                 continue
             if response.reply is messages.SKIP:
                 break
             return self._early(child, message, response), False
+        if end_of_message_hooks:
+            stop = self._ask(child, "end_of_message", end_of_message_hooks, ())
+            if stop is not False:
+                stop = yield stop
+                if stop or message is not self._message:
+                    return self._replay_stopped(child, message, stop), False
         response = yield child.send(messages.END_OF_MESSAGE, macros.stage(c.END_OF_MESSAGE))
         return response, True
+
+    def _replay_stopped(self, child, message, stop):
+        """A stopper stopped child during its replay (or the MTA went away while it asked)."""
+        if stop and message is self._message:
+            self._stop_in_message(child, message)
+        return None
 
     def _early(self, child, message, response):
         """A verdict before the end of message: accept leaves, anything else ends it."""
@@ -485,12 +845,23 @@ class ManagerSession:
     def abort(self, macros):
         self._stop_progress()
         self._abort_message()
+        if self._stopping:
+            self._shelf = None
+            for child in self.children:
+                child.forget_macros()
 
     def close(self):
+        global _processing_sessions
+        if self._counted:
+            self._counted = False
+            _processing_sessions -= 1
         self._stop_progress()
         self._end_message()
         for child in self.children:
             child.quit()
+        if self._stopping:
+            for d in list(self._asking):
+                d.cancel()
 
 
 def manager_factory(configuration, reactor, clock=None):

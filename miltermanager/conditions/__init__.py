@@ -1,0 +1,1 @@
+"""Conditions: what stoppers are given and the built-in ones."""
