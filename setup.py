@@ -24,6 +24,7 @@ setup(
             "milter-test-server = miltermanager.tools.test_server:main",
             "milter-test-client = miltermanager.tools.test_client:main",
             "milter-manager-import-config = miltermanager.tools.import_config:main",
+            "milter-manager-greylist = miltermanager.greylist.main:main",
         ],
     },
 )

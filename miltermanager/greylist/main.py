@@ -1,0 +1,203 @@
+"""milter-manager-greylist: the greylisting milter as a command-line program."""
+
+import os
+import socket
+import sqlite3
+import stat
+import sys
+
+from twisted.logger import Logger
+from twisted.python import usage
+
+from . import store
+
+PROGRAM = "milter-manager-greylist"
+DEFAULT_CONNECTION_SPEC = "inet:10030@[127.0.0.1]"
+DEFAULT_DATABASE = "/var/lib/milter-manager/greylist.sqlite3"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text, option):
+    """Seconds from "300", "5m", "4h", "36d" or "1w"; usage error otherwise."""
+    value = text.strip().lower()
+    unit = _UNITS.get(value[-1:])
+    number = value[:-1] if unit else value
+    if not (number.isascii() and number.isdigit()):
+        raise usage.UsageError(
+            f"{option}: expected seconds, optionally with s, m, h, d or w; got {text!r}")
+    return int(number) * (unit or 1)
+
+
+def _count(text, option, low, high=None):
+    if not (text.isascii() and text.isdigit()) or int(text) < low or (
+            high is not None and int(text) > high):
+        within = f"{low}..{high}" if high is not None else f"{low} or more"
+        raise usage.UsageError(f"{option}: expected a whole number {within}, got {text!r}")
+    return int(text)
+
+
+class Options(usage.Options):
+    synopsis = f"{PROGRAM} [options]"
+    longdesc = ("A greylisting milter: the first delivery attempt for each (client network, "
+                "sender, recipient) gets a temporary failure; a retry after --delay passes. "
+                "State is kept in an SQLite file that several processes may share.")
+
+    optParameters = [
+        ["connection-spec", "s", DEFAULT_CONNECTION_SPEC,
+         "where to listen: unix:PATH, inet:PORT@HOST, inet:PORT@[ADDRESS], inet6:..."],
+        ["database", None, DEFAULT_DATABASE, "the SQLite file (created if missing)"],
+        ["delay", None, str(store.DEFAULT_DELAY),
+         "seconds a new triplet waits before a retry passes (also 5m, 1h, ...)"],
+        ["retry-window", None, str(store.DEFAULT_RETRY_WINDOW),
+         "seconds after the delay in which the retry must come, else it starts over"],
+        ["expiry", None, str(store.DEFAULT_EXPIRY),
+         "seconds a passed triplet (or auto-whitelisted network) stays good after its last use"],
+        ["auto-whitelist", None, str(store.DEFAULT_AUTO_WHITELIST),
+         "whitelist a client network once it passed this many triplets (0: never)"],
+        ["ipv4-prefix", None, str(store.DEFAULT_IPV4_PREFIX),
+         "IPv4 clients are greylisted per network of this prefix length"],
+        ["ipv6-prefix", None, str(store.DEFAULT_IPV6_PREFIX),
+         "IPv6 clients are greylisted per network of this prefix length"],
+    ]
+    optFlags = [
+        ["quiet", "q", "log warnings and errors only"],
+        ["verbose", "v", "log every decision (debug level)"],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["whitelist"] = []
+
+    def opt_whitelist(self, value):
+        """CIDR: never greylist clients in this network (repeatable; default 127.0.0.0/8 and ::1/128; any --whitelist replaces the default)."""  # noqa: E501
+        try:
+            store.parse_networks([value])
+        except ValueError as error:
+            raise usage.UsageError(f"--whitelist: {error}") from None
+        self["whitelist"].append(value)
+
+    def opt_version(self):
+        """Print the version and exit."""
+        from miltermanager import __version__
+        print(f"{PROGRAM} {__version__}")
+        sys.exit(0)
+
+    def postOptions(self):
+        for name in ("delay", "retry-window", "expiry"):
+            self[name] = parse_duration(self[name], f"--{name}")
+        self["auto-whitelist"] = _count(self["auto-whitelist"], "--auto-whitelist", 0)
+        self["ipv4-prefix"] = _count(self["ipv4-prefix"], "--ipv4-prefix", 0, 32)
+        self["ipv6-prefix"] = _count(self["ipv6-prefix"], "--ipv6-prefix", 0, 128)
+        if not self["whitelist"]:
+            self["whitelist"] = list(store.DEFAULT_WHITELIST)
+        if self["quiet"] and self["verbose"]:
+            raise usage.UsageError("--quiet and --verbose contradict each other")
+        from miltermanager import connection_spec
+        try:
+            connection_spec.parse(self["connection-spec"])
+        except ValueError as error:
+            raise usage.UsageError(f"--connection-spec: {error}") from None
+
+    def store_settings(self):
+        """The keyword arguments of store.Greylist these options stand for."""
+        return {
+            "delay": self["delay"],
+            "retry_window": self["retry-window"],
+            "expiry": self["expiry"],
+            "auto_whitelist": self["auto-whitelist"],
+            "whitelist": self["whitelist"],
+            "ipv4_prefix": self["ipv4-prefix"],
+            "ipv6_prefix": self["ipv6-prefix"],
+        }
+
+
+def _start_logging(options, stream):
+    from twisted.logger import (
+        FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner,
+        textFileLogObserver,
+    )
+    level = (LogLevel.warn if options["quiet"] else
+             LogLevel.debug if options["verbose"] else LogLevel.info)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(textFileLogObserver(stream), [predicate])],
+        redirectStandardIO=False)
+
+
+def _remove_stale_unix_socket(spec):
+    """Remove a socket file a previous run left behind; never a regular file."""
+    if not spec.is_unix:
+        return
+    try:
+        if stat.S_ISSOCK(os.stat(spec.path).st_mode):
+            os.unlink(spec.path)
+    except FileNotFoundError:
+        pass
+
+
+def main(argv=None, reactor=None, stderr=None):
+    """Entry point of the milter-manager-greylist console script; returns the exit status."""
+    stderr = stderr if stderr is not None else sys.stderr
+    options = Options()
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as error:
+        stderr.write(f"{PROGRAM}: {error}\n")
+        stderr.write(f"Try '{PROGRAM} --help' for usage.\n")
+        return 2
+    if reactor is None:
+        from twisted.internet import reactor
+
+    from miltermanager import connection_spec
+
+    from .milter import server_factory
+    from .threaded import ThreadedGreylist
+
+    database = options["database"]
+    try:
+        greylist_store = store.Greylist(database, reactor, **options.store_settings())
+    except (sqlite3.Error, OSError) as error:
+        stderr.write(f"{PROGRAM}: cannot open the database {database}: {error}\n")
+        return 1
+    _start_logging(options, stderr)
+    log = Logger(namespace=PROGRAM)
+    greylist = ThreadedGreylist(greylist_store, reactor)
+    hostname = socket.gethostname().encode("ascii", "replace")
+    factory = server_factory(greylist, reactor, hostname)
+    spec_text = options["connection-spec"]
+    spec = connection_spec.parse(spec_text)
+    _remove_stale_unix_socket(spec)
+    endpoint = spec.server_endpoint(reactor)
+    state = {"status": 0}
+
+    def listening(port):
+        log.info("[greylist][listen] {spec}; database {database}, delay {delay} s, retry window "
+                 "{window} s, expiry {expiry} s, auto-whitelist {auto}", spec=spec_text,
+                 database=database, delay=options["delay"], window=options["retry-window"],
+                 expiry=options["expiry"], auto=options["auto-whitelist"])
+        # Stopping the port closes it and, for a UNIX socket, removes the file.
+        reactor.addSystemEventTrigger("before", "shutdown", port.stopListening)
+
+    def failed(failure):
+        stderr.write(f"{PROGRAM}: cannot listen on {spec_text}: "
+                     f"{failure.getErrorMessage()}\n")
+        state["status"] = 1
+        reactor.stop()
+
+    def start():
+        greylist.start()
+        # "during" runs after the "before" triggers: no connection is accepted any more.
+        reactor.addSystemEventTrigger("during", "shutdown", greylist.stop)
+        endpoint.listen(factory).addCallbacks(listening, failed)
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    return state["status"]
+
+
+def run():
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
