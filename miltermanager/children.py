@@ -47,6 +47,20 @@ class Child:
 
     log = Logger()
 
+    # Set on the instance only when conditions need them: a child without
+    # stoppers pays nothing for them.
+    stoppers = None
+    context = None
+    verdict = Status.NOT_CHANGE
+    stopped = False
+    accepted = None
+    status_view = None
+    stopper_timeout = None
+    # Macros stoppers set: for the connection, for the transaction, and both merged.
+    _connection_macros = None
+    _transaction_macros = None
+    _set_macros = None
+
     def __init__(self, config, reactor, clock):
         self.config = config
         self.name = config.name
@@ -64,16 +78,6 @@ class Child:
         # wants them without: strip one going out, add one to its edits coming back.
         self.convert_leading_space = False
         self._macro_filters = {}
-        self.stoppers = None
-        self.context = None
-        self.verdict = Status.NOT_CHANGE
-        self.stopped = False
-        self.accepted = None
-        self.status_view = None
-        # Macros stoppers set: for the connection, for the transaction, and both merged.
-        self._connection_macros = None
-        self._transaction_macros = None
-        self._set_macros = None
 
     def __repr__(self):
         return f"<Child {self.name}>"

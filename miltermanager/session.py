@@ -75,6 +75,22 @@ def stoppers_of(milter, conditions):
     return {kind: tuple(hooks) for kind, hooks in stoppers.items()} or None
 
 
+_TIMED_OUT = object()
+
+
+def _timed_out(result, seconds):
+    """addTimeout's onTimeoutCancel: tell our own timeout from a stopper's TimeoutError."""
+    return _TIMED_OUT
+
+
+def _any(results):
+    """Several stoppers' answers as one: any true stops; a cancelled one (None) ends it."""
+    answers = [stop for _, stop in results]
+    if any(answers):
+        return True
+    return None if None in answers else False
+
+
 def _origin(hook):
     """Where a stopper was defined, FILE:LINE, for the log."""
     if hook.origin:
@@ -143,8 +159,11 @@ class ManagerSession:
         self._message = None
         self._data_sent = False
         self._progress = None
-        self._stopping = False  # some child has stoppers
-        self._setup_stoppers(getattr(configuration, "conditions", None) or {})
+        conditions = getattr(configuration, "conditions", None)
+        if conditions:
+            self._setup_stoppers(conditions)
+
+    _stopping = False  # some child has stoppers
 
     def _setup_stoppers(self, conditions):
         for child in self.children:
@@ -375,8 +394,9 @@ class ManagerSession:
     def _envelope_decided(self, stop, child, command, stage_macros, kind):
         if stop:
             return self._stop_envelope(child, kind)
-        if not child.alive or (kind is not _CONNECTION and not child.in_message):
-            return Status.NOT_CHANGE, None  # gone while its stoppers ran
+        if (stop is None or not child.alive
+                or (kind is not _CONNECTION and not child.in_message)):
+            return Status.NOT_CHANGE, None  # the MTA or the child went away meanwhile
         return self._send_envelope(child, command, stage_macros, kind)
 
     def _stop_envelope(self, child, kind):
@@ -401,7 +421,10 @@ class ManagerSession:
         message.statuses.append(Status.ACCEPT)
 
     def _decide(self, child, stoppers, stops):
-        """Whether to stop child: True, False, or a Deferred firing with one of them."""
+        """Whether to stop child: True, False, or a Deferred firing with one of them.
+
+        The Deferred fires None if it was cancelled: the MTA went away.
+        """
         for index, (kind, arguments) in enumerate(stops):
             hooks = stoppers.get(kind)
             if not hooks:
@@ -414,7 +437,7 @@ class ManagerSession:
             if stop is not False:
                 rest = stops[index + 1:]
                 return stop.addCallback(
-                    lambda stop: True if stop else self._decide(child, stoppers, rest))
+                    lambda stop: self._decide(child, stoppers, rest) if stop is False else stop)
         return False
 
     def _ask(self, child, kind, hooks, arguments):
@@ -448,14 +471,14 @@ class ManagerSession:
             return False
         if len(pending) == 1:
             return pending[0]
-        d = defer.DeferredList(pending)
-        return d.addCallback(lambda results: any(stop for _, stop in results))
+        return defer.DeferredList(pending).addCallback(_any)
 
     def _bounded(self, d, child, hook, kind):
-        """d fires True or False, within the child's timeout, and never fails."""
+        """d fires True or False within the child's timeout (None if cancelled); never fails."""
         seconds = child.stopper_timeout
-        d.addTimeout(seconds, self.clock)
-        d.addCallbacks(bool, self._stopper_errback, errbackArgs=(child, hook, kind, seconds))
+        d.addTimeout(seconds, self.clock, onTimeoutCancel=_timed_out)
+        d.addCallbacks(self._stopper_answered, self._stopper_failed,
+                       callbackArgs=(child, hook, kind, seconds), errbackArgs=(child, hook, kind))
         self._asking.add(d)
         return d.addBoth(self._asked, d)
 
@@ -463,22 +486,23 @@ class ManagerSession:
         self._asking.discard(d)
         return stop
 
-    def _stopper_errback(self, failure, child, hook, kind, seconds):
-        if failure.check(defer.CancelledError):
-            return False  # decided without it, or the MTA went away
-        if failure.check(defer.TimeoutError):
+    def _stopper_answered(self, stop, child, hook, kind, seconds):
+        if stop is _TIMED_OUT:
             self.log.error(
                 "[stopper][timeout][{kind}] {name}: {origin}: {stopper} gave no answer "
                 "in {seconds} s; not stopping", kind=kind, name=child.name,
                 origin=_origin(hook), stopper=hook.name, seconds=seconds)
             return False
-        self._stopper_failed(failure, child, hook, kind)
-        return False
+        return bool(stop)
 
     def _stopper_failed(self, failure, child, hook, kind):
+        """Log a stopper's failure; it counts as "don't stop" (None: it was cancelled)."""
+        if failure.check(defer.CancelledError):
+            return None  # decided without it, or the MTA went away
         self.log.failure(
             "[stopper][error][{kind}] {name}: {origin}: {stopper} failed; not stopping",
             failure, kind=kind, name=child.name, origin=_origin(hook), stopper=hook.name)
+        return False
 
     def _message_arguments(self, child, command, stage):
         """A message-phase stopper's arguments, as the child would get the command."""
@@ -567,7 +591,7 @@ class ManagerSession:
 
     def _live_decided(self, stop, command, macros, stage, child):
         message = self._message
-        if message is None or message.live is not child:
+        if stop is None or message is None or message.live is not child:
             return messages.CONTINUE  # the MTA went away meanwhile
         if stop:
             return self._live_stopped(child)
@@ -657,7 +681,7 @@ class ManagerSession:
                 stop = self._ask(child, "end_of_message", stoppers["end_of_message"], ())
                 if stop is not False and stop is not True:
                     stop = yield stop
-                    if message is not self._message:
+                    if stop is None or message is not self._message:
                         return messages.CONTINUE
                 if stop:
                     self._stop_in_message(child, message)
@@ -713,7 +737,7 @@ class ManagerSession:
                 stop = self._ask_in_message(child, command, c.HEADER, header_hooks)
                 if stop is not False:
                     stop = yield stop
-                    if stop or message is not self._message:
+                    if stop or stop is None or message is not self._message:
                         return self._replay_stopped(child, message, stop), False
             response = yield child.send(command, header_macros)
             if response is not None and response.reply is not messages.CONTINUE:
@@ -723,7 +747,7 @@ class ManagerSession:
                 stop = self._ask(child, "end_of_header", end_of_header_hooks, ())
                 if stop is not False:
                     stop = yield stop
-                    if stop or message is not self._message:
+                    if stop or stop is None or message is not self._message:
                         return self._replay_stopped(child, message, stop), False
             response = yield child.send(messages.END_OF_HEADERS,
                                         macros.stage(c.END_OF_HEADERS))
@@ -735,7 +759,7 @@ class ManagerSession:
                 stop = self._ask(child, "body", body_hooks, (bytes(chunk),))
                 if stop is not False:
                     stop = yield stop
-                    if stop or message is not self._message:
+                    if stop or stop is None or message is not self._message:
                         return self._replay_stopped(child, message, stop), False
             response = yield child.send(messages.Body(chunk), body_macros)
             if response is None or response.reply is messages.CONTINUE:
@@ -747,13 +771,15 @@ class ManagerSession:
             stop = self._ask(child, "end_of_message", end_of_message_hooks, ())
             if stop is not False:
                 stop = yield stop
-                if stop or message is not self._message:
+                if stop or stop is None or message is not self._message:
                     return self._replay_stopped(child, message, stop), False
         response = yield child.send(messages.END_OF_MESSAGE, macros.stage(c.END_OF_MESSAGE))
         return response, True
 
     def _replay_stopped(self, child, message, stop):
         """A stopper stopped child during its replay (or the MTA went away while it asked)."""
+        if stop is None:
+            raise defer.CancelledError()  # the MTA went away: close() cleans up
         if stop and message is self._message:
             self._stop_in_message(child, message)
         return None

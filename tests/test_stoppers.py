@@ -7,7 +7,7 @@ registered as the configuration language would.
 
 import ipaddress
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, error, reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
@@ -59,6 +59,7 @@ class StopperTestCase(ScenarioTestCase):
         ManagerSessions made, once the manager runs.
         """
         self.sessions = []
+        self.before = session_module.processing_sessions()
 
         def factory(configuration, reactor, clock):
             configuration.conditions = {
@@ -810,6 +811,22 @@ class FailingStopperTests(StopperTestCase):
                       lines)
 
     @defer.inlineCallbacks
+    def test_stoppers_own_timeout_is_a_failure(self):
+        """A stopper's own TimeoutError (a DNS query's) is logged as its failure, not ours."""
+        lines = self.logged()
+
+        def later(context, sender):
+            return defer.fail(defer.TimeoutError("DNS query timed out"))
+
+        later.origin = "conf:9"
+        yield self.run_stopping(Scenario(
+            children=[Kid("one")], steps=_steps([CONNECT, HELO, MAIL]),
+        ), {"later": {"envelope_from": later}}, {"one": ["later"]})
+        self.assertEqual(len(self.flushLoggedErrors(defer.TimeoutError)), 1)
+        self.assertIn("[stopper][error][envelope_from] one: conf:9: later failed; not stopping",
+                      lines)
+
+    @defer.inlineCallbacks
     def test_stopper_timeout(self):
         """A stopper silent past the child's reading timeout is logged and does not stop."""
         lines = self.logged()
@@ -829,6 +846,26 @@ class FailingStopperTests(StopperTestCase):
         self.assertEqual(len(cancelled), 1)
         self.assertIn("[stopper][timeout][envelope_from] one: conf:3: silent gave no answer "
                       "in 10.0 s; not stopping", lines)
+
+    @defer.inlineCallbacks
+    def test_mta_gone_while_stopper_pending(self):
+        """The MTA going away cancels a pending stopper: its child is sent nothing, no error logged."""
+        lines = self.logged()
+        cancelled = []
+
+        def pending(context, sender):
+            reactor.callLater(0, self.sessions[0].server.transport.loseConnection)
+            return defer.Deferred(cancelled.append)
+
+        d = self.run_stopping(Scenario(
+            children=[Kid("one"), Kid("two")], steps=_steps([CONNECT, HELO, MAIL]),
+        ), {"pending": {"envelope_from": pending}}, {"one": ["pending"]})
+        yield self.assertFailure(d, error.ConnectionLost)
+        self.assertEqual(len(cancelled), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        # (two, whose MAIL was on its way, is logged as failed when the MTA goes, as before.)
+        self.assertEqual([line for line in lines if "] one:" in line], [])
+        self.assertEqual(session_module.processing_sessions(), self.before)
 
     def test_sync_true_cancels_pending(self):
         """A true answer decides at once: a pending Deferred of the same stage is cancelled."""
