@@ -367,6 +367,17 @@ class ManagerSession:
         """
         if not targets:
             return self._no_child_reply()
+        if len(targets) == 1:
+            child = targets[0]
+            stoppers = child.stoppers
+            stop = False if stoppers is None else self._decide(child, stoppers, stops)
+            if stop is False:
+                d = self._send_envelope(child, command, stage_macros, kind)
+            elif stop is True:
+                return self._merged([self._stop_envelope(child, kind)], kind)
+            else:
+                d = stop.addCallback(self._envelope_decided, child, command, stage_macros, kind)
+            return d.addCallback(self._one_merged, kind)
         answers = []
         for child in targets:
             stoppers = child.stoppers
@@ -379,6 +390,9 @@ class ManagerSession:
                 answers.append(stop.addCallback(
                     self._envelope_decided, child, command, stage_macros, kind))
         return defer.gatherResults(answers).addCallback(self._merged, kind)
+
+    def _one_merged(self, answer, kind):
+        return self._merged([answer], kind)
 
     def _send_envelope(self, child, command, stage_macros, kind):
         d = child.send(command, stage_macros).addBoth(self._answered, child, kind)
