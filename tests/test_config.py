@@ -624,6 +624,12 @@ class LoadTests(ConfigTestCase):
         self.assertIn("NameError: name 'size' is not defined", str(error))
 
 
+BUILTIN_CONDITIONS = (
+    "S25R", "Remote Network", "Authenticated", "Unauthenticated", "Sendmail Compatible",
+    "Stress Notify", "No Stress", "Trust", "DNSBL Listed", "Not DNSBL Listed",
+)
+
+
 class ShippedFilesTests(SynchronousTestCase):
     # strict=False: the checkout's modes follow the developer's umask; the
     # installed files' modes are the package's business.
@@ -632,9 +638,14 @@ class ShippedFilesTests(SynchronousTestCase):
         """etc/milter-manager.conf loads the conditions, debian defaults, and is the defaults."""
         path = os.path.join(ROOT, "etc", "milter-manager.conf")
         configuration = config.load(path, strict=False)
+        conditions = os.path.join(ROOT, "etc", "applicable-conditions")
+        self.assertEqual(sorted(configuration.conditions), sorted(BUILTIN_CONDITIONS))
+        configuration.conditions = {}
         self.assertEqual(configuration, config.default())
-        self.assertEqual(configuration.files,
-                         [os.path.join(ROOT, "etc", "defaults", "debian.conf"), path])
+        self.assertEqual(configuration.files, [
+            *(os.path.join(conditions, name) for name in sorted(os.listdir(conditions))
+              if name.endswith(".conf")),
+            os.path.join(ROOT, "etc", "defaults", "debian.conf"), path])
 
     def test_milter_manager_conf_loads(self):
         """The shipped file has upstream's three loading lines."""

@@ -25,8 +25,15 @@ def dump(configuration):
         if section.SECTION == "manager":
             lines.extend(_manager_hooks(section))
         lines.extend(section_lines(section.SECTION, section))
+    for helper in configuration.helpers():
+        lines.append("\n")
+        lines.extend(section_lines(helper.SECTION, helper))
+        lines.extend(_calls(helper))
     for condition in configuration.conditions.values():
         where = condition.origins.get("name") or "default"
+        if condition.helper is not None:
+            lines.extend(_helper_condition(condition.helper))
+            continue
         lines.append(f"\nwith define_applicable_condition({_literal(condition.name)}) "
                      f"as condition:  # {where}\n")
         lines.extend(section_lines("    condition", condition))
@@ -70,6 +77,35 @@ def _manager_hooks(manager):
         yield from _hook("@manager.maintained", hook)
     for hook in manager.event_loop_created_hooks:
         yield from _hook("@manager.event_loop_created", hook)
+
+
+def _calls(helper):
+    # The verbs a file called on a helper, in order: replayed on its defaults
+    # they give the same lists.
+    for call in helper.calls:
+        where = call.origin or "default"
+        if call.arguments is None:
+            yield (f"# {helper.SECTION}.{call.verb}(...) ({where}) is not shown: its "
+                   f"argument cannot be written back (a lambda?)\n")
+            continue
+        if call.source is not None:
+            yield call.source + "\n"
+        yield f"{helper.SECTION}.{call.verb}({call.arguments})  # {where}\n"
+
+
+def _helper_condition(call):
+    # A condition a helper defined: the call again. milters=[]: the milters
+    # it was added to list it in their applicable_conditions already.
+    where = call.origin or "default"
+    if call.verb == "restrict_accounts_generic":
+        if call.source is None:
+            yield (f"\n# restrict_accounts_generic({call.arguments}) ({where}) is not shown: "
+                   f"its function's source is unknown (a lambda?)\n")
+            return
+        yield f"\n@restrict_accounts_generic({call.arguments}, milters=[])  # {where}\n"
+        yield call.source
+        return
+    yield f"\n{call.verb}({call.arguments}, milters=[])  # {where}\n"
 
 
 def _hook(decorator, hook, indent=""):

@@ -31,11 +31,15 @@ import difflib
 import glob
 import os
 import pwd
+import re
 import stat
 import sys
 
 from twisted.logger import Logger
 
+from miltermanager.conditions import accounts as _accounts
+
+from .helpers import HELPERS, Call, literal
 from .model import (
     REFUSED,
     STOPPERS,
@@ -234,6 +238,74 @@ class _Manager(_Section):
         self.report_memory_statistics = True
 
 
+class _Helper(_Section):
+    """A built-in condition's helper (`s25r`, `trust`, ...): settings, verbs and what stoppers use.
+
+    A verb's error is reported with the FILE:LINE of the call and the file
+    goes on; each call is kept (target.calls) for dump. _RUNTIME are the
+    target's methods the shipped conditions' stoppers call.
+    """
+
+    _RUNTIME = ()
+    _ALIASES = {}
+
+    @classmethod
+    def _verbs(cls):
+        return [*cls._target_class.VERBS, *cls._ALIASES]
+
+    def __getattr__(self, name):
+        if name in self._RUNTIME:
+            return getattr(self._target, name)
+        if name in self._ALIASES:
+            value = getattr(self._target, self._ALIASES[name][0])
+            return value[0] if isinstance(value, list) and value else value
+        return _Section.__getattr__(self, name)
+
+    def __setattr__(self, name, value):
+        if name in self._ALIASES:
+            name, one = self._ALIASES[name]
+            if one:
+                value = [value]
+        _Section.__setattr__(self, name, value)
+
+    def _call(self, verb, *arguments, **keywords):
+        loader = self._loader
+        location = loader.location()
+        try:
+            getattr(self._target, verb)(*arguments, **keywords)
+        except (TypeError, ValueError, OSError) as error:
+            text = error.strerror and f"cannot read {error.filename}: {error.strerror}" \
+                if isinstance(error, OSError) else str(error)
+            loader.report(ConfigurationError(
+                f"{self._target.SECTION}.{verb}: {text}", location))
+            return
+        self._target.calls.append(loader.call_record(verb, arguments, keywords, location))
+
+
+def _helper_class(target_class, runtime, aliases=None):
+    verbs = {}
+    for verb in target_class.VERBS:
+        def method(self, *arguments, _verb=verb, **keywords):
+            self._call(_verb, *arguments, **keywords)
+        method.__name__ = verb
+        method.__doc__ = getattr(target_class, verb).__doc__
+        verbs[verb] = method
+    return type(f"_{target_class.__name__}", (_Helper,), {
+        "_target_class": target_class, "_RUNTIME": runtime, "_ALIASES": aliases or {},
+        **verbs})
+
+
+_HELPER_PROXIES = {
+    "s25r": _helper_class(HELPERS["s25r"], ("stop", "dynamic", "whitelisted", "blacklisted"),
+                          {"only_check_ipv4": ("check_only_ipv4", False)}),
+    "remote_network": _helper_class(HELPERS["remote_network"], ("stop", "remote")),
+    "stress": _helper_class(HELPERS["stress"], ("stressed", "threshold")),
+    "trust": _helper_class(HELPERS["trust"], ("trusted",)),
+    "dnsbl": _helper_class(HELPERS["dnsbl"], ("lookup", "listed", "not_listed", "resolver"),
+                           {"name_server": ("name_servers", True)}),
+}
+
+
 class _Refused:
     """An upstream name that only made sense for Ruby: any use is an error saying why."""
 
@@ -309,6 +381,8 @@ class Loader:
             for name, section in zip(Configuration.SECTIONS, self.configuration.sections())
         }
         self._defined_milters = _DefinedMilters(self.configuration)
+        self._helpers = {name: _HELPER_PROXIES[name](self, getattr(self.configuration, name))
+                         for name in self.configuration.HELPERS}
         self.errors = []  # ConfigurationErrors found so far, in the order found
         # (id(section), setting) -> section (kept, so that its id stays its
         # own), for assignments refused: finish must not report a refused
@@ -510,6 +584,10 @@ class Loader:
             "define_applicable_condition": self.define_applicable_condition,
             "defined_milters": self._defined_milters,
             "remove_milter": self.remove_milter,
+            **self._helpers,
+            "restrict_accounts_by_list": self.restrict_accounts_by_list,
+            "restrict_accounts_generic": self.restrict_accounts_generic,
+            "re": re,
             "load": load,
             "load_if_exist": load_if_exist,
             "load_default": load_default,
@@ -562,6 +640,106 @@ class Loader:
             condition = self.configuration.conditions[name] = ConditionConfig(name)
             condition.origins["name"] = self.location()
         return _Condition(self, condition)
+
+    def call_record(self, verb, arguments, keywords, location):
+        """The Call dump writes back for verb(*arguments, **keywords)."""
+        source = None
+        texts = []
+        for value in arguments:
+            if callable(value) and not isinstance(value, re.Pattern):
+                source = self.source_of(value)
+                texts.append(value.__name__ if source is not None else None)
+            else:
+                texts.append(literal(value))
+        texts.extend(f"{name}={literal(value)}" if literal(value) is not None else None
+                     for name, value in keywords.items())
+        text = None if None in texts else ", ".join(texts)
+        return Call(verb, text, location, source)
+
+    def restrict_accounts_by_list(self, *accounts, condition_name="Restrict Accounts",
+                                  milters=None):
+        """Define a condition running milters only for mail whose every recipient is listed.
+
+        accounts are addresses (strings, matched exactly, case-insensitively)
+        or compiled regular expressions; milters names the children it
+        applies to (None: every milter defined so far).
+        """
+        location = self.location()
+        try:
+            accounts = [_accounts.check_account(account) for account in accounts]
+        except TypeError as error:
+            self.report(ConfigurationError(f"restrict_accounts_by_list: {error}", location))
+            return None
+        arguments = [literal(account) for account in accounts]
+        arguments.append(f"condition_name={literal(condition_name)}")
+        self._restrict_accounts(
+            condition_name, milters, _accounts.list_matcher(accounts),
+            Call("restrict_accounts_by_list", ", ".join(arguments), location),
+            "restrict_accounts_by_list", location)
+        return None
+
+    def restrict_accounts_generic(self, function=None, *, condition_name="Restrict Accounts",
+                                  milters=None):
+        """Like restrict_accounts_by_list, with function(context, recipient) telling restricted.
+
+        Used as a decorator (`@restrict_accounts_generic(condition_name=...)`)
+        or called with the function.
+        """
+        location = self.location()
+
+        def define(function):
+            try:
+                check_arguments(function, ("context", "recipient"), "restrict_accounts_generic")
+            except InvalidValue as error:
+                self.report(ConfigurationError(str(error), location))
+                return function
+            source = self.source_of(function)
+            if source is not None:
+                source = "\n".join(line for line in source.splitlines()
+                                   if not line.lstrip().startswith("@")) + "\n"
+            call = Call("restrict_accounts_generic",
+                        f"condition_name={literal(condition_name)}", location,
+                        source if source is not None else None)
+            self._restrict_accounts(condition_name, milters, function, call,
+                                    "restrict_accounts_generic", location)
+            return function
+
+        return define if function is None else define(function)
+
+    def _restrict_accounts(self, condition_name, milters, restricted, call, what, location):
+        if not self._named(what, condition_name):
+            return
+        if condition_name in self.configuration.conditions:
+            self.report(ConfigurationError(
+                f"{what}: the condition {condition_name!r} is defined already", location))
+            return
+        if milters is None:
+            targets = list(self.configuration.milters)
+        elif isinstance(milters, str) or not isinstance(milters, (list, tuple)):
+            self.report(ConfigurationError(
+                f"{what}: milters must be a list of milter names; got {milters!r}", location))
+            return
+        else:
+            targets = []
+            for name in milters:
+                milter = self.configuration.milter(name)
+                if milter is None:
+                    self.report(ConfigurationError(
+                        f"{what}: no milter {name!r} is defined (define it before)", location))
+                    return
+                targets.append(milter)
+        condition = ConditionConfig(condition_name, helper=call)
+        condition.origins["name"] = location
+        condition.description = "runs its milters only when every recipient is restricted"
+        for function in _accounts.stoppers(condition_name, restricted):
+            condition.stoppers.append(Hook(
+                "envelope_recipient" if "recipient" in function.__name__ else "data",
+                function.__name__, function, location, None, builtin="restrict_accounts"))
+        self.configuration.conditions[condition_name] = condition
+        for milter in targets:
+            if condition_name not in milter.applicable_conditions:
+                milter.applicable_conditions = [*milter.applicable_conditions, condition_name]
+                milter.origins.setdefault("applicable_conditions", location)
 
     def remove_milter(self, name):
         """Forget the child milter name; a name never defined is ignored, as upstream."""

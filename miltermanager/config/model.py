@@ -432,6 +432,9 @@ class ConditionConfig:
     name: str
     description: str | None = setting(check=_optional_text, doc="free text")
     stoppers: list = field(default_factory=list)
+    # The helper call that defined it (restrict_accounts_by_list ...), a
+    # helpers.Call that dump writes instead of the stoppers.
+    helper: object = None
     origins: dict = _origins()
 
     def stoppers_of(self, kind):
@@ -492,11 +495,19 @@ class Configuration:
     package: PackageConfig = field(default_factory=PackageConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     conditions: dict = field(default_factory=dict)
+    # The built-in conditions' helpers (miltermanager.config.helpers), one each per configuration.
+    s25r: object = field(default_factory=lambda: _helper("s25r"))
+    remote_network: object = field(default_factory=lambda: _helper("remote_network"))
+    stress: object = field(default_factory=lambda: _helper("stress"))
+    trust: object = field(default_factory=lambda: _helper("trust"))
+    dnsbl: object = field(default_factory=lambda: _helper("dnsbl"))
     files: list = field(default_factory=list, compare=False)  # loaded files, in order
     notes: list = field(default_factory=list, compare=False)
 
     # The top-level sections, in the order dump writes them (upstream's).
     SECTIONS: ClassVar[tuple] = ("package", "security", "log", "manager", "controller")
+    # The built-in conditions' helpers, in the order dump writes them.
+    HELPERS: ClassVar[tuple] = ("s25r", "remote_network", "stress", "trust", "dnsbl")
 
     def milter(self, name):
         """The child milter called name, or None."""
@@ -510,6 +521,16 @@ class Configuration:
     def sections(self):
         """The top-level section records, in dump order."""
         return [getattr(self, name) for name in self.SECTIONS]
+
+    def helpers(self):
+        """The built-in conditions' helper records, in dump order."""
+        return [getattr(self, name) for name in self.HELPERS]
+
+
+def _helper(name):
+    # helpers imports this module: it is looked up when a Configuration is made.
+    from .helpers import HELPERS
+    return HELPERS[name]()
 
 
 def settings_of(section):
