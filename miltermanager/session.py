@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from .body import BodyBuffer
 from .children import Child
-from .conditions.context import ChildContext, ChildStatus, SocketAddress, _Children, text
+from .conditions.context import ChildContext, ChildStatus, ChildStatuses, SocketAddress, text
 from .headers import HeaderList
 from .merge import Status, merge_negotiation, reply_for, status_of
 from .protocol import constants as c
@@ -178,7 +178,7 @@ class ManagerSession:
         for child in self.children:
             child.status_view = ChildStatus(child)
         # Every configured child, also those that will fail to start (they show as quitted).
-        self.child_statuses = _Children({child.name: child for child in self.children})
+        self.child_statuses = ChildStatuses({child.name: child for child in self.children})
         self.socket_address = self.client_host = self.helo_name = self.envelope_from = None
         self._shelf = None
         self._recipient = None

@@ -225,7 +225,7 @@ class ChildStatus:
                 f"{' stopped' if self.stopped else ''}{' quitted' if self.quitted else ''}>")
 
 
-class _Children(Mapping):
+class ChildStatuses(Mapping):
     """child name -> ChildStatus, in configuration order."""
 
     __slots__ = ("_children",)
