@@ -334,6 +334,11 @@ class ManagerSession:
 
     def _child_failed(self, child, failure, stage):
         """Log a child's failure; it contributes its fallback status and is dropped."""
+        if failure.check(defer.CancelledError):
+            # The MTA went away and the server cancelled what was pending: no fault of the child.
+            self.log.debug("[children][cancelled][{stage}] {name}", stage=stage, name=child.name)
+            child.expire()
+            return child.fallback_status
         self.log.error("[children][error][{stage}][{fallback}] {name}: {error}",
                        stage=stage, fallback=child.fallback_status.label,
                        name=child.name, error=failure.getErrorMessage())

@@ -20,6 +20,9 @@ class FakeConnection:
     def __init__(self):
         self.sent = []
 
+    def close(self):
+        self.sent.append(("close", None))
+
     def send(self, command, macro=None):
         self.sent.append((command, macro))
         return defer.fail(MilterConnectionLost("ABORT", "closed by us", sent=False))
@@ -94,3 +97,41 @@ class EditTests(SynchronousTestCase):
         kid.convert_leading_space = True
         [edit] = kid.allowed_edits([messages.ChangeHeader(1, b"Subject", b"x")], "eom")
         self.assertEqual(edit, messages.ChangeHeader(1, b"Subject", b" x"))
+
+
+class FailureLogTests(SynchronousTestCase):
+    """How the session logs a child's failure."""
+
+    def session(self, events):
+        from twisted.logger import Logger
+
+        from miltermanager import config
+        from miltermanager.session import ManagerSession
+
+        session = ManagerSession(None, config.default(), None)
+        session.log = Logger(observer=events.append)
+        return session
+
+    def test_cancelled_is_not_an_error(self):
+        """A command cancelled because the MTA went away is no child error."""
+        from twisted.logger import LogLevel
+        from twisted.python.failure import Failure
+
+        events = []
+        kid = child()
+        status = self.session(events)._child_failed(kid, Failure(defer.CancelledError()), "rcpt")
+        self.assertIs(status, kid.fallback_status)
+        self.assertEqual([event["log_level"] for event in events], [LogLevel.debug])
+
+    def test_real_failure_is_an_error(self):
+        """A child that times out or breaks is logged as an error with the reason."""
+        from twisted.logger import LogLevel, formatEvent
+        from twisted.python.failure import Failure
+
+        events = []
+        kid = child()
+        self.session(events)._child_failed(
+            kid, Failure(MilterConnectionLost("RCPT", "reset")), "rcpt")
+        [event] = events
+        self.assertEqual(event["log_level"], LogLevel.error)
+        self.assertIn("[children][error][rcpt][accept] kid:", formatEvent(event))
