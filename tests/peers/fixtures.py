@@ -1,8 +1,9 @@
 """Real peers on loopback for integration tests: child milters, a private Postfix, the manager.
 
-LibmilterMilter and OpenDKIM are child milters, Postfix is the MTA (relaying to its own
-smtp-sink), MiltermanagerProcess runs this checkout's manager under twistd; verify_dkim checks
-a delivered message's DKIM-Signature offline.
+LibmilterMilter, OpenDKIM and GreylistMilter are child milters, Postfix is the MTA (relaying
+to its own smtp-sink), MiltermanagerProcess runs this checkout's manager under twistd,
+DNSServerProcess serves test zones on loopback; verify_dkim checks a delivered message's
+DKIM-Signature offline.
 
 Everything here is synchronous (subprocess, smtplib) and binds 127.0.0.1 only. Each fixture
 is started by the test and stopped by PID, never by process name::
@@ -25,6 +26,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -420,6 +422,120 @@ class MiltermanagerProcess:
                 return log.read()
         except FileNotFoundError:
             return ""
+
+
+def _repo_env():
+    """os.environ with this checkout first on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+class GreylistMilter:
+    """This checkout's `milter-manager-greylist` on a free port, its database and log in tmpdir.
+
+    It runs as `python -m miltermanager.greylist.main` under this interpreter (the console
+    script on PATH may belong to another one), with --verbose so that every decision is logged.
+    """
+
+    def __init__(self, tmpdir, delay=1, *options):
+        self.dir = os.path.realpath(tmpdir)
+        self.delay = delay
+        self.options = list(options)
+        self.port = free_port()
+        self.spec = f"inet:{self.port}@[{HOST}]"
+        self.database = os.path.join(self.dir, "greylist.sqlite3")
+        self.log_path = os.path.join(self.dir, "greylist.log")
+        self.process = None
+
+    def start(self):
+        """Start the milter and wait for its port."""
+        os.makedirs(self.dir, exist_ok=True)
+        command = [sys.executable, "-m", "miltermanager.greylist.main", "-s", self.spec,
+                   "--database", self.database, "--delay", str(self.delay), "--verbose",
+                   *self.options]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, cwd=self.dir, env=_repo_env(),
+                                            stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_port(self.port, 30, self.process)
+        except (RuntimeError, TimeoutError) as error:
+            self.stop()
+            raise RuntimeError(f"milter-manager-greylist did not start: {error}\n{self.log()}") from None
+
+    def stop(self):
+        """SIGTERM the milter and wait for it to exit."""
+        _stop_process(self.process)
+
+    def log(self):
+        """Return the milter's log so far."""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as log:
+                return log.read()
+        except FileNotFoundError:
+            return ""
+
+
+class DNSServerProcess:
+    """tests/peers/dns.py as a process on 127.0.0.1 serving zone_text, logging every question.
+
+    zone_text is in the zone-file format of tests/peers/dns.py; the port (UDP and TCP) is the
+    one the server picked, known once start() returns.
+    """
+
+    def __init__(self, tmpdir, zone_text, address=HOST):
+        self.dir = os.path.realpath(tmpdir)
+        self.address = address
+        self.zone_path = os.path.join(self.dir, "zone")
+        self.query_log_path = os.path.join(self.dir, "queries.jsonl")
+        self.zone_text = zone_text
+        self.port = None
+        self.process = None
+
+    @property
+    def name_server(self):
+        """The server as dnsbl.name_servers takes it: "ADDRESS:PORT"."""
+        return f"{self.address}:{self.port}"
+
+    def start(self, timeout=30):
+        """Start the server and wait for its "listening on" line."""
+        os.makedirs(self.dir, exist_ok=True)
+        with open(self.zone_path, "w") as out:
+            out.write(self.zone_text)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.peers.dns", "--address", self.address, "--port", "0",
+             "--zone-file", self.zone_path, "--query-log", self.query_log_path],
+            cwd=REPO, env=_repo_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        # readline blocks: a timer kills a server that never says where it listens.
+        timer = threading.Timer(timeout, self.process.kill)
+        timer.start()
+        try:
+            line = self.process.stdout.readline()
+        finally:
+            timer.cancel()
+        match = re.fullmatch(r"listening on (\S+):(\d+)\n", line)
+        if match is None:
+            rest = line + (self.process.stdout.read() if self.process.poll() is not None else "")
+            self.stop()
+            raise RuntimeError(f"the test DNS server did not start:\n{rest}")
+        self.port = int(match.group(2))
+
+    def stop(self):
+        """SIGTERM the server and wait for it to exit."""
+        _stop_process(self.process)
+        if self.process is not None:
+            self.process.stdout.close()
+
+    def queries(self):
+        """Return the questions received so far as (name, type) pairs, in order."""
+        try:
+            with open(self.query_log_path, encoding="utf-8") as log:
+                return [(entry["name"], entry["type"]) for entry in
+                        (json.loads(line) for line in log if line.endswith("\n"))]
+        except FileNotFoundError:
+            return []
 
 
 @dataclass
