@@ -469,6 +469,24 @@ class ShippedConditionsTests(LoadingTestCase):
         self.assertFalse(ours(FakeContext(), "<bob@example.com>"))
         self.assertTrue(ours(FakeContext(), "<bob@example.net>"))
 
+    def test_relative_domains_file(self):
+        """A relative domains file is found next to the file naming it; dump writes its path."""
+        self.write("trusted.list", "example.net\n")
+        configuration = self.load('trust.load_envelope_from_domains("trusted.list")\n')
+        self.assertIn("example.net", configuration.trust.domains)
+        call, = configuration.trust.calls
+        self.assertEqual(call.arguments, repr(os.path.join(self.directory, "trusted.list")))
+
+    def test_restrict_accounts_default_name(self):
+        """Without condition_name the condition is named after its accounts, as upstream."""
+        configuration = self.load("""\
+            define_milter("a").connection_spec = "inet:1@[127.0.0.1]"
+            restrict_accounts_by_list("a@example.com", re.compile("@b\\.example$"))
+            """, shipped=False)
+        name = "Restrict Accounts by List: a@example.com, /@b\\.example$/"
+        self.assertEqual(list(configuration.conditions), [name])
+        self.assertEqual(configuration.milters[0].applicable_conditions, [name])
+
     def test_fresh_per_load(self):
         """Each load has its own helpers: a reload starts from the defaults again."""
         first = self.load('s25r.add_whitelist(".example.org")\ntrust.clear()\n')
@@ -703,3 +721,53 @@ class ManagerTests(ScenarioTestCase, LoadingTestCase):
                    for command in (_connect("mx", "192.0.2.1"), HELO, gmail, Rcpt(b"<a@b>"))]))
         mail, = [event for event in events["one"] if event.name == "mail"]
         self.assertEqual(mail.macros.get(b"{trusted_domain}"), b"yes")
+
+    def run_conditioned(self, steps, condition, configuration, seen=None):
+        """Run steps with child "one" under condition and "two" under none."""
+        loaded = configuration
+
+        def factory(configuration, reactor, clock):
+            configuration.conditions = loaded.conditions
+            for milter in configuration.milters:
+                milter.applicable_conditions = [condition] if milter.name == "one" else []
+            return session_module.manager_factory(configuration, reactor, clock)
+
+        self.patch(test_session, "manager_factory", factory)
+        return self.run_scenario(Scenario(children=[Kid("one"), Kid("two")], steps=steps,
+                                          seen=seen or {}))
+
+    @defer.inlineCallbacks
+    def test_authenticated(self):
+        """Authenticated: the child sits out an unauthenticated transaction, not an authenticated one."""
+        configuration = self.load()
+        CONTINUE = test_session.CONTINUE
+        events = yield self.run_conditioned([
+            (_connect("mx", "192.0.2.1"), CONTINUE), (HELO, CONTINUE),
+            (MAIL, CONTINUE), (RCPT, CONTINUE), (test_session.ABORT, None),
+            test_session.Send(MAIL, CONTINUE, macros={b"{auth_type}": b"PLAIN"}),
+            (RCPT, CONTINUE)], "Authenticated", configuration)
+        self.assertEqual([event.name for event in events["one"]
+                          if event.name in ("mail", "rcpt")], ["mail", "rcpt"])
+        mail, = [event for event in events["one"] if event.name == "mail"]
+        self.assertEqual(mail.macros.get(b"{auth_type}"), b"PLAIN")
+
+    @defer.inlineCallbacks
+    def test_restrict_accounts(self):
+        """Restrict Accounts: the child gets only restricted recipients, and no message with others."""
+        configuration = self.load("""\
+            restrict_accounts_by_list("alice@example.org", condition_name="Alice")
+            """, shipped=False)
+        CONTINUE = test_session.CONTINUE
+        only_alice = [(command, CONTINUE) for command in _message(_connect("mx", "192.0.2.1"))]
+        events = yield self.run_conditioned(only_alice, "Alice", configuration,
+                                            seen={"one": ALL_SEEN, "two": ALL_SEEN})
+        both = [(command, CONTINUE) for command in [
+            _connect("mx", "192.0.2.1"), HELO, MAIL, RCPT, Rcpt(b"<bob@example.org>"), DATA,
+            SUBJECT, EOH, BODY, EOM]]
+        events = yield self.run_conditioned(both, "Alice", configuration)
+        seen = test_session._words(events["one"])
+        self.assertEqual(seen.split()[:3], ["connect", "helo", "mail"])
+        self.assertEqual([event.command.recipient for event in events["one"]
+                          if event.name == "rcpt"], [b"<alice@example.org>"])
+        self.assertNotIn("header", seen)
+        self.assertNotIn("eom", seen)

@@ -339,6 +339,9 @@ class ProcessTests(SynchronousTestCase):
             'security.effective_user = "nobody"\n'
             'security.effective_group = "nogroup"\n')
         _wait(lambda: os.path.exists(self.pid_file))
+        # The pid file is written as root, just before the cleanup process is
+        # forked and privileges are dropped: wait for the drop.
+        _wait(lambda: _status(process.pid, "Uid") != ["0"] * 4, timeout=5)
         self.assertEqual(_status(process.pid, "Uid"), ["65534"] * 4)
         self.assertEqual(_status(process.pid, "Gid"), ["65534"] * 4)
         with open(self.pid_file) as file:

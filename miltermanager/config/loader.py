@@ -271,15 +271,25 @@ class _Helper(_Section):
     def _call(self, verb, *arguments, **keywords):
         loader = self._loader
         location = loader.location()
+        if verb in _PATH_VERBS and arguments and isinstance(arguments[0], str):
+            # A relative path is looked up as load() does, from the calling file's
+            # directory on; dump writes the path found, which reloads from anywhere.
+            arguments = (loader.resolve_one(arguments[0]), *arguments[1:])
         try:
             getattr(self._target, verb)(*arguments, **keywords)
         except (TypeError, ValueError, OSError) as error:
-            text = error.strerror and f"cannot read {error.filename}: {error.strerror}" \
-                if isinstance(error, OSError) else str(error)
+            if isinstance(error, OSError):
+                text = f"cannot read {error.filename}: {error.strerror or error}"
+            else:
+                text = str(error)
             loader.report(ConfigurationError(
                 f"{self._target.SECTION}.{verb}: {text}", location))
             return
         self._target.calls.append(loader.call_record(verb, arguments, keywords, location))
+
+
+# Verbs whose first argument is a file, relative to the configuration's directories.
+_PATH_VERBS = frozenset({"load_envelope_from_domains"})
 
 
 def _helper_class(target_class, runtime, aliases=None):
@@ -641,6 +651,18 @@ class Loader:
             condition.origins["name"] = self.location()
         return _Condition(self, condition)
 
+    def resolve_one(self, path):
+        """path, or the file it names relative to the running file's directory or the load paths."""
+        if os.path.isabs(path) or not self._loading:
+            return path
+        directory = os.path.dirname(self._loading[-1])
+        bases = dict.fromkeys([directory, *self.load_paths])
+        for base in bases:
+            candidate = os.path.join(base, path)
+            if os.path.exists(candidate):
+                return candidate
+        return os.path.join(directory, path)
+
     def call_record(self, verb, arguments, keywords, location):
         """The Call dump writes back for verb(*arguments, **keywords)."""
         source = None
@@ -656,12 +678,12 @@ class Loader:
         text = None if None in texts else ", ".join(texts)
         return Call(verb, text, location, source)
 
-    def restrict_accounts_by_list(self, *accounts, condition_name="Restrict Accounts",
-                                  milters=None):
+    def restrict_accounts_by_list(self, *accounts, condition_name=None, milters=None):
         """Define a condition running milters only for mail whose every recipient is listed.
 
         accounts are addresses (strings, matched exactly, case-insensitively)
-        or compiled regular expressions; milters names the children it
+        or compiled regular expressions; condition_name defaults to upstream's
+        "Restrict Accounts by List: ACCOUNTS"; milters names the children it
         applies to (None: every milter defined so far).
         """
         location = self.location()
@@ -670,6 +692,11 @@ class Loader:
         except TypeError as error:
             self.report(ConfigurationError(f"restrict_accounts_by_list: {error}", location))
             return None
+        if condition_name is None:
+            # Upstream's default: the accounts in the name.
+            condition_name = "Restrict Accounts by List: " + ", ".join(
+                account if isinstance(account, str) else f"/{account.pattern}/"
+                for account in accounts)
         arguments = [literal(account) for account in accounts]
         arguments.append(f"condition_name={literal(condition_name)}")
         self._restrict_accounts(
