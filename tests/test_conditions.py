@@ -531,6 +531,25 @@ class ShippedConditionsTests(LoadingTestCase):
         self.assertTrue(ours(FakeContext(), "<bob@example.net>"))
 
 
+    def test_shipped_configuration_round_trip(self):
+        """etc/milter-manager.conf, conditions included, dumps to a file that loads back the same."""
+        configuration = config.load(os.path.join(ROOT, "etc", "milter-manager.conf"),
+                                    strict=False)
+        dumped = self.write("dumped.conf", config.dump(configuration))
+        self.assertEqual(config.load(dumped, strict=False), configuration)
+
+    def test_dnsbl_resolver(self):
+        """One resolver per configuration, made on first use; no IP, no lookup."""
+        configuration = self.load('dnsbl.name_servers = ["127.0.0.1:5353", "[::1]:53"]\n')
+        self.assertIsNone(configuration.dnsbl._resolver)
+        resolver = configuration.dnsbl.resolver()
+        self.assertIs(configuration.dnsbl.resolver(), resolver)
+        self.assertEqual(resolver.name_servers, [("127.0.0.1", 5353), ("::1", 53)])
+        for address in (UNIX, UNKNOWN):
+            self.assertIs(self.successResultOf(configuration.dnsbl.listed(address)), False)
+            self.assertIs(self.successResultOf(configuration.dnsbl.not_listed(address)), True)
+
+
 class HelperErrorTests(LoadingTestCase):
     def assertErrors(self, text, *messages):
         """Loading text fails with these errors, each after FILE:LINE of text's lines."""
