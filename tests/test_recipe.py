@@ -5,9 +5,11 @@ replaced by the test's: a tests.peers.dns process on 127.0.0.1 serving the zone 
 (192.0.2.1 listed as 127.0.0.2) and `milter-manager-greylist --delay 1` as the child. Each
 recipe case is driven by milter-test-server and by a private Postfix (XCLIENT sets the
 client's name and address). No DNS query leaves loopback: the example's only name server is
-replaced by the test server and Postfix runs with DNS lookups off.
+replaced by the test server, Postfix runs with DNS lookups off, and strace, attached to the
+manager and the greylist milter, shows every address they connect or send to is loopback.
 """
 
+import ipaddress
 import os
 import re
 import smtplib
@@ -17,9 +19,11 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from miltermanager import config
+from miltermanager.merge import Status
 from tests.peers.fixtures import (
     HOST, REPO, DNSServerProcess, GreylistMilter, MiltermanagerProcess, Postfix, SendResult,
-    _reply, sink_message,
+    _reply, _stop_process, sink_message,
 )
 
 EXAMPLE = os.path.join(REPO, "etc", "examples", "s25r-dnsbl-greylist.conf")
@@ -72,6 +76,55 @@ def recipe_config(name_server, greylist_spec):
     return text
 
 
+class NetworkTrace:
+    """strace attached to running processes, recording where their sockets connect and send.
+
+    It proves that the processes reach loopback only: every address in a connect, sendto,
+    sendmsg or sendmmsg they make is 127.0.0.0/8 or ::1.
+    """
+
+    _ADDRESS = re.compile(r'sin_port=htons\((\d+)\), sin_addr=inet_addr\("([^"]+)"\)'
+                          r'|sin6_port=htons\((\d+)\).*?inet_pton\(AF_INET6, "([^"]+)"')
+
+    def __init__(self, tmpdir, pids):
+        self.dir = os.path.realpath(tmpdir)
+        self.pids = list(pids)
+        self.path = os.path.join(self.dir, "strace.out")
+        self.process = None
+
+    def start(self, timeout=10):
+        """Attach to every thread of the processes; return once strace says so."""
+        os.makedirs(self.dir, exist_ok=True)
+        err_path = os.path.join(self.dir, "strace.err")
+        pids = [arg for pid in self.pids for arg in ("-p", str(pid))]
+        with open(err_path, "wb") as err:
+            self.process = subprocess.Popen(
+                ["strace", "-f", "-e", "trace=connect,sendto,sendmsg,sendmmsg", "-e", "signal=none",
+                 "-o", self.path, *pids], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=err, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(err_path) as err:
+                text = err.read()
+            if all(f"Process {pid} attached" in text for pid in self.pids):
+                return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"strace did not attach:\n{text}")
+            time.sleep(0.02)
+
+    def stop(self):
+        """Detach (strace flushes its output and exits on SIGTERM)."""
+        _stop_process(self.process)
+
+    def destinations(self):
+        """Stop tracing; return the (address, port) of every connect and send, in order."""
+        self.stop()
+        with open(self.path) as trace:
+            return [(match[2] or match[4], int(match[1] or match[3]))
+                    for match in self._ADDRESS.finditer(trace.read())]
+
+
 class RecipeHarness:
     """The DNS server, the greylist milter and the manager running the example."""
 
@@ -89,6 +142,10 @@ class RecipeHarness:
         os.symlink(CONDITIONS, os.path.join(self.manager.dir, "applicable-conditions"))
         self.manager.start()
         self.addCleanup(self.manager.stop)
+        self.trace = NetworkTrace(self.mktemp(), [self.manager.process.pid,
+                                                  self.greylist.process.pid])
+        self.trace.start()
+        self.addCleanup(self.trace.stop)
 
     def greylist_decisions(self, address):
         """The greylist milter's decision lines for the /24 of address."""
@@ -97,8 +154,33 @@ class RecipeHarness:
                 if "[greylist][" in line and network in line]
 
     def assert_dns_queries(self, expected):
-        """The test DNS server received exactly these questions."""
+        """The test DNS server received exactly these questions, and the manager and the
+        greylist milter sent nothing beyond loopback: their only UDP datagrams went to it."""
         self.assertEqual(self.dns.queries(), expected)
+        destinations = self.trace.destinations()
+        self.assertEqual([(address, port) for address, port in destinations
+                          if not ipaddress.ip_address(address).is_loopback], [])
+        self.assertNotIn(53, [port for _, port in destinations])
+        sent_to_dns = [destination for destination in destinations
+                       if destination == (HOST, self.dns.port)]
+        self.assertEqual(len(sent_to_dns), len(expected), destinations)
+
+
+class ExampleTests(SynchronousTestCase):
+    """The example as shipped, loaded with the conditions from the configuration directory."""
+
+    def test_loads_as_documented(self):
+        """The greylist child runs under S25R and DNSBL Listed, fails open, asks only the local
+        resolver, and no blocklist is asked until the user picks one."""
+        configuration = config.load(EXAMPLE, load_paths=[os.path.join(REPO, "etc")], strict=False)
+        self.assertEqual(configuration.manager.connection_spec, "inet:10025@[127.0.0.1]")
+        [greylist] = configuration.milters
+        self.assertEqual((greylist.name, greylist.connection_spec, greylist.applicable_conditions,
+                          greylist.fallback_status),
+                         ("greylist", "inet:10030@[127.0.0.1]", ["S25R", "DNSBL Listed"],
+                          Status.ACCEPT))
+        self.assertEqual(configuration.dnsbl.name_servers, ["127.0.0.1:53"])
+        self.assertEqual(configuration.dnsbl.services, [])
 
 
 def milter_test_server(spec, name, address):
