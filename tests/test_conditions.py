@@ -531,6 +531,19 @@ class ShippedConditionsTests(LoadingTestCase):
         self.assertTrue(ours(FakeContext(), "<bob@example.net>"))
 
 
+    def test_lambda_not_shown(self):
+        """A helper given a lambda is dumped as a comment; the dump still loads."""
+        configuration = self.load("""\
+            define_milter("a").connection_spec = "inet:1@[127.0.0.1]"
+            s25r.add_whitelist(lambda host: host == "a.example")
+            restrict_accounts_generic(lambda context, recipient: True, condition_name="L")
+            """, shipped=False)
+        dumped = config.dump(configuration)
+        self.assertIn("# s25r.add_whitelist(...) (", dumped)
+        self.assertIn('define_applicable_condition("L")  # ', dumped)
+        reloaded = config.load(self.write("dumped.conf", dumped), strict=False)
+        self.assertEqual(reloaded.milters[0].applicable_conditions, ["L"])
+
     def test_shipped_configuration_round_trip(self):
         """etc/milter-manager.conf, conditions included, dumps to a file that loads back the same."""
         configuration = config.load(os.path.join(ROOT, "etc", "milter-manager.conf"),

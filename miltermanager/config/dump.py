@@ -32,7 +32,7 @@ def dump(configuration):
     for condition in configuration.conditions.values():
         where = condition.origins.get("name") or "default"
         if condition.helper is not None:
-            lines.extend(_helper_condition(condition.helper))
+            lines.extend(_helper_condition(condition))
             continue
         lines.append(f"\nwith define_applicable_condition({_literal(condition.name)}) "
                      f"as condition:  # {where}\n")
@@ -93,14 +93,18 @@ def _calls(helper):
         yield f"{helper.SECTION}.{call.verb}({call.arguments})  # {where}\n"
 
 
-def _helper_condition(call):
+def _helper_condition(condition):
     # A condition a helper defined: the call again. milters=[]: the milters
     # it was added to list it in their applicable_conditions already.
+    call = condition.helper
     where = call.origin or "default"
     if call.verb == "restrict_accounts_generic":
         if call.source is None:
-            yield (f"\n# restrict_accounts_generic({call.arguments}) ({where}) is not shown: "
-                   f"its function's source is unknown (a lambda?)\n")
+            # Defined without stoppers, as a lambda stopper is left out: the
+            # milters naming it still load.
+            yield (f"\n# restrict_accounts_generic({call.arguments}) ({where}): its function "
+                   f"is not shown: its source is unknown (a lambda?)\n"
+                   f"define_applicable_condition({_literal(condition.name)})  # {where}\n")
             return
         yield f"\n@restrict_accounts_generic({call.arguments}, milters=[])  # {where}\n"
         yield call.source
