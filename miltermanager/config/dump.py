@@ -26,9 +26,10 @@ def dump(configuration):
             lines.extend(_manager_hooks(section))
         lines.extend(section_lines(section.SECTION, section))
     for helper in configuration.helpers():
-        lines.append("\n")
-        lines.extend(section_lines(helper.SECTION, helper))
-        lines.extend(_calls(helper))
+        helper_lines = [*section_lines(helper.SECTION, helper), *_calls(helper)]
+        if helper_lines:
+            lines.append("\n")
+            lines.extend(helper_lines)
     for condition in configuration.conditions.values():
         where = condition.origins.get("name") or "default"
         if condition.helper is not None:
