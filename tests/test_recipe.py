@@ -154,8 +154,8 @@ class RecipeHarness:
                 if "[greylist][" in line and network in line]
 
     def assert_dns_queries(self, expected):
-        """The test DNS server received exactly these questions, and the manager and the
-        greylist milter sent nothing beyond loopback: their only UDP datagrams went to it."""
+        """The test DNS server received exactly these questions, one datagram each from the
+        manager, and the manager and the greylist milter connected and sent to loopback only."""
         self.assertEqual(self.dns.queries(), expected)
         destinations = self.trace.destinations()
         self.assertEqual([(address, port) for address, port in destinations
@@ -170,8 +170,7 @@ class ExampleTests(SynchronousTestCase):
     """The example as shipped, loaded with the conditions from the configuration directory."""
 
     def test_loads_as_documented(self):
-        """The greylist child runs under S25R and DNSBL Listed, fails open, asks only the local
-        resolver, and no blocklist is asked until the user picks one."""
+        """The child runs under S25R and DNSBL Listed, fails open, and no blocklist is asked yet."""
         configuration = config.load(EXAMPLE, load_paths=[os.path.join(REPO, "etc")], strict=False)
         self.assertEqual(configuration.manager.connection_spec, "inet:10025@[127.0.0.1]")
         [greylist] = configuration.milters
@@ -221,7 +220,7 @@ class MilterTestServerTests(RecipeHarness, SynchronousTestCase):
         self.assertEqual(self.greylist_decisions(DYNAMIC[1]), [])
 
     def test_dynamic_listed_greylisted_then_passes(self):
-        """A dynamic-looking, listed client gets 451 first and passes, with X-Greylist, after the delay."""
+        """A dynamic-looking listed client gets 451, then passes with X-Greylist after the delay."""
         first = self.run_client(LISTED)
         self.assertTrue(first.startswith(
             "status: temporary-failure [451]<4.7.1>(Greylisted, please try again in 1 seconds)\n"),
@@ -229,7 +228,8 @@ class MilterTestServerTests(RecipeHarness, SynchronousTestCase):
         time.sleep(DELAY + 0.2)
         retry = self.run_client(LISTED)
         self.assertTrue(retry.startswith("status: pass\n"), retry)
-        self.assertRegex(retry, r"\n\+ X-Greylist: delayed 1 seconds by milter-manager-greylist at ")
+        self.assertRegex(retry,
+                         r"\n\+ X-Greylist: delayed 1 seconds by milter-manager-greylist at ")
         # The retry's lookup is answered from the manager's cache (TTL 300).
         self.assert_dns_queries([("1.2.0.192.dnsbl.test", "A")])
         decisions = self.greylist_decisions(LISTED[1])
@@ -249,7 +249,8 @@ def send_as(postfix, name, address, message=MESSAGE, recipient="bob@example.com"
         code, text = client.docmd("XCLIENT", f"NAME={name} ADDR={address}")
         if code != 220:
             raise AssertionError(f"XCLIENT refused: {code} {text!r}")
-        result = SendResult(ehlo=_reply(*client.ehlo()), mail=_reply(*client.mail("alice@harness.test")))
+        ehlo = _reply(*client.ehlo())
+        result = SendResult(ehlo=ehlo, mail=_reply(*client.mail("alice@harness.test")))
         if result.mail[0] != 250:
             return result
         result.rcpts[recipient] = _reply(*client.rcpt(recipient))
@@ -299,7 +300,7 @@ class PostfixTests(RecipeHarness, SynchronousTestCase):
         self.assert_dns_queries([("2.2.0.192.dnsbl.test", "A")])
 
     def test_dynamic_listed_deferred_then_delivered(self):
-        """Through Postfix, a dynamic-looking listed client gets 451 4.7.1 at RCPT, then 250 after the delay."""
+        """Through Postfix, a dynamic-looking listed client gets 451 at RCPT, 250 after the delay."""
         first = send_as(self.postfix, *LISTED)
         code, text = first.rcpts["bob@example.com"]
         self.assertEqual(f"{code} {text}", f"{GREYLISTED} 1 seconds")
