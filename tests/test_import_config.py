@@ -17,6 +17,8 @@ from miltermanager.tools import import_config
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "upstream")
 DEBIAN = os.path.join(FIXTURES, "debian")
 SIMPLE = os.path.join(FIXTURES, "simple")
+# This checkout's configuration directory: its applicable-conditions/ holds the built-ins.
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc")
 TODO = "# TODO(milter-manager-import-config):"
 HEADER = "# Translated from Ruby by milter-manager-import-config.\n"
 
@@ -54,7 +56,18 @@ class ImportTestCase(SynchronousTestCase):
         return code, lines, self.written("milter-manager.conf")
 
     def load(self, name="milter-manager.conf"):
-        return config.load(os.path.join(self.output, name), strict=False)
+        """Load the output as installed: beside the shipped applicable-conditions files."""
+        self.install_builtins()
+        return config.load(os.path.join(self.output, name), load_paths=[SHIPPED],
+                           strict=False)
+
+    def install_builtins(self):
+        """Copy the shipped condition files into the output, as the package installs them."""
+        shipped = os.path.join(SHIPPED, "applicable-conditions")
+        target = os.path.join(self.output, "applicable-conditions")
+        os.makedirs(target, exist_ok=True)
+        for name in import_config.BUILTIN_CONDITION_FILES:
+            shutil.copyfile(os.path.join(shipped, name), os.path.join(target, name))
 
 
 class DebianTreeTests(ImportTestCase):
@@ -102,9 +115,7 @@ with define_milter("opendkim") as milter:
     milter.enabled = True
     milter.fallback_status = "accept"
     milter.evaluation_mode = False
-    # TODO(milter-manager-import-config): milter-manager.local.conf:25: applicable conditions left out ("Remote Network", "Unauthenticated": upstream's built-in, not in milter-manager yet): the milter runs without them
-    #   milter.applicable_conditions = ["Remote Network", "Unauthenticated"]
-    milter.applicable_conditions = []
+    milter.applicable_conditions = ["Remote Network", "Unauthenticated"]
     milter.connection_timeout = 297.0
     milter.writing_timeout = 15
     milter.reading_timeout = 15
@@ -116,10 +127,8 @@ with define_milter("opendkim") as milter:
 with define_milter("clamav-milter") as m:  # antivirus
     m.connection_spec = "unix:/var/run/clamav/clamav-milter.ctl"
     m.fallback_status = "temporary-failure"
-    # TODO(milter-manager-import-config): milter-manager.local.conf:38: applicable condition left out ("S25R": upstream's built-in, not in milter-manager yet): the milter runs without it
-    #   m.add_applicable_condition("S25R")
-    # TODO(milter-manager-import-config): milter-manager.local.conf:39: applicable condition left out ("No Stress": upstream's built-in, not in milter-manager yet): the milter runs without it
-    #   m.add_applicable_condition "No Stress"
+    m.add_applicable_condition("S25R")
+    m.add_applicable_condition("No Stress")
     m.reading_timeout = 1.5e1
     # m.evaluation_mode = true
 
@@ -129,9 +138,7 @@ with define_milter("spamass-milter") as milter:
 
 with define_milter("milter-greylist") as milter:
     milter.connection_spec = "inet:3333@localhost"
-    # TODO(milter-manager-import-config): milter-manager.local.conf:48: applicable condition left out ("S25R": upstream's built-in, not in milter-manager yet): the milter runs without it
-    #   milter.applicable_conditions = %w[S25R]
-    milter.applicable_conditions = []
+    milter.applicable_conditions = ["S25R"]
     milter.add_applicable_condition("Internal Only")
     # TODO(milter-manager-import-config): milter-manager.local.conf:50: our configuration language has no milter.target_hosts
     #   milter.target_hosts << "external.example.com"
@@ -176,7 +183,7 @@ with define_applicable_condition("Internal Only") as condition:
         self.assertFalse(os.path.exists(
             os.path.join(self.output, "applicable-conditions", "s25r.conf")))
         self.assertIn("skipped applicable-conditions/s25r.conf: upstream's built-in applicable "
-                      "conditions, not translated", self.summary)
+                      "conditions, not translated: milter-manager ships its own", self.summary)
 
     def test_summary_and_exit_status(self):
         """Exit 2; the summary lists each file, then each item needing attention with FILE:LINE."""
@@ -187,21 +194,12 @@ with define_applicable_condition("Internal Only") as condition:
             f"wrote {out}/milter-manager.conf: 3 items translated",
             f"wrote {out}/applicable-conditions/internal-only.conf: 2 items translated, "
             "1 needs attention",
-            f"wrote {out}/milter-manager.local.conf: 41 items translated, 8 need attention",
+            f"wrote {out}/milter-manager.local.conf: 43 items translated, 4 need attention",
             "skipped applicable-conditions/s25r.conf: upstream's built-in applicable conditions, "
-            "not translated",
+            "not translated: milter-manager ships its own",
             "needs attention:",
             "  applicable-conditions/internal-only.conf:6: a stopper is Ruby code: rewrite it in "
             "Python, starting from",
-            '  milter-manager.local.conf:25: applicable conditions left out ("Remote Network", '
-            "\"Unauthenticated\": upstream's built-in, not in milter-manager yet): the milter "
-            "runs without them",
-            '  milter-manager.local.conf:38: applicable condition left out ("S25R": upstream\'s '
-            "built-in, not in milter-manager yet): the milter runs without it",
-            '  milter-manager.local.conf:39: applicable condition left out ("No Stress": '
-            "upstream's built-in, not in milter-manager yet): the milter runs without it",
-            '  milter-manager.local.conf:48: applicable condition left out ("S25R": upstream\'s '
-            "built-in, not in milter-manager yet): the milter runs without it",
             "  milter-manager.local.conf:50: our configuration language has no "
             "milter.target_hosts",
             "  milter-manager.local.conf:62: `if` is Ruby logic: rewrite it in Python",
@@ -209,7 +207,7 @@ with define_applicable_condition("Internal Only") as condition:
             "where it is used",
             "  milter-manager.local.conf:67: the regular expression /\\.example\\.net\\z/ is "
             "Ruby; Python's re differs (\\A, \\z, flags): rewrite it",
-            "3 files written, 46 items translated, 9 need attention",
+            "3 files written, 48 items translated, 5 need attention",
         ])
 
     def test_loaded_values(self):
@@ -238,13 +236,14 @@ with define_applicable_condition("Internal Only") as condition:
                           opendkim.reading_timeout), (297.0, 15.0, 15.0))
         self.assertEqual((opendkim.command, opendkim.command_options, opendkim.user_name),
                          ("/etc/init.d/opendkim", "start", "opendkim"))
+        self.assertEqual(opendkim.applicable_conditions, ["Remote Network", "Unauthenticated"])
         clamav = configuration.milter("clamav-milter")
         self.assertIs(clamav.fallback_status, Status.TEMPORARY_FAILURE)
         self.assertEqual(clamav.reading_timeout, 15.0)
-        self.assertEqual(clamav.applicable_conditions, [])
+        self.assertEqual(clamav.applicable_conditions, ["S25R", "No Stress"])
         self.assertIs(configuration.milter("spamass-milter").evaluation_mode, True)
         greylist = configuration.milter("milter-greylist")
-        self.assertEqual(greylist.applicable_conditions, ["Internal Only"])
+        self.assertEqual(greylist.applicable_conditions, ["S25R", "Internal Only"])
         self.assertEqual({milter.end_of_message_timeout for milter in configuration.milters},
                          {120.0})
         self.assertEqual(configuration.conditions["Internal Only"].description,
@@ -255,9 +254,20 @@ with define_applicable_condition("Internal Only") as condition:
         config.load(os.path.join(self.output, "applicable-conditions", "internal-only.conf"),
                     strict=False)
         loader = config.Loader(strict=False)
+        for name in import_config.BUILTIN_CONDITION_FILES:
+            loader.load_file(os.path.join(SHIPPED, "applicable-conditions", name))
         for name in ("applicable-conditions/internal-only.conf", "milter-manager.local.conf"):
             loader.load_file(os.path.join(self.output, name))
         self.assertEqual(len(loader.finish().milters), 4)
+
+    def test_loads_where_installed_only(self):
+        """The output's own applicable-conditions/ hides the package's from its glob until
+        installed beside them; the check after writing loads it as installed, so passes."""
+        with self.assertRaises(config.ConfigurationError) as caught:
+            config.load(os.path.join(self.output, "milter-manager.conf"), load_paths=[SHIPPED],
+                        strict=False)
+        self.assertIn("no condition 'S25R'", str(caught.exception))
+        self.assertNotIn("does not load", "\n".join(self.summary))
 
 
 class SimpleTests(ImportTestCase):
@@ -602,6 +612,150 @@ with define_milter("a") as milter:
             'e.g. "inet:8891@[127.0.0.1]"); upstream may have found this milter by detection '
             "(load_default): give it milter.connection_spec",
             "1 file written, 2 items translated, 1 needs attention"])
+
+
+class BuiltinConditionTests(ImportTestCase):
+    """milter-manager's built-in conditions, defined by its applicable-conditions files."""
+
+    WITH_LOAD = '''
+        load("applicable-conditions/*.conf")
+        define_milter("a") do |milter|
+          milter.connection_spec = "inet:1@[127.0.0.1]"
+          milter.applicable_conditions = ["S25R", "Not DNSBL Listed"]
+          milter.add_applicable_condition "Trust"
+        end
+        '''
+
+    def test_table_matches_the_shipped_files(self):
+        """BUILTIN_CONDITION_FILES names each shipped file and the conditions it defines."""
+        directory = os.path.join(SHIPPED, "applicable-conditions")
+        shipped = sorted(name for name in os.listdir(directory) if name.endswith(".conf"))
+        self.assertEqual(sorted(import_config.BUILTIN_CONDITION_FILES), shipped)
+        for name, conditions in import_config.BUILTIN_CONDITION_FILES.items():
+            loader = config.Loader(strict=False)
+            loader.load_file(os.path.join(directory, name))
+            self.assertEqual(tuple(loader.finish().conditions), conditions, name)
+
+    def test_kept_when_loaded(self):
+        """With load("applicable-conditions/*.conf") the names stay: no TODO, exit 0."""
+        code, summary, python = self.translate(self.WITH_LOAD)
+        self.assertEqual(code, 0, summary)
+        self.assertEqual(python, HEADER + '''
+load("applicable-conditions/*.conf")
+with define_milter("a") as milter:
+    milter.connection_spec = "inet:1@[127.0.0.1]"
+    milter.applicable_conditions = ["S25R", "Not DNSBL Listed"]
+    milter.add_applicable_condition("Trust")
+''')
+        self.assertEqual(self.load().milter("a").applicable_conditions,
+                         ["S25R", "Not DNSBL Listed", "Trust"])
+
+    def test_kept_when_loaded_one_by_one(self):
+        """A load naming one shipped file (or the directory) keeps that file's conditions only."""
+        directory = os.path.abspath(self.mktemp())
+        self.source("# upstream's\n", "applicable-conditions/s25r.conf", directory)
+        main = self.source('''
+            load "applicable-conditions/s25r.conf"
+            define_milter("a") do |milter|
+              milter.connection_spec = "inet:1@[127.0.0.1]"
+              milter.applicable_conditions = ["S25R", "Trust"]
+            end
+            ''', directory=directory)
+        code, summary, _ = self.run_tool(main)
+        self.assertEqual(code, 2)
+        self.assertIn('milter-manager.conf:5: applicable condition left out ("Trust": '
+                      "milter-manager's built-in, but the translated files do not "
+                      'load("applicable-conditions/*.conf"), which defines it): the milter runs '
+                      "without it", "\n".join(summary))
+        self.assertIn('    milter.applicable_conditions = ["S25R"]\n',
+                      self.written("milter-manager.conf"))
+
+    def test_left_out_without_the_load(self):
+        """Without a load of the shipped files, a built-in name is left out, saying so."""
+        code, _, python = self.translate('''
+            define_milter("a") do |milter|
+              milter.connection_spec = "inet:1@[127.0.0.1]"
+              milter.applicable_conditions = ["S25R", "No Stress"]
+            end
+            ''')
+        self.assertEqual(code, 2)
+        self.assertIn(f'''    {TODO} milter-manager.conf:4: applicable conditions left out ("S25R", "No Stress": milter-manager's built-in, but the translated files do not load("applicable-conditions/*.conf"), which defines them): the milter runs without them
+    #   milter.applicable_conditions = ["S25R", "No Stress"]
+    milter.applicable_conditions = []
+''', python)
+
+    def test_helpers_translate(self):
+        """The helpers of the built-ins (s25r, dnsbl, ...) are part of the language now."""
+        code, summary, python = self.translate('''
+            load("applicable-conditions/*.conf")
+            s25r.add_whitelist("mail.example.net")
+            ''')
+        self.assertEqual(code, 0, summary)
+        self.assertIn('s25r.add_whitelist("mail.example.net")\n', python)
+
+    def test_builtins_not_found(self):
+        """No shipped files anywhere: the names stay, and one item says the files are needed."""
+        self.patch(import_config, "builtin_directories",
+                   lambda: [os.path.abspath(self.mktemp())])
+        code, summary, python = self.translate(self.WITH_LOAD)
+        self.assertEqual(code, 2)
+        self.assertIn('milter.applicable_conditions = ["S25R", "Not DNSBL Listed"]', python)
+        self.assertEqual(len([line for line in summary if line.startswith("  ")]), 1, summary)
+        self.assertIn(f"  {self.output}/milter-manager.conf: its milters name milter-manager's "
+                      'built-in conditions "Not DNSBL Listed", "S25R", "Trust": the translated '
+                      "configuration needs milter-manager's applicable-conditions files "
+                      "(installed by the package in /etc/milter-manager/applicable-conditions/) "
+                      "to load; none found in ", "\n".join(summary))
+
+    def test_builtins_not_found_but_unused(self):
+        """No shipped files, and no milter naming a built-in: nothing to report."""
+        self.patch(import_config, "builtin_directories",
+                   lambda: [os.path.abspath(self.mktemp())])
+        code, summary, _ = self.translate('load("applicable-conditions/*.conf")\n')
+        self.assertEqual(code, 0, summary)
+
+    def test_other_errors_reported_without_builtins(self):
+        """Without the shipped files the rest of the output is still checked."""
+        self.patch(import_config, "builtin_directories",
+                   lambda: [os.path.abspath(self.mktemp())])
+        code, summary, _ = self.translate('''
+            load("applicable-conditions/*.conf")
+            define_milter("a") do |milter|
+              milter.applicable_conditions = ["S25R"]
+            end
+            ''')
+        self.assertEqual(code, 2)
+        attention = [line for line in summary if line.startswith("  ")]
+        self.assertEqual(len(attention), 2, summary)
+        self.assertIn("connection_spec is required", attention[0])
+        self.assertIn("needs milter-manager's applicable-conditions files", attention[1])
+
+    def test_upstream_files_are_not_ours(self):
+        """A directory still holding upstream's Ruby condition files is passed over."""
+        ruby = os.path.abspath(self.mktemp())
+        for name in import_config.BUILTIN_CONDITION_FILES:
+            self.source('define_applicable_condition("S25R") do |condition|\nend\n',
+                        os.path.join("applicable-conditions", name), ruby)
+        self.assertIsNone(import_config.find_builtin_directory([ruby]))
+        self.assertEqual(import_config.find_builtin_directory([ruby, SHIPPED]), SHIPPED)
+
+    def test_checkout_is_searched_first(self):
+        """From a checkout, its etc/ is where the shipped files are found."""
+        self.assertEqual(import_config.builtin_directories()[0], SHIPPED)
+        self.assertEqual(import_config.find_builtin_directory(), SHIPPED)
+
+    def test_errors_in_the_output_name_the_output(self):
+        """The check runs on a scratch copy; an error names the written file and line."""
+        code, summary, _ = self.translate('''
+            load("applicable-conditions/*.conf")
+            define_milter("a") do |milter|
+              milter.applicable_conditions = ["S25R"]
+            end
+            ''')
+        self.assertEqual(code, 2)
+        self.assertTrue(summary[-2].startswith(
+            f'  {self.output}/milter-manager.conf:4: the translated configuration does not '
+            'load: milter "a": connection_spec is required'), summary)
 
 
 class CommandTests(ImportTestCase):

@@ -18,12 +18,15 @@ language are picked up without a change here.
 """
 
 import argparse
+import fnmatch
 import glob
 import inspect
 import keyword
 import os
 import re
+import shutil
 import sys
+import tempfile
 import textwrap
 from dataclasses import dataclass, field
 
@@ -32,24 +35,30 @@ TODO = "# TODO(milter-manager-import-config):"
 HEADER = "# Translated from Ruby by milter-manager-import-config."
 
 # Upstream ships these in applicable-conditions/; they define its built-in
-# conditions (S25R, Remote Network, ...) in Ruby. milter-manager has its own
-# built-ins of those names, so the files are not translated.
-BUILTIN_CONDITION_FILES = frozenset({
-    "authentication.conf", "dnsbl.conf", "remote-network.conf", "restrict-accounts.conf",
-    "s25r.conf", "sendmail-compatible.conf", "stress.conf", "trust.conf",
-})
-CONDITIONS_DIRECTORY = "applicable-conditions"
-BUILTIN_CONDITIONS = frozenset({
-    "S25R", "Remote Network", "Authenticated", "Unauthenticated", "Sendmail Compatible",
-    "Stress Notify", "No Stress", "Trust", "DNSBL Listed", "Not DNSBL Listed",
-})
-# Upstream's helpers that configure its built-in conditions.
-BUILTIN_HELPERS = {
-    "s25r": "S25R", "remote_network": "Remote Network", "trust": "Trust",
-    "stress": "Stress Notify and No Stress", "dnsbl": "DNSBL Listed",
-    "restrict_accounts_by_list": "Restrict Accounts", "restrict_accounts_generic":
-    "Restrict Accounts",
+# conditions (S25R, Remote Network, ...) in Ruby. milter-manager ships its own
+# files of the same names defining the same conditions (etc/applicable-conditions/
+# in the source, /etc/milter-manager/applicable-conditions/ once installed), so
+# upstream's are not translated: the translated load("applicable-conditions/*.conf")
+# loads ours. The file each condition is defined in:
+BUILTIN_CONDITION_FILES = {
+    "authentication.conf": ("Authenticated", "Unauthenticated"),
+    "dnsbl.conf": ("DNSBL Listed", "Not DNSBL Listed"),
+    "remote-network.conf": ("Remote Network",),
+    "restrict-accounts.conf": (),  # the restrict_accounts_* helpers define theirs
+    "s25r.conf": ("S25R",),
+    "sendmail-compatible.conf": ("Sendmail Compatible",),
+    "stress.conf": ("Stress Notify", "No Stress"),
+    "trust.conf": ("Trust",),
 }
+CONDITIONS_DIRECTORY = "applicable-conditions"
+BUILTIN_CONDITIONS = frozenset(
+    name for names in BUILTIN_CONDITION_FILES.values() for name in names)
+# Where milter-manager's own condition files are looked for, to check the
+# output with: a source checkout's etc/ first (this module's ../../etc), then
+# the load paths ($MILTER_MANAGER_CONFIG_DIR, /etc/milter-manager).
+CHECKOUT_DIRECTORY = os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "etc"))
+PACKAGE_CONDITIONS = "/etc/milter-manager/applicable-conditions/"
 
 EXIT_OK, EXIT_ERROR, EXIT_ATTENTION = 0, 1, 2
 
@@ -729,6 +738,10 @@ class Result:
     files: list = field(default_factory=list)
     skipped: list = field(default_factory=list)  # (name, why)
     issues: list = field(default_factory=list)  # found after writing (loading the output)
+    # milter-manager's condition files the output loads ("applicable-conditions/s25r.conf"),
+    # and the built-in conditions its milters name that only those files define.
+    builtin_files: set = field(default_factory=set)
+    builtin_conditions: set = field(default_factory=set)
 
     @property
     def all_issues(self):
@@ -738,14 +751,20 @@ class Result:
 class Translator:
     """Translates a Ruby milter-manager.conf and the files it loads."""
 
-    def __init__(self, main_path, conditions=None):
+    def __init__(self, main_path, conditions=None, builtin_conditions=()):
         self.main = os.path.abspath(main_path)
         self.directory = os.path.dirname(self.main)  # upstream resolves loads against it
         self.target = _Target()
-        # The conditions the output defines; None: not known yet (the first pass).
+        # The conditions the output defines, the translated files' and the
+        # built-ins of milter-manager's files it loads; None: not known yet
+        # (the first pass).
+        self.translated_conditions = set(conditions or ()) | self.target.conditions()
         self.conditions = None if conditions is None else (
-            set(conditions) | self.target.conditions())
+            self.translated_conditions | set(builtin_conditions))
         self.defined_conditions = set()
+        # The built-in conditions defined by the files the output loads from
+        # milter-manager's applicable-conditions/ (as installed).
+        self.loaded_builtin_conditions = set()
         self.result = Result()
         self._queue = [self.main]
         self._seen = {self.main}
@@ -913,16 +932,18 @@ class Translator:
         refusal = self.target.refusal(names)
         if refusal:
             raise Untranslatable(refusal)
-        if names[0] in BUILTIN_HELPERS and self.target.section(names[0]) is None \
-                and self.target.function(names[0]) is None:
-            raise Untranslatable(
-                f"`{'.'.join(names)}` configures upstream's built-in condition "
-                f"{BUILTIN_HELPERS[names[0]]}, which milter-manager does not have yet")
 
     def _missing_conditions(self, names):
-        """The condition names the translated configuration will not define."""
+        """The condition names the translated configuration will not define.
+
+        The built-in ones it keeps (defined by milter-manager's own files,
+        which it loads) are noted for verify.
+        """
         if self.conditions is None:
             return []
+        self.result.builtin_conditions.update(
+            name for name in names if name in self.conditions
+            and name in BUILTIN_CONDITIONS and name not in self.translated_conditions)
         return [name for name in names if name not in self.conditions]
 
     @staticmethod
@@ -931,7 +952,10 @@ class Translator:
         other = [name for name in missing if name not in BUILTIN_CONDITIONS]
         reasons = []
         if builtin:
-            reasons.append(f"{_quoted(builtin)}: upstream's built-in, not in milter-manager yet")
+            reasons.append(
+                f"{_quoted(builtin)}: milter-manager's built-in, but the translated files do "
+                f'not load({python_string(CONDITIONS_DIRECTORY + "/*.conf")}), which defines '
+                f"{'them' if len(builtin) > 1 else 'it'}")
         if other:
             reasons.append(f"{_quoted(other)}: not defined by the translated files")
         several = len(missing) > 1
@@ -1140,11 +1164,23 @@ class Translator:
             raise Untranslatable(f"{pattern} does not exist")
         for match in matches:
             self._follow(match)
+        self._note_builtin_files(os.path.relpath(resolved, self.directory))
         # Our load() is relative to the including file, upstream's to the directory.
         relative = os.path.relpath(resolved, os.path.dirname(self.path))
         argument = pattern if relative == os.path.normpath(pattern) else relative
         code = f"{function}({python_string(argument)})"
         return _Out(self._line(statement, level, code, comments), translated=1, has_code=True)
+
+    def _note_builtin_files(self, pattern):
+        """Note milter-manager's condition files that pattern (relative to the
+        configuration directory) loads once installed beside them."""
+        parts = pattern.split(os.sep)
+        for name, conditions in BUILTIN_CONDITION_FILES.items():
+            candidate = [CONDITIONS_DIRECTORY, name]
+            if len(parts) == len(candidate) and all(
+                    fnmatch.fnmatchcase(part, glob_) for part, glob_ in zip(candidate, parts)):
+                self.result.builtin_files.add(os.path.join(CONDITIONS_DIRECTORY, name))
+                self.loaded_builtin_conditions.update(conditions)
 
     def _follow(self, path):
         path = os.path.abspath(path)
@@ -1155,7 +1191,8 @@ class Translator:
         if os.path.dirname(name) == CONDITIONS_DIRECTORY and \
                 os.path.basename(name) in BUILTIN_CONDITION_FILES:
             self.result.skipped.append(
-                (name, "upstream's built-in applicable conditions, not translated"))
+                (name, "upstream's built-in applicable conditions, not translated: "
+                       "milter-manager ships its own"))
             return
         self._queue.append(path)
 
@@ -1258,26 +1295,113 @@ def write(result, output_directory, force=False):
     return [path for path, _ in targets]
 
 
-def verify(result, output_directory):
-    """Load the written main file with miltermanager.config; a failure needs attention."""
+def builtin_directories():
+    """The directories milter-manager's own applicable-conditions/ may be in, in order."""
     from miltermanager import config
 
-    main = os.path.abspath(os.path.join(output_directory, result.files[0].name))
+    return list(dict.fromkeys([CHECKOUT_DIRECTORY, *config.load_paths()]))
+
+
+def find_builtin_directory(directories=None):
+    """The first configuration directory holding milter-manager's own condition files, or None.
+
+    Its applicable-conditions/ must hold every file of BUILTIN_CONDITION_FILES,
+    which must load (trusted, as the daemon loads them) and define their
+    conditions: a directory still holding upstream's Ruby files is not it.
+    """
+    from miltermanager import config
+
+    for directory in builtin_directories() if directories is None else directories:
+        paths = [os.path.join(directory, CONDITIONS_DIRECTORY, name)
+                 for name in BUILTIN_CONDITION_FILES]
+        if not all(os.path.isfile(path) for path in paths):
+            continue
+        loader = config.Loader()
+        for path in paths:
+            loader.load_file(path)
+        if not loader.errors and BUILTIN_CONDITIONS <= set(loader.configuration.conditions):
+            return os.path.abspath(directory)
+    return None
+
+
+def verify(result, output_directory, builtin_directory=None, search=True):
+    """Load the written main file with miltermanager.config; a failure needs attention.
+
+    The output is loaded as it will be installed: in a scratch copy of the
+    configuration directory, beside milter-manager's own applicable-conditions
+    files (builtin_directory, else found by find_builtin_directory when search),
+    which is also the load path. Without them, conditions of the same names
+    stand in, so the rest is checked, and one item says the files are needed.
+    """
+    from miltermanager import config
+
+    if builtin_directory is None and search:
+        builtin_directory = find_builtin_directory()
+    output = os.path.abspath(output_directory)
+    main = os.path.join(output_directory, result.files[0].name)
+    scratch = tempfile.mkdtemp(prefix="milter-manager-import-config-")
     try:
-        # Not strict: the files' owners and modes are for the admin who installs them.
-        config.load(main, load_paths=(), strict=False)
-    except config.ConfigurationError as failure:
-        root = os.path.abspath(output_directory) + os.sep
-        for error in failure.errors:
-            # FILE:LINE of the output, named as the "wrote" lines name it.
-            location = error.location or main
-            if location.startswith(root):
-                location = os.path.join(output_directory, location[len(root):])
-            reason = f"the translated configuration does not load: {error.reason}"
-            if "connection_spec is required" in error.reason:
-                reason += ("; upstream may have found this milter by detection (load_default): "
-                           "give it milter.connection_spec")
-            result.issues.append(Issue(location, reason))
+        originals = _stage(result, output, scratch, builtin_directory)
+        try:
+            # Not strict: the files' owners and modes are for the admin who installs them.
+            config.load(os.path.join(scratch, result.files[0].name),
+                        load_paths=(builtin_directory,) if builtin_directory else (),
+                        strict=False)
+        except config.ConfigurationError as failure:
+            for error in failure.errors:
+                # FILE:LINE of the output, named as the "wrote" lines name it.
+                location = _unstaged(error.location, scratch, originals) or main
+                reason = f"the translated configuration does not load: {error.reason}"
+                if "connection_spec is required" in error.reason:
+                    reason += ("; upstream may have found this milter by detection "
+                               "(load_default): give it milter.connection_spec")
+                result.issues.append(Issue(location, reason))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if builtin_directory is None and result.builtin_conditions:
+        looked = ", ".join(os.path.join(directory, CONDITIONS_DIRECTORY)
+                           for directory in builtin_directories())
+        result.issues.append(Issue(main, (
+            f"its milters name milter-manager's built-in conditions "
+            f"{_quoted(sorted(result.builtin_conditions))}: the translated configuration "
+            f"needs milter-manager's applicable-conditions files (installed by the package in "
+            f"{PACKAGE_CONDITIONS}) to load; none found in {looked}")))
+
+
+def _stage(result, output, scratch, builtin_directory):
+    """Lay out scratch as the installed directory; return {scratch path: path to report}."""
+    originals = {}
+    conditions = os.path.join(scratch, CONDITIONS_DIRECTORY)
+    os.makedirs(conditions)
+    if builtin_directory is not None:
+        shipped = os.path.join(builtin_directory, CONDITIONS_DIRECTORY)
+        for name in sorted(os.listdir(shipped)):
+            if os.path.isfile(os.path.join(shipped, name)):
+                shutil.copyfile(os.path.join(shipped, name), os.path.join(conditions, name))
+                originals[os.path.join(conditions, name)] = os.path.join(shipped, name)
+    else:
+        # Stand-ins of the built-ins the output loads, so that the rest is checked.
+        for name in result.builtin_files:
+            defined = BUILTIN_CONDITION_FILES[os.path.basename(name)]
+            with open(os.path.join(scratch, name), "w", encoding="utf-8") as file:
+                file.writelines(f"define_applicable_condition({python_string(condition)})\n"
+                                for condition in defined)
+    for item in result.files:
+        staged = os.path.join(scratch, item.name)
+        os.makedirs(os.path.dirname(staged), exist_ok=True)
+        shutil.copyfile(os.path.join(output, item.name), staged)
+        originals[staged] = os.path.join(output, item.name)
+    return originals
+
+
+def _unstaged(location, scratch, originals):
+    """A FILE:LINE in scratch as the file it was copied from; None stays None."""
+    if location is None or not location.startswith(scratch + os.sep):
+        return location
+    path, separator, line = location.rpartition(":")
+    if not separator or not line.isdigit():
+        path, separator, line = location, "", ""
+    return originals.get(path, path) + separator + line
 
 
 def summary(result, written):
@@ -1314,7 +1438,7 @@ def translate(path):
     """
     first = Translator(path)
     first.run()
-    return Translator(path, first.defined_conditions).run()
+    return Translator(path, first.defined_conditions, first.loaded_builtin_conditions).run()
 
 
 class _Parser(argparse.ArgumentParser):
