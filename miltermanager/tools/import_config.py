@@ -1156,7 +1156,9 @@ class Translator:
                 f"{pattern} is outside {self.directory}: translate it on its own and load "
                 "the result")
         if os.path.isdir(resolved):
-            resolved = os.path.join(resolved, "*")  # upstream loads every file in it
+            # Upstream loads every file in it; its files are *.conf, and ours beside them
+            # (a README in applicable-conditions/) are no configuration.
+            resolved = os.path.join(resolved, "*.conf")
         wildcards = any(char in resolved for char in "*?[")
         matches = sorted(path for path in glob.glob(resolved) if os.path.isfile(path)) \
             if wildcards else [resolved] if os.path.isfile(resolved) else []
