@@ -5,7 +5,7 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from miltermanager import client, config
 from miltermanager.config import ConfigurationError
@@ -1414,7 +1414,7 @@ class SafetyTests(ConfigTestCase):
         try:
             os.chown(path, other, -1)
         except PermissionError:
-            raise SkipTest("cannot give a file away without root")
+            self.fail("cannot give a file away without root (CI runs as root)")
         import pwd
         try:
             owner = f"{pwd.getpwuid(other).pw_name} (uid {other})"
