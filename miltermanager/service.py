@@ -13,6 +13,8 @@ ManagerService is what `twistd milter-manager` runs. In twistd's order:
    exit and removes them (see spawn_cleaner).
 3. startService: SIGHUP reloads, SIGUSR1 reopens the log file; the
    `event_loop_created` hooks run once the reactor runs.
+4. stopService (SIGTERM): stop listening, then wait for the MTA connections
+   in flight to end, up to DRAIN_TIMEOUT, so no message is cut off.
 
 Each MTA connection gets a ManagerSession on the configuration current when
 it connected and keeps it to the end: a reload swaps `factory.configuration`
@@ -37,6 +39,11 @@ from .config import ConfigurationError
 from .logs import LogRouter
 from .server import MilterServerFactory, MilterServerProtocol
 from .session import ManagerSession
+
+# How long SIGTERM waits for MTA connections in flight before closing them. Postfix keeps a
+# milter connection for a whole SMTP session, which may idle; messages in flight finish
+# well within this, and the MTA applies its milter_default_action to what is left.
+DRAIN_TIMEOUT = 30.0
 
 # Settings read only at start: a reload that changes them says they need a restart.
 RESTART_SETTINGS = (
@@ -63,14 +70,14 @@ class ManagerConnection(MilterServerProtocol):
     """One MTA connection, counted by its factory."""
 
     def connectionMade(self):
-        self.factory.connection_made()
+        self.factory.connection_made(self)
         super().connectionMade()
 
     def connectionLost(self, reason=None):
         try:
             super().connectionLost(reason)
         finally:
-            self.factory.connection_lost()
+            self.factory.connection_lost(self)
 
 
 class ManagerFactory(MilterServerFactory):
@@ -97,17 +104,26 @@ class ManagerFactory(MilterServerFactory):
         self.finished = 0  # since start
         self.ports = []
         self.paused = False
+        self._drained = []  # Deferreds waiting for connections to reach 0
+        self._open = set()  # the ManagerConnections, to close what a drain leaves
 
     def _session(self, server):
         return ManagerSession(server, self.configuration, self.reactor, self.session_clock)
 
-    def connection_made(self):
+    def connection_made(self, connection=None):
         self.connections += 1
+        if connection is not None:
+            self._open.add(connection)
         self.update_accepting()
 
-    def connection_lost(self):
+    def connection_lost(self, connection=None):
         self.connections -= 1
         self.finished += 1
+        self._open.discard(connection)
+        if not self.connections:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
         interval = self.configuration.manager.maintenance_interval
         if interval and self.finished % interval == 0:
             self.maintain()
@@ -135,6 +151,32 @@ class ManagerFactory(MilterServerFactory):
                           "until one ends", n=self.connections)
         else:
             self.log.info("[accept][resume] {n} connections", n=self.connections)
+
+    def drain(self, timeout, clock):
+        """Fire once every MTA connection has ended, closing those left after timeout seconds.
+
+        Sessions in flight finish their message instead of being cut off
+        at stop; an MTA that keeps an idle connection open is not waited
+        for forever.
+        """
+        if not self.connections:
+            return defer.succeed(None)
+        self.log.info("[stop][drain] waiting up to {timeout} s for {n} MTA connections",
+                      timeout=timeout, n=self.connections)
+        d = defer.Deferred()
+        self._drained.append(d)
+
+        def too_long():
+            if d.called:
+                return
+            self.log.warn("[stop][drain] closing {n} MTA connections still open after {timeout} s",
+                          n=self.connections, timeout=timeout)
+            for connection in list(self._open):
+                connection.transport.loseConnection()
+
+        timer = clock.callLater(timeout, too_long)
+        d.addBoth(lambda result: timer.cancel() if timer.active() else None)
+        return d
 
     def add_port(self, port):
         self.ports.append(port)
@@ -617,6 +659,8 @@ class ManagerService(service.Service):
             port, self.port = self.port, None
             self.factory.remove_port(port)
             stopping = defer.maybeDeferred(port.stopListening)
+        # No new connections from here on; those in flight finish their message.
+        stopping.addCallback(lambda _: self.factory.drain(DRAIN_TIMEOUT, self.reactor))
         if self.pid_file is not None:
             remove_pid_file(self.pid_file, os.getpid(), None if self._cleaner else self.log)
         return stopping

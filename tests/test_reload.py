@@ -282,3 +282,37 @@ class ReloadProcessTests(SynchronousTestCase):
         self.assertFalse(_listening(old_port))
         self.assertIn(f"[reload][listen] listening on inet:{new_port}@[{HOST}]",
                       self.manager.log())
+
+
+class StopProcessTests(SynchronousTestCase):
+    """SIGTERM lets the MTA connections in flight finish their message."""
+
+    def test_sigterm_drains_sessions_in_flight(self):
+        """A session whose child is still at end of message when SIGTERM arrives completes
+        with the child's verdict and edits, then the manager exits."""
+        child_port = free_port()
+        child = subprocess.Popen(
+            ["milter-test-client", "--quiet", "-s", f"inet:{child_port}@[{HOST}]",
+             "--wait", "1.5@end-of-message", "--add-header", "X-Slow:done"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+        self.addCleanup(_stop_process, child)
+        wait_for_port(child_port, 20, child)
+        manager = MiltermanagerProcess(self.mktemp(), (
+            'manager.connection_spec = "{spec}"\nlog.use_syslog = False\n'
+            'with define_milter("slow") as milter:\n'
+            f'    milter.connection_spec = "inet:{child_port}@[{HOST}]"\n'))
+        manager.start()
+        self.addCleanup(manager.stop)
+        session = subprocess.Popen(
+            ["milter-test-server", "-s", manager.spec, "--output-message"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
+        self.addCleanup(_stop_process, session)
+        time.sleep(0.7)  # the session is now waiting for the slow end of message
+        os.kill(manager.process.pid, signal.SIGTERM)
+        output, _ = session.communicate(timeout=30)
+        self.assertTrue(output.startswith("status: pass"), output)
+        self.assertIn("+ X-Slow: done", output)
+        # twistd reports a stop by SIGTERM by ending with that signal (Twisted >= 17).
+        self.assertIn(manager.process.wait(timeout=30), (0, -signal.SIGTERM), manager.log())
+        self.assertIn("[stop][drain]", manager.log())

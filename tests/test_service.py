@@ -10,7 +10,7 @@ import time
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -153,6 +153,41 @@ class MaintenanceTests(SynchronousTestCase):
         factory.connection_lost()
 
 
+class DrainTests(SynchronousTestCase):
+    """At stop, MTA connections in flight are waited for, within DRAIN_TIMEOUT."""
+
+    def test_fires_when_the_last_connection_ends(self):
+        """drain() waits until the last MTA connection has ended."""
+        clock = MemoryReactorClock()
+        factory = service.ManagerFactory(configuration(), clock)
+        factory.connection_made()
+        d = factory.drain(30, clock)
+        self.assertNoResult(d)
+        factory.connection_lost()
+        self.successResultOf(d)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_nothing_open(self):
+        """With no connection open, drain() fires at once."""
+        clock = MemoryReactorClock()
+        self.successResultOf(service.ManagerFactory(configuration(), clock).drain(30, clock))
+
+    def test_connections_closed_after_the_timeout(self):
+        """Connections still open after the timeout are closed."""
+        clock = MemoryReactorClock()
+        factory = service.ManagerFactory(configuration(), clock)
+        connection = factory.buildProtocol(None)
+        transport = StringTransport()
+        connection.makeConnection(transport)
+        d = factory.drain(30, clock)
+        clock.advance(29)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        connection.connectionLost(None)
+        self.successResultOf(d)
+
+
 class _Client(protocol.Protocol):
     def connectionMade(self):
         self.factory.made.callback(self)
@@ -169,13 +204,13 @@ class MaxConnectionsTests(TestCase):
         made, lost = factory.connection_made, factory.connection_lost
         self.waiting = []
 
-        def connection_made():
-            made()
+        def connection_made(connection=None):
+            made(connection)
             self.made_server.append(1)
             self._wake()
 
-        def connection_lost():
-            lost()
+        def connection_lost(connection=None):
+            lost(connection)
             self.lost_server.append(1)
             self._wake()
 
