@@ -1,9 +1,7 @@
 """milter-manager-greylist: the greylisting milter as a command-line program."""
 
-import os
 import socket
 import sqlite3
-import stat
 import sys
 
 from twisted.logger import Logger
@@ -124,16 +122,6 @@ def _start_logging(options, stream):
         redirectStandardIO=False)
 
 
-def _remove_stale_unix_socket(spec):
-    """Remove a socket file a previous run left behind; never a regular file."""
-    if not spec.is_unix:
-        return
-    try:
-        if stat.S_ISSOCK(os.stat(spec.path).st_mode):
-            os.unlink(spec.path)
-    except FileNotFoundError:
-        pass
-
 
 def main(argv=None, reactor=None, stderr=None):
     """Entry point of the milter-manager-greylist console script; returns the exit status."""
@@ -148,7 +136,7 @@ def main(argv=None, reactor=None, stderr=None):
     if reactor is None:
         from twisted.internet import reactor
 
-    from miltermanager import connection_spec
+    from miltermanager.tools.serve import serve
 
     from .milter import server_factory
     from .threaded import ThreadedGreylist
@@ -165,34 +153,15 @@ def main(argv=None, reactor=None, stderr=None):
     hostname = socket.gethostname().encode("ascii", "replace")
     factory = server_factory(greylist, reactor, hostname)
     spec_text = options["connection-spec"]
-    spec = connection_spec.parse(spec_text)
-    _remove_stale_unix_socket(spec)
-    endpoint = spec.server_endpoint(reactor)
-    state = {"status": 0}
 
     def listening(port):
         log.info("[greylist][listen] {spec}; database {database}, delay {delay} s, retry window "
                  "{window} s, expiry {expiry} s, auto-whitelist {auto}", spec=spec_text,
                  database=database, delay=options["delay"], window=options["retry-window"],
                  expiry=options["expiry"], auto=options["auto-whitelist"])
-        # Stopping the port closes it and, for a UNIX socket, removes the file.
-        reactor.addSystemEventTrigger("before", "shutdown", port.stopListening)
 
-    def failed(failure):
-        stderr.write(f"{PROGRAM}: cannot listen on {spec_text}: "
-                     f"{failure.getErrorMessage()}\n")
-        state["status"] = 1
-        reactor.stop()
-
-    def start():
-        greylist.start()
-        # "during" runs after the "before" triggers: no connection is accepted any more.
-        reactor.addSystemEventTrigger("during", "shutdown", greylist.stop)
-        endpoint.listen(factory).addCallbacks(listening, failed)
-
-    reactor.callWhenRunning(start)
-    reactor.run()
-    return state["status"]
+    return serve(reactor, spec_text, factory, PROGRAM, stderr,
+                 listening=listening, start=greylist.start, stop=greylist.stop)
 
 
 def run():

@@ -8,7 +8,6 @@ the message and so on at a chosen stage, so tests can use it as a child milter.
 """
 
 import os
-import stat
 import sys
 
 from twisted.internet.task import deferLater
@@ -626,16 +625,6 @@ def _level_rank(level):
     return list(LogLevel.iterconstants()).index(level)
 
 
-def _remove_stale_unix_socket(spec):
-    """Remove a socket file a previous run left behind, as upstream does; never a regular file."""
-    if not spec.is_unix:
-        return
-    try:
-        if stat.S_ISSOCK(os.stat(spec.path).st_mode):
-            os.unlink(spec.path)
-    except FileNotFoundError:
-        pass
-
 
 def main(argv=None, reactor=None, stdout=None, stderr=None):
     """Entry point of the milter-test-client console script."""
@@ -652,35 +641,18 @@ def main(argv=None, reactor=None, stdout=None, stderr=None):
     if reactor is None:
         from twisted.internet import reactor
 
-    from miltermanager import connection_spec
     from miltermanager.server import MilterServerFactory
+    from miltermanager.tools.serve import serve
 
     log = Logger(namespace="milter-test-client")
     spec_text = options["connection-spec"]
     factory = MilterServerFactory(milter_factory(options, LineWriter(stdout), reactor),
                                   clock=reactor)
-    spec = connection_spec.parse(spec_text)
-    _remove_stale_unix_socket(spec)
-    endpoint = spec.server_endpoint(reactor)
-    state = {"status": 0}
 
     def listening(port):
         log.info("[client][listen] {spec}", spec=spec_text)
-        # Stopping the port closes it and, for a UNIX socket, removes the file.
-        reactor.addSystemEventTrigger("before", "shutdown", port.stopListening)
 
-    def failed(failure):
-        stderr.write(f"milter-test-client: cannot listen on {spec_text}: "
-                     f"{failure.getErrorMessage()}\n")
-        state["status"] = 1
-        reactor.stop()
-
-    def start():
-        endpoint.listen(factory).addCallbacks(listening, failed)
-
-    reactor.callWhenRunning(start)
-    reactor.run()
-    return state["status"]
+    return serve(reactor, spec_text, factory, "milter-test-client", stderr, listening=listening)
 
 
 def run():
