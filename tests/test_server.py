@@ -696,7 +696,7 @@ class EndOfMessageTests(SynchronousTestCase):
         self.assertNotIn("end_of_message", h.names())
 
 
-class SkipTests(SynchronousTestCase):
+class SkipReplyTests(SynchronousTestCase):
     def test_skip_negotiated(self):
         """SKIP answers BODY when SMFIP_SKIP was negotiated."""
         h = Harness(protocol=c.SMFIP_SKIP)

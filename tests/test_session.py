@@ -1157,7 +1157,7 @@ class BodyTests(ScenarioTestCase):
         ))
 
 
-class SkipTests(ScenarioTestCase):
+class SkipReplyTests(ScenarioTestCase):
     """A child's SKIP in the body ends the body for that child only."""
 
     def test_live_child_skips(self):
