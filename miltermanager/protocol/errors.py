@@ -23,3 +23,17 @@ class PayloadError(ProtocolError):
 
 class NegotiationError(ProtocolError):
     """Option negotiation failed: the versions or flags do not fit."""
+
+
+class ReplyCodeError(PayloadError):
+    """A milter's SMFIR_REPLYCODE text is not an SMTP reply both MTAs take.
+
+    The message names the text (shortened) and what is wrong with it, on one
+    line; text and reason are kept for callers.
+    """
+
+    def __init__(self, text, reason):
+        shown = text if len(text) <= 80 else text[:80] + b"..."
+        super().__init__(f"invalid SMTP reply {shown!r}: {reason}")
+        self.text = text
+        self.reason = reason
