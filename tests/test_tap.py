@@ -1,10 +1,8 @@
 """Tests for the twistd plugin, its options and the no-children fallback milter."""
 
-import grp
 import io
 import os
 import shutil
-import socket
 import stat
 import sys
 import tempfile
@@ -15,7 +13,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from miltermanager import config, service, tap
+from miltermanager import config, tap
 from miltermanager.merge import Status
 from miltermanager.macros import Macros
 from miltermanager.protocol import messages
@@ -172,8 +170,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertIs(milter.connect(None, Macros()), messages.DISCARD)
 
 
-class UNIXSocketTests(TestCase):
-    """Listening on a UNIX socket: mode, group, and what happens to an old socket file."""
+class UNIXSocketServiceTests(TestCase):
+    """makeService on a UNIX socket (the socket itself: test_listening)."""
 
     def setUp(self):
         # sun_path holds 108 bytes: trial's _trial_temp paths may be too long.
@@ -181,94 +179,25 @@ class UNIXSocketTests(TestCase):
         self.addCleanup(shutil.rmtree, self.directory)
         self.path = os.path.join(self.directory, "s.sock")
 
-    def service(self, **settings):
-        manager = config.ManagerConfig(connection_spec=f"unix:{self.path}", **settings)
-        from twisted.internet import reactor
-
-        return service.listen_service(reactor, manager, tap_factory())
-
-    def start(self, service):
-        service.privilegedStartService()
-        service.startService()
-        self.addCleanup(service.stopService)
-
-    def stale_socket(self):
-        """Leave a socket file nobody listens on, as a crashed manager does."""
-        old = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old.bind(self.path)
-        old.close()
-        self.assertTrue(stat.S_ISSOCK(os.lstat(self.path).st_mode))
-
-    def test_mode_0660(self):
-        """The socket gets manager.unix_socket_mode, 0660 by default (Twisted's is 0666)."""
-        self.start(self.service())
-        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o660)
-
-    def test_mode_from_configuration(self):
-        """Another unix_socket_mode is applied too."""
-        self.start(self.service(unix_socket_mode=0o600))
-        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
-
-    def test_stale_socket_removed(self):
-        """A stale socket file is removed before listening."""
-        self.stale_socket()
-        self.start(self.service())
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(client.close)
-        client.connect(self.path)
-
-    def test_stale_socket_kept_when_told(self):
-        """With remove_unix_socket_on_create False, a stale socket makes listening fail."""
-        self.stale_socket()
-        service = self.service(remove_unix_socket_on_create=False)
-        self.assertRaises(CannotListenError, service.privilegedStartService)
-
-    def test_regular_file_kept(self):
-        """A file that is no socket is never removed: listening fails instead."""
-        with open(self.path, "w") as file:
-            file.write("precious")
-        self.assertRaises(CannotListenError, self.service().privilegedStartService)
-        with open(self.path) as file:
-            self.assertEqual(file.read(), "precious")
-
-    def test_live_socket_kept(self):
-        """A socket another process listens on is not taken over: listening fails."""
-        live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(live.close)
-        live.bind(self.path)
-        live.listen(1)
-        error = self.assertRaises(CannotListenError, self.service().privilegedStartService)
-        self.assertIn("another process is listening", str(error))
-        self.assertTrue(os.path.exists(self.path))
-
-    def test_group(self):
-        """unix_socket_group gives the socket to that group."""
-        group = grp.getgrgid(os.getgid()).gr_name
-        self.start(self.service(unix_socket_group=group))
-        self.assertEqual(os.stat(self.path).st_gid, os.getgid())
-
-    def test_unknown_group(self):
-        """An unknown unix_socket_group stops listening with an error naming it."""
-        service = self.service(unix_socket_group="no-such-group-here")
-        error = self.assertRaises(CannotListenError, service.privilegedStartService)
-        self.assertIn("no-such-group-here", str(error))
-
     def test_make_service_on_unix_socket(self):
         """makeService listens where the configuration says, with its mode."""
         options = isolated_options(self)
         options.parseOptions(["-s", f"unix:{self.path}"])
-        self.start(tap.makeService(options))
+        made = tap.makeService(options)
+        made.privilegedStartService()
+        made.startService()
+        self.addCleanup(made.stopService)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o660)
 
-
-def tap_factory():
-    from twisted.internet import reactor
-
-    from miltermanager.session import manager_factory
-
-    return manager_factory(config.default(), reactor)
-
-
+    def test_cannot_listen_stops_start(self):
+        """A socket that cannot be listened on raises at start, so twistd exits with the error."""
+        with open(self.path, "w") as file:
+            file.write("precious")
+        options = isolated_options(self)
+        options.parseOptions(["-s", f"unix:{self.path}"])
+        made = tap.makeService(options)
+        self.assertRaises(CannotListenError, made.privilegedStartService)
+        self.assertIsNone(made.port)
 
 
 class OverrideTests(SynchronousTestCase):

@@ -3,7 +3,7 @@
 from twisted.internet.error import CannotListenError
 
 from miltermanager import connection_spec
-from miltermanager.service import remove_stale_socket
+from miltermanager.listening import remove_stale_socket
 
 
 def serve(reactor, spec_text, factory, program, stderr, listening=None, start=None, stop=None):

@@ -1,0 +1,143 @@
+"""The MTA connections: a session each, counted, limited by max_connections, drained at stop."""
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .server import MilterServerFactory, MilterServerProtocol
+from .session import ManagerSession
+
+
+class ManagerConnection(MilterServerProtocol):
+    """One MTA connection, counted by its factory."""
+
+    def connectionMade(self):
+        self.factory.connection_made(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason=None):
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.factory.connection_lost(self)
+
+
+class ManagerFactory(MilterServerFactory):
+    """MTA connections on the current configuration, limited by manager.max_connections.
+
+    At max_connections concurrent connections the listening ports stop
+    accepting; the kernel queues new connections in the backlog until one
+    ends. Upstream polls again every suspend_time_on_unacceptable seconds;
+    here the port resumes as soon as a connection ends, so nothing waits
+    longer than needed. Every manager.maintenance_interval finished
+    connections the `maintained` hooks run.
+    """
+
+    protocol = ManagerConnection
+    noisy = False  # no "Starting factory" line per port
+    log = Logger()
+
+    def __init__(self, configuration, reactor, clock=None):
+        super().__init__(self._session, clock=clock or reactor)
+        self.configuration = configuration
+        self.reactor = reactor
+        self.session_clock = clock
+        self.connections = 0  # open now
+        self.finished = 0  # since start
+        self.ports = []
+        self.paused = False
+        self._drained = []  # Deferreds waiting for connections to reach 0
+        self._open = set()  # the ManagerConnections, to close what a drain leaves
+
+    def _session(self, server):
+        return ManagerSession(server, self.configuration, self.reactor, self.session_clock)
+
+    def processing_sessions(self):
+        """How many MTA connections are open now: the conditions' n_processing_sessions.
+
+        A method, so a session can hand it on as the callable the
+        conditions ask when they need the figure.
+        """
+        return self.connections
+
+    def connection_made(self, connection=None):
+        self.connections += 1
+        if connection is not None:
+            self._open.add(connection)
+        self.update_accepting()
+
+    def connection_lost(self, connection=None):
+        self.connections -= 1
+        self.finished += 1
+        self._open.discard(connection)
+        if not self.connections:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+        interval = self.configuration.manager.maintenance_interval
+        if interval and self.finished % interval == 0:
+            self.maintain()
+        self.update_accepting()
+
+    def maintain(self):
+        """Run the `maintained` hooks; one that fails is logged and the others still run."""
+        for hook in self.configuration.manager.maintained_hooks:
+            try:
+                hook.function()
+            except Exception:
+                self.log.failure("[maintain][error] a maintained hook failed")
+
+    def update_accepting(self):
+        """Stop or resume accepting for max_connections (after a change of either)."""
+        limit = self.configuration.manager.max_connections
+        full = bool(limit) and self.connections >= limit
+        if full == self.paused:
+            return
+        self.paused = full
+        for port in self.ports:
+            _set_accepting(port, not full)
+        if full:
+            self.log.info("[accept][suspend] {n} connections (max_connections): not accepting "
+                          "until one ends", n=self.connections)
+        else:
+            self.log.info("[accept][resume] {n} connections", n=self.connections)
+
+    def drain(self, timeout, clock):
+        """Fire once every MTA connection has ended, closing those left after timeout seconds.
+
+        Sessions in flight finish their message instead of being cut off
+        at stop; an MTA that keeps an idle connection open is not waited
+        for forever.
+        """
+        if not self.connections:
+            return defer.succeed(None)
+        self.log.info("[stop][drain] waiting up to {timeout} s for {n} MTA connections",
+                      timeout=timeout, n=self.connections)
+        d = defer.Deferred()
+        self._drained.append(d)
+
+        def too_long():
+            if d.called:
+                return
+            self.log.warn("[stop][drain] closing {n} MTA connections still open after {timeout} s",
+                          n=self.connections, timeout=timeout)
+            for connection in list(self._open):
+                connection.transport.loseConnection()
+
+        timer = clock.callLater(timeout, too_long)
+        d.addBoth(lambda result: timer.cancel() if timer.active() else None)
+        return d
+
+    def add_port(self, port):
+        self.ports.append(port)
+        if self.paused:
+            _set_accepting(port, False)
+
+    def remove_port(self, port):
+        self.ports.remove(port)
+
+
+def _set_accepting(port, accepting):
+    # Reading is accepting for Twisted's listening ports (tcp.Port, unix.Port).
+    method = getattr(port, "startReading" if accepting else "stopReading", None)
+    if method is not None:
+        method()
