@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import connection_spec
+from .twisted_internals import forget_socket_file
 
 
 def listen_endpoint(reactor, settings, backlog=50):
@@ -31,22 +32,6 @@ def listen_endpoint(reactor, settings, backlog=50):
             settings.unix_socket_group,
             settings.remove_unix_socket_on_close)
     return endpoint
-
-
-def listen_service(reactor, settings, factory, backlog=50):
-    """A service listening on settings.connection_spec (see listen_endpoint).
-
-    Preparing the socket file happens when the service starts listening
-    (privilegedStartService), never when it is built: building also happens
-    for checks and tests, and must not delete a running manager's socket.
-    """
-    from twisted.application.internet import StreamServerEndpointService
-
-    service = StreamServerEndpointService(listen_endpoint(reactor, settings, backlog), factory)
-    # As twisted.application.strports.service does: a socket that cannot be
-    # bound stops twistd with the error instead of a process that serves nothing.
-    service._raiseSynchronously = True
-    return service
 
 
 @implementer(IStreamServerEndpoint)
@@ -108,10 +93,12 @@ class UNIXPort:
 
     Twisted unlinks the file when the port closes, unconditionally, and if
     that fails (the file is gone, or privileges were dropped) the port is
-    left half closed. So Twisted is told the socket has no file, and at
-    close the file is removed here if remove_on_close, only if it is still
-    the socket this port made (same device and inode), and a failure is
-    only logged (after dropping privileges the cleanup process removes it).
+    left half closed. So Twisted is told the socket has no file (see
+    twisted_internals.forget_socket_file), and at close the file is removed
+    here if remove_on_close, only if it is still the socket this port made
+    (same device and inode), and a failure is only logged (after dropping
+    privileges the cleanup process removes it). On a Twisted that cannot be
+    told, Twisted removes the file itself, as it does for anyone.
     """
 
     log = Logger()
@@ -123,14 +110,14 @@ class UNIXPort:
         self.remove_on_close = remove_on_close
         info = os.lstat(path)
         self.identity = (info.st_dev, info.st_ino)
-        # Twisted ≥ 23 keeps the path in _bindPath, 22.4 in port; a path
-        # starting with NUL is in Linux's abstract namespace: nothing to unlink.
-        attribute = "_bindPath" if hasattr(port, "_bindPath") else "port"
-        current = getattr(port, attribute)
-        setattr(port, attribute, b"\0" if isinstance(current, bytes) else "\0")
+        self.twisted_removes = not forget_socket_file(port, path)
+        if self.twisted_removes:
+            self.log.warn("[socket][fallback] this Twisted removes {path} itself when the "
+                          "port closes: remove_unix_socket_on_close = false cannot keep it",
+                          path=path)
 
     def stopListening(self):
-        if self.remove_on_close:
+        if self.remove_on_close and not self.twisted_removes:
             remove_socket_file(self.path, self.identity, None if self.cleaner else self.log)
         return self.port.stopListening()
 

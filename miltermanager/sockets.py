@@ -8,6 +8,8 @@ import socket
 
 from twisted.internet.address import IPv4Address, IPv6Address
 
+from .twisted_internals import direct_writer
+
 # Linux only; elsewhere delayed ACKs stay as they are.
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
@@ -33,30 +35,11 @@ def writer(transport):
     logging context, the send, and an epoll deregistration for every packet.
     Sending right away when the queue is empty is one system call; whatever
     the kernel does not take goes through transport.write as usual, so
-    ordering, flow control and errors stay Twisted's.
+    ordering, flow control and errors stay Twisted's. Whether the queue is
+    empty is Twisted's private knowledge: see twisted_internals.direct_writer,
+    which falls back to transport.write where it cannot tell.
     """
-    sock = getattr(transport, "socket", None)
-    if sock is None or not hasattr(transport, "_tempDataLen"):
-        return transport.write  # not a plain socket transport: leave it to Twisted
-    send = sock.send
-    queue = transport.write
-
-    def write(data):
-        if (transport._tempDataLen or len(transport.dataBuffer) != transport.offset
-                or not transport.connected or transport.disconnecting):
-            queue(data)
-            return
-        try:
-            sent = send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            queue(data)  # Twisted's own write path reports the error
-            return
-        if sent < len(data):
-            queue(data[sent:])
-
-    return write
+    return direct_writer(transport)
 
 
 def quick_ack(sock):

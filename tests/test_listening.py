@@ -137,6 +137,45 @@ class UNIXSocketTests(TestCase):
         self.assertTrue(os.path.exists(self.path))
 
 
+class _TwistedPort:
+    """A listening port as a Twisted that cannot be told to keep the file: it unlinks at close."""
+
+    def __init__(self, path):
+        self.elsewhere = path
+        self.stopped = False
+
+    def stopListening(self):
+        self.stopped = True
+        os.unlink(self.elsewhere)
+        return defer.succeed(None)
+
+
+class FallbackTests(SynchronousTestCase):
+    """UNIXPort on a Twisted whose port cannot be told to leave the socket file alone."""
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp(prefix="mm-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.path = os.path.join(self.directory, "s.sock")
+        bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound.bind(self.path)
+        bound.close()
+        self.events = []
+        self.patch(listening.UNIXPort, "log",
+                   Logger(namespace="test", observer=self.events.append))
+
+    def test_twisted_removes_the_file(self):
+        """Twisted's own removal is left to run (ours would make it fail), and that is said."""
+        port = listening.UNIXPort(_TwistedPort(self.path), self.path)
+        self.assertTrue(port.twisted_removes)
+        self.successResultOf(port.stopListening())
+        self.assertTrue(port.port.stopped)
+        self.assertFalse(os.path.exists(self.path))
+        self.assertEqual([formatEvent(event) for event in self.events], [
+            f"[socket][fallback] this Twisted removes {self.path} itself when the port closes: "
+            "remove_unix_socket_on_close = false cannot keep it"])
+
+
 class RemoveSocketFileTests(SynchronousTestCase):
     def setUp(self):
         self.path = os.path.abspath(self.mktemp())

@@ -1,17 +1,12 @@
 """Tests for miltermanager.sockets: direct writes and TCP options."""
 
-import errno
 import socket
 
 from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from miltermanager import sockets
-
-try:
-    from twisted.internet.testing import StringTransport
-except ImportError:  # Twisted < 21.2
-    from twisted.test.proto_helpers import StringTransport
 
 
 class FakeSocket:
@@ -60,44 +55,13 @@ class FakeTransport:
 
 
 class WriterTests(SynchronousTestCase):
+    """sockets.writer; its choices are tested in test_twisted_internals."""
+
     def test_sends_at_once_when_nothing_is_queued(self):
-        """With an empty queue the data goes straight to the socket, nothing is queued."""
+        """A socket transport with an empty queue gets a writer that sends directly."""
         transport = FakeTransport(FakeSocket())
         sockets.writer(transport)(b"packet")
         self.assertEqual((transport.socket.sent, transport.queued), ([b"packet"], []))
-
-    def test_rest_of_a_partial_send_is_queued(self):
-        """What the kernel does not take goes through transport.write."""
-        transport = FakeTransport(FakeSocket(room=2))
-        sockets.writer(transport)(b"packet")
-        self.assertEqual((transport.socket.sent, transport.queued), ([b"pa"], [b"cket"]))
-
-    def test_queued_data_keeps_its_order(self):
-        """Once something is queued, later writes queue behind it."""
-        transport = FakeTransport(FakeSocket(room=2))
-        write = sockets.writer(transport)
-        write(b"first")
-        write(b"second")
-        self.assertEqual(transport.queued, [b"rst", b"second"])
-
-    def test_would_block(self):
-        """A full socket buffer queues everything."""
-        transport = FakeTransport(FakeSocket(error=BlockingIOError(errno.EAGAIN, "full")))
-        sockets.writer(transport)(b"packet")
-        self.assertEqual(transport.queued, [b"packet"])
-
-    def test_error_left_to_twisted(self):
-        """A socket error queues the data so Twisted's write path reports it."""
-        transport = FakeTransport(FakeSocket(error=ConnectionResetError()))
-        sockets.writer(transport)(b"packet")
-        self.assertEqual(transport.queued, [b"packet"])
-
-    def test_closing_transport_queues(self):
-        """A transport that is disconnecting gets the data through its own write."""
-        transport = FakeTransport(FakeSocket())
-        transport.disconnecting = True
-        sockets.writer(transport)(b"packet")
-        self.assertEqual((transport.socket.sent, transport.queued), ([], [b"packet"]))
 
     def test_other_transports_use_their_write(self):
         """A transport without a plain socket is written the usual way."""

@@ -1,0 +1,82 @@
+"""The two things we need from Twisted that its public API does not offer, each with a fallback.
+
+Everything here reads or writes attributes Twisted does not document, so
+it lives in one place, says which Twisted versions have them (checked on
+Debian 12's 22.4 and on 26.x), and falls back to Twisted's public
+behaviour when they are missing. tests/test_twisted_internals.py checks on
+the running Twisted that the attributes are still there and used.
+"""
+
+import os
+
+# twisted.internet.abstract.FileDescriptor's write buffer: data queued by
+# write() waits in _tempDataBuffer (its size in _tempDataLen) and then in
+# dataBuffer from offset on. The same three names from 22.4 to 26.x.
+_WRITE_BUFFER = ("_tempDataLen", "dataBuffer", "offset")
+
+
+def direct_writer(transport):
+    """write(data) that sends on transport's socket at once when Twisted has nothing queued.
+
+    Twisted offers no public way to ask whether a transport's write buffer
+    is empty, and without knowing it a direct send could overtake queued
+    data. So this reads FileDescriptor's _tempDataLen, dataBuffer and
+    offset (Twisted 22.4 to 26.x at least). A transport without them, or
+    without a socket (TLS, StringTransport, a future Twisted), gets its
+    own transport.write back: correct, one reactor turn slower per packet.
+
+    The attributes are looked for once here; the returned function reads
+    them on every call, as it must, and nothing more.
+    """
+    sock = getattr(transport, "socket", None)
+    if sock is None or not all(hasattr(transport, name) for name in _WRITE_BUFFER):
+        return transport.write
+    send = sock.send
+    queue = transport.write
+
+    def write(data):
+        if (transport._tempDataLen or len(transport.dataBuffer) != transport.offset
+                or not transport.connected or transport.disconnecting):
+            queue(data)
+            return
+        try:
+            sent = send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            queue(data)  # Twisted's own write path reports the error
+            return
+        if sent < len(data):
+            queue(data[sent:])
+
+    return write
+
+
+# Where twisted.internet.unix.Port keeps the path it unlinks in connectionLost:
+# `port` in 22.4, `_bindPath` in later releases (26.x too).
+_BIND_PATH = ("_bindPath", "port")
+
+
+def forget_socket_file(port, path):
+    """Make a listening twisted.internet.unix.Port leave its socket file at close; True if it will.
+
+    unix.Port.connectionLost unlinks its path unconditionally, and when that
+    fails (the file is gone, or privileges were dropped) the port is left
+    half closed with its socket open. Twisted has no option against it,
+    and adopting a socket we bound ourselves (reactor.adoptStreamPort) does
+    not help: the adopted port chmods the file to 0666 and unlinks it at
+    close all the same. So the path Twisted remembers is rewritten to one
+    in Linux's abstract namespace (a leading NUL), which it never unlinks;
+    the kernel's socket keeps its real name, so getHost() is unchanged.
+
+    The attribute is rewritten only if it holds path. Otherwise (a Twisted
+    that keeps it elsewhere) nothing is changed and False says that Twisted
+    will unlink the file itself at close.
+    """
+    wanted = os.fsencode(path)
+    for name in _BIND_PATH:
+        current = getattr(port, name, None)
+        if isinstance(current, (bytes, str)) and os.fsencode(current) == wanted:
+            setattr(port, name, b"\0" if isinstance(current, bytes) else "\0")
+            return True
+    return False

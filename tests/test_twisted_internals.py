@@ -1,0 +1,238 @@
+"""Tests for twisted_internals: the running Twisted still has what we use; else the fallback."""
+
+import errno
+import os
+import shutil
+import socket
+import tempfile
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from miltermanager import twisted_internals
+
+
+class _Peer(protocol.Protocol):
+    """Fires `lost` when the connection ends, so a test can wait for its cleanup."""
+
+    def __init__(self):
+        self.lost = defer.Deferred()
+
+    def connectionLost(self, reason=None):
+        self.lost.callback(None)
+
+
+class _Factory(protocol.Factory):
+    def buildProtocol(self, addr):
+        self.built = _Peer()
+        return self.built
+
+
+class RealTransportTests(TestCase):
+    """direct_writer on the transports the running Twisted really makes (UNIX and TCP)."""
+
+    def connected_pair(self, family):
+        """Return (Twisted's transport for one end, the other end as a plain socket)."""
+        if family == socket.AF_UNIX:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.addCleanup(listener.close)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            theirs = socket.create_connection(listener.getsockname())
+            ours, _ = listener.accept()
+        self.addCleanup(theirs.close)
+        theirs.setblocking(False)
+        ours.setblocking(False)
+        factory = _Factory()
+        reactor.adoptStreamConnection(ours.fileno(), family, factory)
+        ours.close()  # the reactor holds its own duplicate
+        peer = factory.built
+
+        def close():
+            peer.transport.abortConnection()
+            return peer.lost
+
+        self.addCleanup(close)
+        return peer.transport, theirs
+
+    def check_sends_at_once(self, family):
+        transport, theirs = self.connected_pair(family)
+        for name in twisted_internals._WRITE_BUFFER:
+            self.assertTrue(hasattr(transport, name), name)
+        write = twisted_internals.direct_writer(transport)
+        self.assertNotEqual(write, transport.write)
+        write(b"packet")
+        # Twisted's own write only queues until the reactor turns: arriving now is the direct send.
+        self.assertEqual(theirs.recv(100), b"packet")
+        self.assertNotIn(transport, reactor.getWriters())
+
+    def test_unix_sends_at_once(self):
+        """On the running Twisted's UNIX transport the buffer is readable and sends are direct."""
+        self.check_sends_at_once(socket.AF_UNIX)
+
+    def test_tcp_sends_at_once(self):
+        """On the running Twisted's TCP transport the buffer is readable and sends are direct."""
+        self.check_sends_at_once(socket.AF_INET)
+
+    def test_queued_data_not_overtaken(self):
+        """With data in Twisted's buffer a write queues behind it instead of being sent first."""
+        transport, theirs = self.connected_pair(socket.AF_UNIX)
+        write = twisted_internals.direct_writer(transport)
+        transport.write(b"first")
+        write(b"second")
+        self.assertRaises(BlockingIOError, theirs.recv, 100)
+        self.assertEqual(transport._tempDataLen, len(b"firstsecond"))
+
+
+class FakeSocket:
+    """Takes at most `room` bytes per send; or raises `error`."""
+
+    def __init__(self, room=1 << 20, error=None):
+        self.room = room
+        self.error = error
+        self.sent = []
+
+    def send(self, data):
+        if self.error is not None:
+            raise self.error
+        taken = bytes(data[:self.room])
+        self.sent.append(taken)
+        return len(taken)
+
+
+class FakeTransport:
+    """The parts of Twisted's socket transports that direct_writer looks at."""
+
+    def __init__(self, sock):
+        self.socket = sock
+        self._tempDataLen = 0
+        self.dataBuffer = b""
+        self.offset = 0
+        self.connected = True
+        self.disconnecting = False
+        self.queued = []
+
+    def write(self, data):
+        self.queued.append(data)
+        if hasattr(self, "_tempDataLen"):  # the fallback tests remove it
+            self._tempDataLen += len(data)
+
+
+class DirectWriterTests(SynchronousTestCase):
+    """direct_writer's choices between a direct send and Twisted's queue."""
+
+    def test_sends_at_once_when_nothing_is_queued(self):
+        """With an empty queue the data goes straight to the socket, nothing is queued."""
+        transport = FakeTransport(FakeSocket())
+        twisted_internals.direct_writer(transport)(b"packet")
+        self.assertEqual((transport.socket.sent, transport.queued), ([b"packet"], []))
+
+    def test_rest_of_a_partial_send_is_queued(self):
+        """What the kernel does not take goes through transport.write."""
+        transport = FakeTransport(FakeSocket(room=2))
+        twisted_internals.direct_writer(transport)(b"packet")
+        self.assertEqual((transport.socket.sent, transport.queued), ([b"pa"], [b"cket"]))
+
+    def test_queued_data_keeps_its_order(self):
+        """Once something is queued, later writes queue behind it."""
+        transport = FakeTransport(FakeSocket(room=2))
+        write = twisted_internals.direct_writer(transport)
+        write(b"first")
+        write(b"second")
+        self.assertEqual(transport.queued, [b"rst", b"second"])
+
+    def test_unsent_buffer_queues(self):
+        """Data left in dataBuffer past offset also makes writes queue."""
+        transport = FakeTransport(FakeSocket())
+        transport.dataBuffer, transport.offset = b"leftover", 3
+        twisted_internals.direct_writer(transport)(b"packet")
+        self.assertEqual((transport.socket.sent, transport.queued), ([], [b"packet"]))
+
+    def test_would_block(self):
+        """A full socket buffer queues everything."""
+        transport = FakeTransport(FakeSocket(error=BlockingIOError(errno.EAGAIN, "full")))
+        twisted_internals.direct_writer(transport)(b"packet")
+        self.assertEqual(transport.queued, [b"packet"])
+
+    def test_error_left_to_twisted(self):
+        """A socket error queues the data so Twisted's write path reports it."""
+        transport = FakeTransport(FakeSocket(error=ConnectionResetError()))
+        twisted_internals.direct_writer(transport)(b"packet")
+        self.assertEqual(transport.queued, [b"packet"])
+
+    def test_closing_transport_queues(self):
+        """A transport that is disconnecting gets the data through its own write."""
+        transport = FakeTransport(FakeSocket())
+        transport.disconnecting = True
+        twisted_internals.direct_writer(transport)(b"packet")
+        self.assertEqual((transport.socket.sent, transport.queued), ([], [b"packet"]))
+
+    def test_fallback_without_buffer_attributes(self):
+        """A socket transport missing any buffer attribute (another Twisted) uses its own write."""
+        for name in twisted_internals._WRITE_BUFFER:
+            transport = FakeTransport(FakeSocket())
+            delattr(transport, name)
+            write = twisted_internals.direct_writer(transport)
+            self.assertEqual(write, transport.write, name)
+            write(b"packet")
+            self.assertEqual((transport.socket.sent, transport.queued), ([], [b"packet"]))
+
+    def test_fallback_without_socket(self):
+        """A transport without a socket (TLS, StringTransport) uses its own write."""
+        transport = StringTransport()
+        self.assertEqual(twisted_internals.direct_writer(transport), transport.write)
+
+
+class ForgetSocketFileTests(TestCase):
+    """forget_socket_file on the running Twisted's UNIX port, and where it cannot work."""
+
+    def setUp(self):
+        # sun_path holds 108 bytes: trial's _trial_temp paths may be too long.
+        self.directory = tempfile.mkdtemp(prefix="mm-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.path = os.path.join(self.directory, "s.sock")
+
+    def listen(self):
+        return reactor.listenUNIX(self.path, protocol.Factory.forProtocol(protocol.Protocol))
+
+    @defer.inlineCallbacks
+    def test_twisted_unlinks_by_itself(self):
+        """Twisted's UNIX port still removes its file at close: forgetting it is still needed."""
+        yield self.listen().stopListening()
+        self.assertFalse(os.path.exists(self.path))
+
+    @defer.inlineCallbacks
+    def test_file_kept(self):
+        """A forgotten port closes its socket and leaves the file, with getHost() unchanged."""
+        port = self.listen()
+        self.assertTrue(twisted_internals.forget_socket_file(port, self.path))
+        rewritten = [name for name in twisted_internals._BIND_PATH
+                     if getattr(port, name, None) in (b"\0", "\0")]
+        self.assertEqual(len(rewritten), 1)  # _bindPath, or port on 22.4
+        self.assertEqual(port.getHost().name, os.fsencode(self.path))
+        yield port.stopListening()
+        self.assertTrue(os.path.exists(self.path))
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(probe.close)
+        self.assertRaises(ConnectionRefusedError, probe.connect, self.path)
+
+    def test_fallback_without_path_attribute(self):
+        """A port keeping its path under another name is left as it is: False."""
+        class Port:
+            port = 0  # what tcp.Port's constructor leaves on a UNIX port after 22.4
+
+        port = Port()
+        self.assertFalse(twisted_internals.forget_socket_file(port, self.path))
+        self.assertEqual(port.port, 0)
+
+    def test_other_path_left_alone(self):
+        """An attribute that holds some other path is not rewritten."""
+        class Port:
+            _bindPath = b"/elsewhere.sock"
+
+        port = Port()
+        self.assertFalse(twisted_internals.forget_socket_file(port, self.path))
+        self.assertEqual(port._bindPath, b"/elsewhere.sock")
