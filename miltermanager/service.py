@@ -172,7 +172,8 @@ class ManagerService(service.Service):
     def _close_port_now(self):
         port, self.port = self.port, None
         self.factory.remove_port(port)
-        port.stopListening()
+        defer.maybeDeferred(port.stopListening).addErrback(
+            self._log_failure, "[manager][error] cannot close the listening socket")
 
     def startService(self):
         if self.port is None:
@@ -213,11 +214,20 @@ class ManagerService(service.Service):
             port, self.port = self.port, None
             self.factory.remove_port(port)
             stopping = defer.maybeDeferred(port.stopListening)
+            # A socket that does not close cleanly must not cut the connections in flight.
+            stopping.addErrback(self._log_failure,
+                                "[stop][error] cannot close the listening socket")
         # No new connections from here on; those in flight finish their message.
         stopping.addCallback(lambda _: self.factory.drain(DRAIN_TIMEOUT, self.reactor))
+        stopping.addErrback(self._log_failure,
+                            "[stop][error] waiting for the MTA connections failed")
         if self.pid_file is not None:
             remove_pid_file(self.pid_file, os.getpid(), None if self._cleaner else self.log)
         return stopping
+
+    def _log_failure(self, failure, text):
+        """Errback: log failure under text; the chain goes on with None."""
+        self.log.failure(text, failure)
 
     # ------------------------------------------------------------ reload
 
@@ -227,9 +237,25 @@ class ManagerService(service.Service):
         Fires with True when the new configuration is in use. A file with
         errors, or a new connection_spec that cannot be listened on, keeps
         the running configuration (False) and logs why. Reloads run one at
-        a time, in the order asked.
+        a time, in the order asked. It never fails: an unexpected error is
+        logged, and the result still says which configuration is in use.
         """
-        return self._reloading.run(self._reload)
+        return self._reloading.run(self._reload_guarded)
+
+    def _reload_guarded(self):
+        running = self.configuration
+
+        def unexpected(failure):
+            self.log.failure("[reload][error] reloading failed", failure)
+            if self.configuration is running:
+                self.log.error("[reload][error] keeping the running configuration")
+                return False
+            # Failed after the swap (applying the log settings, say): say what is in use.
+            self.log.error("[reload][error] the new configuration is in use, "
+                           "but applying it did not finish")
+            return True
+
+        return defer.maybeDeferred(self._reload).addErrback(unexpected)
 
     def _reload(self):
         self.log.info("[reload][start] reloading {files}",
@@ -270,7 +296,10 @@ class ManagerService(service.Service):
             self.factory.add_port(port)
             self.factory.remove_port(old)
             self.log.info("[reload][listen] listening on {spec}", spec=settings.connection_spec)
-            return defer.maybeDeferred(old.stopListening)
+            # The new socket serves already: the old one failing to close is no reason to
+            # report the reload as failed.
+            return defer.maybeDeferred(old.stopListening).addErrback(
+                self._log_failure, "[reload][error] cannot close the previous listening socket")
 
         return listening.addCallback(listening_now)
 

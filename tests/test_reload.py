@@ -6,6 +6,7 @@ import signal
 import subprocess
 import time
 
+from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, formatEvent
@@ -168,6 +169,39 @@ class ReloadTests(SynchronousTestCase):
         new.log.level = "error"
         self.reload(new)
         self.assertEqual(self.service.log_router.levels, {"error"})
+
+    def test_unexpected_error_keeps_configuration(self):
+        """An unexpected exception while reloading is logged and keeps the running configuration."""
+        running = self.service.configuration
+        self.assertFalse(self.reload(RuntimeError("surprise")))
+        self.assertIs(self.service.configuration, running)
+        failures = [event for event in self.events if "log_failure" in event]
+        self.assertEqual([formatEvent(event) for event in failures],
+                         ["[reload][error] reloading failed"])
+        self.assertIsInstance(failures[0]["log_failure"].value, RuntimeError)
+        self.assertEqual(self.texts()[-1], "[reload][error] keeping the running configuration")
+
+    def test_unexpected_error_after_the_swap(self):
+        """An exception after the new configuration took over says that it is in use."""
+        new = configuration("b")
+        self.patch(self.service, "_configure_log", lambda *args: 1 / 0)
+        self.assertTrue(self.reload(new))
+        self.assertIs(self.service.configuration, new)
+        self.assertEqual(self.texts()[-1], "[reload][error] the new configuration is in use, "
+                                           "but applying it did not finish")
+
+    def test_reload_after_an_unexpected_error(self):
+        """The next reload runs normally after one failed unexpectedly."""
+        self.reload(RuntimeError("surprise"))
+        self.assertTrue(self.reload(configuration("b")))
+        self.assertEqual(self.session_children(), ["b"])
+
+    def test_old_port_not_closing(self):
+        """A rebind whose old port fails to close still adopts the new configuration."""
+        self.service.port.stopListening = lambda: defer.fail(OSError("busy"))
+        self.assertTrue(self.reload(configuration("a", spec="inet:10026@[127.0.0.1]")))
+        self.assertEqual(self.service.factory.ports, [self.service.port])
+        self.assertIn("[reload][error] cannot close the previous listening socket", self.texts())
 
     def test_reloads_in_order(self):
         """Two reloads asked at once run one after the other, the last one winning."""

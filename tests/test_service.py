@@ -103,6 +103,44 @@ class ServiceTests(SynchronousTestCase):
         self.assertTrue(any("several worker processes are not implemented yet" in text
                             for text in texts(events)))
 
+    def test_stop_goes_on_when_the_port_does_not_close(self):
+        """A listening port failing to close is logged; the stop still drains and fires."""
+        made = self.make()
+        events = capture(self, made)
+        made.startService()
+        made.port.stopListening = lambda: defer.fail(OSError(13, "Permission denied"))
+        made.factory.connection_made()
+        stopping = made.stopService()
+        self.assertNoResult(stopping)
+        made.factory.connection_lost()
+        self.assertIsNone(self.successResultOf(stopping))
+        failures = [event for event in events if "log_failure" in event]
+        self.assertEqual([formatEvent(event) for event in failures],
+                         ["[stop][error] cannot close the listening socket"])
+        self.assertIsInstance(failures[0]["log_failure"].value, OSError)
+
+    def test_port_closed_when_the_pid_file_fails(self):
+        """A pid file that cannot be written closes the port; a failing close is only logged."""
+        made = self.make(pid_file="/nonexistent/dir/m.pid")
+        events = capture(self, made)
+        closed = []
+
+        def refuse_to_close():
+            closed.append(1)
+            return defer.fail(OSError("busy"))
+
+        def listen_tcp(port, factory, backlog=50, interface=""):
+            listening = MemoryReactorClock.listenTCP(made.reactor, port, factory, backlog,
+                                                     interface)
+            listening.stopListening = refuse_to_close
+            return listening
+
+        made.reactor.listenTCP = listen_tcp
+        self.assertRaises(process.StartError, made.privilegedStartService)
+        self.assertEqual(closed, [1])
+        self.assertEqual([formatEvent(event) for event in events if "log_failure" in event],
+                         ["[manager][error] cannot close the listening socket"])
+
     def test_signals_restored(self):
         """SIGHUP and SIGUSR1 are ours while running and given back at stop."""
         before = signal.getsignal(signal.SIGHUP)
