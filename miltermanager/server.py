@@ -223,6 +223,12 @@ class MilterServerProtocol(Protocol):
     answered one (its Deferred is pending) the following commands wait in a
     queue; otherwise each is handled as soon as it is decoded, without any
     Deferred.
+
+    The factory's negotiation_timeout and idle_timeout close a connection
+    whose MTA never negotiates or goes quiet, so that such connections (a
+    slowloris, a forgotten peer) cannot pile up. Both share one DelayedCall
+    per connection, which rechecks when it fires instead of being reset for
+    every command.
     """
 
     log = Logger()
@@ -241,6 +247,10 @@ class MilterServerProtocol(Protocol):
         self._handling = False
         self._milter_closed = False
         self._write = None  # writes a packet: see sockets.writer
+        self._timer = None  # the negotiation deadline, then the idle check
+        self._idle_timeout = None  # seconds, once negotiated with idle_timeout on
+        self._seconds = None  # the clock's seconds() while idleness is watched
+        self._active_at = 0.0  # when a command last arrived or the milter last answered
 
     # ------------------------------------------------------------ Twisted
 
@@ -255,6 +265,10 @@ class MilterServerProtocol(Protocol):
             self._milter_closed = True
             self.stage = Stage.CLOSED
             self.transport.loseConnection()
+            return
+        seconds = self.factory.negotiation_timeout
+        if seconds:
+            self._timer = self.factory.clock.callLater(seconds, self._not_negotiated, seconds)
 
     def dataReceived(self, data):
         if self.stage is Stage.CLOSED:
@@ -264,6 +278,10 @@ class MilterServerProtocol(Protocol):
         except ProtocolError as error:
             self._protocol_error(error)
             return
+        # Only complete commands count: a trickle of bytes must not keep a
+        # connection. One clock read per call, whatever the number of frames.
+        if frames and self._seconds is not None:
+            self._active_at = self._seconds()
         queue = self._queue
         self._handling = True
         try:
@@ -310,6 +328,9 @@ class MilterServerProtocol(Protocol):
     def _negotiate(self, offer):
         if self.stage is not Stage.NEGOTIATE:
             raise ProtocolError(f"option negotiation again at stage {self.stage.value}")
+        # The MTA has done its part: the milter's own time to answer (the
+        # manager asks its children meanwhile) is not held against it.
+        self._watch_idleness()
         self.offer = offer
         try:
             result = self.milter.negotiate(offer)
@@ -413,6 +434,8 @@ class MilterServerProtocol(Protocol):
         self._waiting = None
         if self.stage is Stage.CLOSED:
             return
+        if self._seconds is not None:
+            self._active_at = self._seconds()  # idleness counts from the answer
         self._answer(code, result)
         self._resume()
 
@@ -423,6 +446,8 @@ class MilterServerProtocol(Protocol):
                 self.log.failure("[server][{command}][error] the milter failed after close",
                                  failure, command=_command_name(code))
             return
+        if self._seconds is not None:
+            self._active_at = self._seconds()
         if code == c.NEGOTIATE:
             self.log.failure("[server][negotiate][error] the milter failed to negotiate",
                              failure)
@@ -573,6 +598,62 @@ class MilterServerProtocol(Protocol):
         self.stage = Stage.CONNECT
         self._write(reply.encode())
 
+    # ------------------------------------------------------------ timeouts
+
+    def _not_negotiated(self, seconds):
+        self._timer = None
+        self.log.warn("[server][timeout][negotiate] the MTA ({peer}) did not negotiate "
+                      "within {seconds:g} s; closing the connection",
+                      peer=self._peer(), seconds=seconds)
+        self._abandon()
+
+    def _watch_idleness(self):
+        """Stop the negotiation deadline and start the idle check, if idle_timeout is on."""
+        self._cancel_timer()
+        seconds = self.factory.idle_timeout
+        if not seconds:
+            return
+        clock = self.factory.clock
+        self._idle_timeout = seconds
+        self._seconds = clock.seconds
+        self._active_at = clock.seconds()
+        self._timer = clock.callLater(seconds, self._check_idleness)
+
+    def _check_idleness(self):
+        """Close the connection if it has really been idle; otherwise check again later.
+
+        Commands do not touch the timer (it is the hot path): they only note
+        when they arrived, and this works out how long is left.
+        """
+        self._timer = None
+        seconds = self._idle_timeout
+        clock = self.factory.clock
+        if self._waiting is not None or self._queue:
+            # The milter is still at work: idleness starts when it answers.
+            self._timer = clock.callLater(seconds, self._check_idleness)
+            return
+        left = self._active_at + seconds - clock.seconds()
+        if left > 0:
+            self._timer = clock.callLater(left, self._check_idleness)
+            return
+        self.log.info("[server][timeout][idle] no command from the MTA ({peer}) for "
+                      "{seconds:g} s; closing the connection",
+                      peer=self._peer(), seconds=seconds)
+        self._abandon()
+
+    def _cancel_timer(self):
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _peer(self):
+        """The MTA's address for a log line: HOST:PORT, or the kind of socket."""
+        address = self.transport.getPeer()
+        host, port = getattr(address, "host", None), getattr(address, "port", None)
+        if host is None or port is None:
+            return f"{type(address).__name__.removesuffix('Address')} socket"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     # ------------------------------------------------------------ endings
 
     def _abort_message(self):
@@ -601,6 +682,7 @@ class MilterServerProtocol(Protocol):
 
     def _finish(self):
         """Stop for good: forget queued commands, cancel the pending answer, close."""
+        self._cancel_timer()
         if self.stage is Stage.CLOSED:
             return
         in_message = self.stage in MESSAGE_STAGES
@@ -626,10 +708,19 @@ class MilterServerFactory(Factory):
 
     milter_factory(protocol) returns the IMilter for that connection.
     error_reply answers a command the milter failed on.
+
+    negotiation_timeout: seconds from connecting until the MTA's option
+    negotiation has arrived. idle_timeout: seconds after negotiation that a
+    connection may go without a complete command while the milter has
+    nothing pending. A connection over either is closed. None or 0 turns
+    each off (the default). Each is read when a connection reaches that
+    point, so a subclass may compute them; the timers run on clock.
     """
 
     protocol = MilterServerProtocol
     error_reply = messages.TEMPFAIL
+    negotiation_timeout = None
+    idle_timeout = None
 
     def __init__(self, milter_factory, max_packet_size=DEFAULT_MAX_PACKET_SIZE, clock=None):
         self.milter_factory = milter_factory

@@ -1,10 +1,11 @@
 """Tests for miltermanager.server: real packets in, exact reply bytes out."""
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 try:
@@ -16,7 +17,7 @@ from miltermanager.protocol import constants as c
 from miltermanager.protocol import messages as m
 from miltermanager.protocol import negotiation
 from miltermanager.server import (
-    IMilter, Milter, MilterServerFactory, Stage,
+    IMilter, Milter, MilterServerFactory, MilterServerProtocol, Stage,
 )
 
 CONTINUE = m.CONTINUE.encode()
@@ -109,7 +110,8 @@ class RecordingMilter(Milter):
 class Harness:
     """One server protocol on a RecordingTransport, with the milters it made."""
 
-    def __init__(self, milter_class=RecordingMilter, **attributes):
+    def __init__(self, milter_class=RecordingMilter, *, negotiation_timeout=None,
+                 idle_timeout=None, **attributes):
         self.milters = []
         self.events = []
 
@@ -120,7 +122,12 @@ class Harness:
             self.milters.append(milter)
             return milter
 
-        self.factory = MilterServerFactory(make_milter, clock=Clock())
+        self.clock = Clock()
+        self.factory = MilterServerFactory(make_milter, clock=self.clock)
+        if negotiation_timeout is not None:
+            self.factory.negotiation_timeout = negotiation_timeout
+        if idle_timeout is not None:
+            self.factory.idle_timeout = idle_timeout
         self.protocol = self.factory.buildProtocol(None)
         self.protocol.log = Logger(observer=self._observe)
         self.transport = RecordingTransport()
@@ -826,3 +833,320 @@ class DecodingTests(SynchronousTestCase):
         h.send(CONNECT, m.QUIT, HELO)
         self.assertEqual(h.take(), CONTINUE)
         self.assertEqual(h.names(), ["connect", "close"])
+
+
+class TimeoutTests(SynchronousTestCase):
+    """negotiation_timeout and idle_timeout, on the factory's clock."""
+
+    def assertClosed(self, h, level, text):
+        """The connection was closed with one log line at level that contains text."""
+        self.assertTrue(h.transport.disconnecting)
+        self.assertEqual(h.names().count("close"), 1)
+        [event] = h.logged(level)
+        self.assertIn(text, formatEvent(event))
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_off_by_default(self):
+        """The library sets no timer: connections wait for the MTA as long as it likes."""
+        factory = MilterServerFactory(Milter, clock=Clock())
+        self.assertIsNone(factory.negotiation_timeout)
+        self.assertIsNone(factory.idle_timeout)
+        h = Harness()
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        h.clock.advance(10 ** 6)
+        h.negotiate(6)
+        h.send(CONNECT)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        h.clock.advance(10 ** 6)
+        self.assertFalse(h.transport.disconnecting)
+
+    def test_zero_is_off(self):
+        """0 turns each timeout off, as None does."""
+        h = Harness(negotiation_timeout=0, idle_timeout=0)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        h.negotiate(6)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_negotiation_timeout_closes(self):
+        """An MTA that does not negotiate in time is logged and disconnected; close() runs."""
+        h = Harness(negotiation_timeout=5)
+        h.clock.advance(4.9)
+        self.assertFalse(h.transport.disconnecting)
+        h.clock.advance(0.1)
+        self.assertClosed(h, "warn", "[server][timeout][negotiate] the MTA (192.168.1.1:54321) "
+                                     "did not negotiate within 5 s; closing the connection")
+        self.assertEqual(h.names(), ["close"])
+        self.assertEqual(h.take(), b"")
+
+    def test_partial_negotiation_times_out(self):
+        """Most of an option negotiation is not one: a slowloris is still closed."""
+        h = Harness(negotiation_timeout=5)
+        offer = negotiation.offer(6).encode()
+        for index in range(len(offer) - 1):
+            h.clock.advance(0.2)
+            h.protocol.dataReceived(offer[index:index + 1])
+        h.clock.advance(5 - 0.2 * (len(offer) - 1))
+        self.assertClosed(h, "warn", "did not negotiate within 5 s")
+
+    def test_negotiation_in_time(self):
+        """Option negotiation before the deadline cancels it."""
+        h = Harness(negotiation_timeout=5)
+        h.clock.advance(4.9)
+        self.assertEqual(h.negotiate(6), packets(m.Negotiate(6, 0, 0)))
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        h.clock.advance(3600)
+        self.assertFalse(h.transport.disconnecting)
+        self.assertEqual(h.logged("warn"), [])
+
+    def test_slow_milter_negotiation(self):
+        """The milter's own time to negotiate counts against neither timeout."""
+        h = Harness(negotiation_timeout=5, idle_timeout=10)
+        d = Deferred()
+        h.milter.negotiate = lambda offer: d
+        h.clock.advance(1)
+        h.send(negotiation.offer(6))
+        h.clock.pump([1] * 65)  # the idle check finds the milter busy at 11, 21, ... 61 s
+        self.assertFalse(h.transport.disconnecting)
+        d.callback(m.Negotiate(6, 0, 0))
+        self.assertEqual(h.take(), packets(m.Negotiate(6, 0, 0)))
+        h.clock.advance(9.9)
+        self.assertFalse(h.transport.disconnecting)
+        h.clock.advance(0.1)
+        self.assertClosed(h, "info", "[server][timeout][idle]")
+
+    def test_idle_timeout_closes(self):
+        """A negotiated connection without a command for idle_timeout is logged and closed."""
+        h = Harness(idle_timeout=10)
+        h.negotiate(6)
+        h.clock.advance(3)
+        h.send(CONNECT, HELO)
+        h.clock.advance(9.9)
+        self.assertFalse(h.transport.disconnecting)
+        h.clock.advance(0.1)
+        self.assertClosed(h, "info", "[server][timeout][idle] no command from the MTA "
+                                     "(192.168.1.1:54321) for 10 s; closing the connection")
+        self.assertEqual(h.names(), ["connect", "helo", "close"])
+
+    def test_idle_in_message(self):
+        """An MTA gone quiet in the middle of a message: the message is aborted, then closed."""
+        h = Harness(idle_timeout=10)
+        h.negotiate(6)
+        h.send(CONNECT, HELO, MAIL, RCPT)
+        h.clock.advance(10)
+        self.assertClosed(h, "info", "[server][timeout][idle]")
+        self.assertEqual(h.names()[-2:], ["abort", "close"])
+
+    def test_command_resets_idleness(self):
+        """Each command restarts the idle time, without a new timer per command."""
+        h = Harness(idle_timeout=10)
+        h.negotiate(6)
+        [timer] = h.clock.getDelayedCalls()
+        h.send(CONNECT)
+        for _ in range(4):
+            h.clock.advance(2)
+            h.send(HELO)
+        self.assertEqual(h.clock.getDelayedCalls(), [timer])
+        h.clock.advance(2)  # the check at 10 s finds 2 s of quiet and waits 8 more
+        self.assertFalse(h.transport.disconnecting)
+        h.clock.advance(7.9)
+        h.send(HELO)  # 9.9 s after the last one
+        for _ in range(20):
+            h.clock.advance(9)
+            h.send(HELO)
+        self.assertFalse(h.transport.disconnecting)
+        self.assertEqual(len(h.clock.getDelayedCalls()), 1)
+        h.clock.advance(9.9)
+        self.assertFalse(h.transport.disconnecting)
+        h.clock.advance(0.1)
+        self.assertClosed(h, "info", "[server][timeout][idle]")
+
+    def test_partial_frame_is_not_activity(self):
+        """Bytes of an incomplete command do not keep the connection."""
+        h = Harness(idle_timeout=10)
+        h.negotiate(6)
+        helo = HELO.encode()
+        for index in range(9):  # a byte a second
+            h.clock.advance(1)
+            h.protocol.dataReceived(helo[index:index + 1])
+        h.clock.advance(1)
+        self.assertClosed(h, "info", "[server][timeout][idle]")
+        self.assertEqual(h.names(), ["close"])
+
+    def test_pending_answer_keeps_connection(self):
+        """A command the milter works on keeps the connection; quiet counts from its answer."""
+        h = Harness(idle_timeout=10)
+        h.negotiate(6)
+        d = Deferred()
+        h.milter.answers["end_of_message"] = d
+        h.send(CONNECT, HELO, MAIL, RCPT, m.END_OF_MESSAGE)
+        h.clock.advance(1)
+        h.send(m.Macro(b"C", {b"j": b"mx"}))  # queued behind the pending answer
+        h.clock.pump([1] * 600)  # the idle check finds the milter busy every 10 s
+        self.assertFalse(h.transport.disconnecting)
+        self.assertNotIn("close", h.names())
+        h.take()
+        d.callback(m.ACCEPT)
+        self.assertEqual(h.take(), packets(m.ACCEPT))
+        h.clock.advance(9.9)
+        self.assertFalse(h.transport.disconnecting)
+        h.clock.advance(0.1)
+        self.assertClosed(h, "info", "[server][timeout][idle]")
+
+    def test_failed_answer_then_idle(self):
+        """A failed pending answer also starts the quiet time."""
+        h = Harness(idle_timeout=10)
+        h.negotiate(6)
+        d = Deferred()
+        h.milter.answers["helo"] = d
+        h.send(CONNECT, HELO)
+        h.clock.pump([1] * 35)
+        d.errback(Failure(ZeroDivisionError()))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        h.clock.advance(9.9)
+        self.assertFalse(h.transport.disconnecting)
+        h.clock.advance(0.1)
+        self.assertTrue(h.transport.disconnecting)
+
+    def test_timers_gone_after_connection_lost(self):
+        """Connection loss, QUIT or a protocol error leaves no timer behind."""
+        h = Harness(negotiation_timeout=5, idle_timeout=10)
+        self.assertEqual(len(h.clock.getDelayedCalls()), 1)
+        h.protocol.connectionLost(None)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+        h = Harness(negotiation_timeout=5, idle_timeout=10)
+        h.negotiate(6)
+        self.assertEqual(len(h.clock.getDelayedCalls()), 1)
+        h.protocol.connectionLost(None)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+        h = Harness(negotiation_timeout=5, idle_timeout=10)
+        h.negotiate(6)
+        h.send(CONNECT, m.QUIT)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+        h = Harness(negotiation_timeout=5, idle_timeout=10)
+        h.protocol.dataReceived(b"\x00\x00\x00\x00R")
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        h.protocol.connectionLost(None)
+        self.assertEqual(h.names(), ["close"])
+
+    def test_new_connection_keeps_idle_timer(self):
+        """After QUIT_NC the next conversation is watched by the same timer."""
+        h = Harness(idle_timeout=10)
+        h.negotiate(6)
+        h.send(CONNECT, m.QUIT_NEW_CONNECTION)
+        h.clock.advance(10)
+        self.assertClosed(h, "info", "[server][timeout][idle]")
+        self.assertEqual([milter.calls[-1] for milter in h.milters],
+                         [("close", None), ("close", None)])
+
+    def test_unix_socket_peer(self):
+        """An MTA on a UNIX socket is named by the kind of socket."""
+        from twisted.internet.address import UNIXAddress
+
+        h = Harness(negotiation_timeout=5)
+        h.transport.peerAddr = UNIXAddress(None)
+        h.clock.advance(5)
+        self.assertClosed(h, "warn", "the MTA (UNIX socket) did not negotiate")
+
+
+class SilentConnectionsTests(TestCase):
+    """negotiation_timeout on real loopback sockets, with the timers on a Clock."""
+
+    def test_silent_connections_closed(self):
+        """Many MTA connections that never negotiate are all closed at the deadline."""
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+
+        count = 60
+        clock = Clock()
+        servers, lost = [], []
+        all_made, all_lost = Deferred(), Deferred()
+
+        class Server(MilterServerProtocol):
+            def connectionMade(self):
+                super().connectionMade()
+                servers.append(self)
+                if len(servers) == count + 1:
+                    all_made.callback(None)
+
+            def connectionLost(self, reason=None):
+                super().connectionLost(reason)
+                lost.append(self)
+                if len(lost) == count:
+                    all_lost.callback(None)
+
+        factory = MilterServerFactory(Milter, clock=clock)
+        factory.protocol = Server
+        factory.negotiation_timeout = 5
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        class Client(Protocol):
+            def __init__(self):
+                self.received = b""
+                self.answered = Deferred()
+                self.lost = Deferred()
+
+            def connectionMade(self):
+                if self.factory.first_bytes:
+                    self.transport.write(self.factory.first_bytes)
+
+            def dataReceived(self, data):
+                self.received += data
+                if not self.answered.called:
+                    self.answered.callback(None)
+
+            def connectionLost(self, reason=None):
+                self.lost.callback(None)
+
+        def client_factory(first_bytes):
+            client_factory = ClientFactory.forProtocol(Client)
+            client_factory.first_bytes = first_bytes
+            return client_factory
+
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        offer = negotiation.offer(6).encode()
+        # Half send nothing, half most of an option negotiation; one negotiates.
+        wanted = [offer[:-1] if index % 2 else b"" for index in range(count)] + [offer]
+        connecting = [endpoint.connect(client_factory(first)) for first in wanted]
+        clients = []
+
+        def close_clients():
+            open_clients = [client for client in clients if not client.lost.called]
+            for client in open_clients:
+                client.transport.abortConnection()
+            return DeferredList([client.lost for client in open_clients])
+        self.addCleanup(close_clients)
+
+        def connected(results):
+            clients.extend(result for _, result in results)
+            return DeferredList([all_made, clients[count].answered], fireOnOneErrback=True)
+
+        def check_open(_):
+            self.assertEqual(len(clock.getDelayedCalls()), count)
+            clock.advance(4.9)
+            self.assertFalse(any(client.lost.called for client in clients))
+            clock.advance(0.1)
+            self.assertEqual(clock.getDelayedCalls(), [])
+            return DeferredList([client.lost for client in clients[:count]])
+
+        def check_closed(_):
+            negotiated = clients[count]
+            self.assertFalse(negotiated.lost.called)
+            self.assertEqual(negotiated.received, packets(m.Negotiate(6, 0, 0)))
+            self.assertEqual(clients[0].received, b"")
+            return all_lost
+
+        def check_servers(_):
+            self.assertEqual([server.stage for server in lost], [Stage.CLOSED] * count)
+            [negotiated] = [server for server in servers if server not in lost]
+            self.assertIs(negotiated.stage, Stage.CONNECT)
+
+        d = DeferredList(connecting, fireOnOneErrback=True)
+        d.addCallback(connected)
+        d.addCallback(check_open)
+        d.addCallback(check_closed)
+        d.addCallback(check_servers)
+        return d
