@@ -467,6 +467,92 @@ class ValidationTests(ConfigTestCase):
             'milter "a": name is read-only')
 
 
+class TimeoutAndDownChildSettingsTests(ConfigTestCase):
+    """manager.negotiation_timeout, idle_timeout and the down-child settings (ours)."""
+
+    NAMES = ("negotiation_timeout", "idle_timeout", "down_after_failures",
+             "down_retry_interval", "max_down_retry_interval")
+
+    def test_defaults(self):
+        """30 s to negotiate, 7210 s idle, down after 3 failures, retried after 5 s to 60 s."""
+        manager = config.default().manager
+        self.assertEqual([getattr(manager, name) for name in self.NAMES],
+                         [30.0, 7210.0, 3, 5.0, 60.0])
+        self.assertEqual(manager.down_retry_limit, 60.0)
+
+    def test_accepted(self):
+        """Seconds are stored as floats; 0 turns off the timeouts and the marking down."""
+        manager = self.load("""\
+            manager.negotiation_timeout = 0
+            manager.idle_timeout = 0
+            manager.down_after_failures = 0
+            manager.down_retry_interval = 1
+            manager.max_down_retry_interval = 0.5
+            """).manager
+        self.assertEqual([getattr(manager, name) for name in self.NAMES],
+                         [0.0, 0.0, 0, 1.0, 0.5])
+        self.assertIsInstance(manager.negotiation_timeout, float)
+        self.assertIsInstance(manager.down_retry_interval, float)
+        manager = self.load("""\
+            manager.negotiation_timeout = 2.5
+            manager.idle_timeout = 3600
+            manager.down_after_failures = 10
+            """).manager
+        self.assertEqual((manager.negotiation_timeout, manager.idle_timeout,
+                          manager.down_after_failures), (2.5, 3600.0, 10))
+
+    def test_cap_below_first_interval(self):
+        """A cap below down_retry_interval is taken as down_retry_interval, not refused."""
+        manager = self.load("manager.down_retry_interval = 120\n").manager
+        self.assertEqual(manager.max_down_retry_interval, 60.0)
+        self.assertEqual(manager.down_retry_limit, 120.0)
+        manager = self.load("manager.down_retry_interval = 1\n"
+                            "manager.max_down_retry_interval = 30\n").manager
+        self.assertEqual(manager.down_retry_limit, 30.0)
+
+    def test_timeouts_refused(self):
+        """The two MTA timeouts are 0 or more seconds."""
+        for name in ("negotiation_timeout", "idle_timeout"):
+            for value in ("-1", '"30"', "None", "True", 'float("nan")'):
+                self.assertError(
+                    f"manager.{name} = {value}\n", 1,
+                    f"manager.{name} must be a number of seconds, 0 or more (0 disables it); "
+                    f"got {eval(value)!r}")
+
+    def test_down_after_failures_refused(self):
+        """down_after_failures is a whole number, 0 or more."""
+        for value in ("-1", "2.0", '"3"', "None", "True"):
+            self.assertError(
+                f"manager.down_after_failures = {value}\n", 1,
+                "manager.down_after_failures must be an integer, 0 or more "
+                f"(0 never marks a child down); got {eval(value)!r}")
+
+    def test_retry_intervals_refused(self):
+        """The retry intervals are seconds greater than 0."""
+        for name in ("down_retry_interval", "max_down_retry_interval"):
+            for value in ("0", "-5", '"5"', "None", 'float("inf")'):
+                self.assertError(
+                    f"manager.{name} = {value}\n", 1,
+                    f"manager.{name} must be a number of seconds greater than 0; "
+                    f"got {eval(value)!r}")
+
+    def test_dumped(self):
+        """dump (--show-config) shows each, set or default, and loads it back."""
+        path = self.write("milter-manager.conf", """\
+            manager.idle_timeout = 600
+            manager.down_after_failures = 0
+            """)
+        configuration = config.load(path)
+        dumped = config.dump(configuration)
+        lines = dumped.splitlines()
+        self.assertIn("manager.negotiation_timeout = 30.0  # default", lines)
+        self.assertIn(f"manager.idle_timeout = 600.0  # {path}:1", lines)
+        self.assertIn(f"manager.down_after_failures = 0  # {path}:2", lines)
+        self.assertIn("manager.down_retry_interval = 5.0  # default", lines)
+        self.assertIn("manager.max_down_retry_interval = 60.0  # default", lines)
+        self.assertEqual(config.load(self.write("dumped.conf", dumped)), configuration)
+
+
 class UnknownAttributeTests(ConfigTestCase):
     def test_unknown_milter_setting(self):
         """A misspelt milter setting fails, suggesting and listing the known ones.
@@ -760,6 +846,11 @@ class DumpTests(ConfigTestCase):
         manager.report_memory_statistics()
         manager.max_body_memory = 1024
         manager.progress_interval = 0
+        manager.negotiation_timeout = 10
+        manager.idle_timeout = 600
+        manager.down_after_failures = 5
+        manager.down_retry_interval = 2.5
+        manager.max_down_retry_interval = 300
 
         @manager.define_connection_checker("always")
         def always(context):

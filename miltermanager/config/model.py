@@ -395,11 +395,38 @@ class ManagerConfig:
         10.0, check=_seconds_or_zero,
         doc="seconds between progress replies to the MTA while children work on end of "
             "message; 0 disables them")
+    negotiation_timeout: float = setting(
+        30.0, check=_seconds_or_zero,
+        doc="seconds an MTA connection may take to send its option negotiation; "
+            "0 disables it")
+    idle_timeout: float = setting(
+        7210.0, check=_seconds_or_zero,
+        doc="seconds an MTA connection may go without a command while nothing is pending; "
+            "0 disables it")
+    down_after_failures: int = setting(
+        3, check=_integer(0, zero="never marks a child down"),
+        doc="failures in a row to connect to or negotiate with a child that mark it down")
+    down_retry_interval: float = setting(
+        5.0, check=_positive_seconds,
+        doc="seconds a down child is left alone before a session tries it again; "
+            "doubles after each failed try")
+    max_down_retry_interval: float = setting(
+        60.0, check=_positive_seconds,
+        doc="the most down_retry_interval doubles to (never less than down_retry_interval)")
     # Registered functions: name -> Hook ("netstat" is built in), and two hook lists.
     connection_checkers: dict = field(default_factory=dict)
     maintained_hooks: list = field(default_factory=list)
     event_loop_created_hooks: list = field(default_factory=list)
     origins: dict = _origins()
+
+    @property
+    def down_retry_limit(self):
+        """max_down_retry_interval, raised to down_retry_interval when set below it.
+
+        Raising only down_retry_interval above the default cap then means
+        "do not double", rather than a configuration refused.
+        """
+        return max(self.max_down_retry_interval, self.down_retry_interval)
 
 
 @dataclass
