@@ -97,6 +97,37 @@ class BodyBuffer:
         self._chunks = []
 
 
+class BodyChunks:
+    """A body held in memory as the chunks it came in (a child's replaced body), replayable.
+
+    It offers what the message chain and the final replies use of a
+    BodyBuffer: chunks(size), size and close().
+    """
+
+    __slots__ = ("_chunks", "size")
+
+    def __init__(self, chunks):
+        self._chunks = tuple(chunks)
+        self.size = sum(len(chunk) for chunk in self._chunks)
+
+    def chunks(self, size):
+        """Iterate over the whole body in pieces of size bytes (the last one may be shorter)."""
+        if size < 1:
+            raise ValueError(f"chunk size must be at least 1, not {size}")
+        return _split(self._chunks, size)
+
+    def close(self):
+        pass
+
+    def __eq__(self, other):
+        if not isinstance(other, BodyChunks):
+            return NotImplemented
+        return b"".join(self._chunks) == b"".join(other._chunks)
+
+    def __repr__(self):
+        return f"<BodyChunks {self.size} bytes>"
+
+
 def _write(file, chunk, end):
     """Write all of chunk at end, the file's current length; cut a partial write off on failure."""
     fd = file.fileno()

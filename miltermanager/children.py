@@ -1,12 +1,18 @@
-"""One child milter as seen by one MTA session: its connection, options and message state."""
+"""One child milter as seen by one MTA session: its state, connection, options and replies."""
 
+import enum
+
+from twisted.internet import defer, error
 from twisted.logger import Logger
 
-from . import client
+from . import client, stages
+from .events import Cause
 from .merge import Status, status_of
 from .protocol import constants as c
 from .protocol import messages
+from .protocol.errors import ProtocolError, ReplyCodeError
 from .protocol.messages import Macro
+from .protocol import replycode
 
 # The edits that carry a header value.
 _HEADER_EDITS = (messages.AddHeader, messages.InsertHeader, messages.ChangeHeader)
@@ -25,6 +31,46 @@ ACTION_FLAGS = {
 }
 
 
+class ChildState(enum.Enum):
+    """Where a child is in the MTA connection; the session checks it before every command."""
+
+    STARTING = "starting"  # connecting and negotiating
+    CONNECTED = "connected"  # in the SMTP connection, outside any transaction
+    IN_MESSAGE = "in-message"  # takes part in the current transaction (from MAIL on)
+    SKIPPING_BODY = "skipping-body"  # in the message, but asked for no more body (SKIP)
+    QUIT = "quit"  # done with the SMTP connection: its verdict, a stopper, or the end
+    FAILED = "failed"  # its fallback stood in for it; it takes no further part
+
+    @property
+    def alive(self):
+        return self in _ALIVE
+
+    @property
+    def in_message(self):
+        return self in _IN_MESSAGE
+
+
+_ALIVE = frozenset({ChildState.CONNECTED, ChildState.IN_MESSAGE, ChildState.SKIPPING_BODY})
+_IN_MESSAGE = frozenset({ChildState.IN_MESSAGE, ChildState.SKIPPING_BODY})
+
+
+class BogusReply(ProtocolError):
+    """A child's reply that the MTAs refuse from a filter at that stage: never forwarded."""
+
+
+def cause_of(failure):
+    """The events.Cause of a child's failure (a twisted Failure)."""
+    if failure.check(client.MilterTimeoutError, defer.TimeoutError, error.TimeoutError):
+        return Cause.TIMEOUT
+    if failure.check(client.MilterConnectError):
+        return Cause.UNREACHABLE
+    if failure.check(ProtocolError):
+        return Cause.PROTOCOL
+    if failure.check(error.ConnectionLost, error.ConnectionDone):
+        return Cause.DISCONNECTED
+    return Cause.ERROR
+
+
 def _bare(name):
     """A macro name without braces: b"{i}" and b"i" are the same macro."""
     return name[1:-1] if name[:1] == b"{" and name[-1:] == b"}" else name
@@ -33,15 +79,15 @@ def _bare(name):
 class Child:
     """A child milter for one MTA connection.
 
-    alive: connected and negotiated, not yet quit or failed.
-    in_message: takes part in the current message.
-    recipients: recipients it accepted in the current message.
+    state: a ChildState. recipients: recipients it accepted in the current
+    message. verdict: its last real verdict in this transaction (before
+    evaluation mode). stopped_by: the name of the condition that stopped
+    it in this transaction (or for the whole connection, at connect or
+    HELO), None if none did.
 
-    For applicable conditions (see miltermanager.conditions.context):
-    stoppers: stopper kind -> its Hooks, from the conditions the child
-    applies; None when it has none, and then nothing below is kept.
-    verdict: its last real verdict (before evaluation mode); stopped: a
-    stopper stopped it; accepted: the recipients it accepted this
+    For applicable conditions (see miltermanager.stoppers): stoppers is
+    stopper kind -> its (condition, Hook) pairs, None when it has none (and
+    then nothing below is kept); accepted: the recipients it accepted this
     transaction (str). Macros a stopper set go out with every command.
     """
 
@@ -51,8 +97,6 @@ class Child:
     # stoppers pays nothing for them.
     stoppers = None
     context = None
-    verdict = Status.NOT_CHANGE
-    stopped = False
     accepted = None
     status_view = None
     stopper_timeout = None
@@ -68,58 +112,102 @@ class Child:
         self.fallback_status = config.fallback_status
         self._reactor = reactor
         self._clock = clock
+        self.state = ChildState.STARTING
         self.connection = None
         self.options = None
-        self.alive = False
-        self.in_message = False
         self.recipients = 0
-        self.skip_body = False
+        self.verdict = Status.NOT_CHANGE
+        self.stopped_by = None
         # Set when the MTA gives header values with their leading space and this child
         # wants them without: strip one going out, add one to its edits coming back.
         self.convert_leading_space = False
         self._macro_filters = {}
 
     def __repr__(self):
-        return f"<Child {self.name}>"
+        return f"<Child {self.name} {self.state.value}>"
+
+    @property
+    def alive(self):
+        """Connected and negotiated, not yet quit or failed."""
+        return self.state in _ALIVE
+
+    @property
+    def in_message(self):
+        """Takes part in the current transaction."""
+        return self.state in _IN_MESSAGE
 
     # ------------------------------------------------------------ connection
 
     def start(self, offer):
         """Connect and negotiate; fire with the child's Negotiate reply.
 
-        A failure is logged and fires None: the child is then not alive.
+        A failure fails the Deferred (CancelledError when the MTA went away
+        meanwhile): the caller decides what it means and calls fail().
         """
         d = client.connect(self._reactor, self.config.connection_spec,
                            self.config.timeouts, self._clock)
-        d.addCallback(self._negotiate, offer)
-        d.addCallbacks(self._negotiated, self._failed_to_start)
-        return d
+        return d.addCallback(self._negotiate, offer).addCallback(self._negotiated)
 
     def _negotiate(self, connection, offer):
         self.connection = connection
+        if self.state is not ChildState.STARTING:
+            connection.close()  # the MTA went away while we connected
+            raise defer.CancelledError()
         return connection.negotiate(offer)
 
     def _negotiated(self, options):
         self.options = options
-        self.alive = True
-        for stage, names in options.macros.items():
-            command = c.MACRO_STAGE_COMMANDS.get(stage)
-            if command is not None:
-                self._macro_filters[command] = frozenset(_bare(name) for name in names)
+        self.state = ChildState.CONNECTED
+        for index, names in options.macros.items():
+            stage = stages.BY_SYMBOL_LIST.get(index)
+            if stage is not None:
+                self._macro_filters[stage.code] = frozenset(_bare(name) for name in names)
         return self.connection.negotiate_reply
 
-    def _failed_to_start(self, failure):
-        self.log.error(
-            "[children][error][negotiate][{fallback}] {name}: {error}",
-            name=self.name, fallback=self.fallback_status.label,
-            error=failure.getErrorMessage())
-        self.expire()
-        return None
+    def fail(self):
+        """Stop using this child for the rest of the MTA connection: its fallback stands in."""
+        self.state = ChildState.FAILED
+        if self.connection is not None:
+            self.connection.close()
 
-    def expire(self):
-        """Stop using this child for the rest of the MTA connection."""
-        self.alive = False
-        self.in_message = False
+    def fallback(self):
+        """The Status the child's fallback_status counts for (evaluation mode applied)."""
+        status = self.fallback_status
+        if self.evaluation and status >= Status.TEMPORARY_FAILURE:
+            self.log.info("[children][evaluation][fallback][{status}] {name}: not applied",
+                          status=status.label, name=self.name)
+            return Status.ACCEPT
+        return status
+
+    # ------------------------------------------------------------ transactions
+
+    def join_message(self):
+        """MAIL: take part in the new transaction."""
+        if self.state is ChildState.CONNECTED:
+            self.state = ChildState.IN_MESSAGE
+            self.recipients = 0
+
+    def leave_message(self):
+        """Done with this transaction (accepted, stopped, or its verdict ended it for it)."""
+        if self.state in _IN_MESSAGE:
+            self.state = ChildState.CONNECTED
+
+    def skip_body(self):
+        """It answered SKIP to a body chunk: no more body for it in this message."""
+        if self.state is ChildState.IN_MESSAGE:
+            self.state = ChildState.SKIPPING_BODY
+
+    def abort(self):
+        """Abandon the current message at this child."""
+        if self.state in _IN_MESSAGE:
+            # Nothing waits for it; if the connection ends before it goes out, so be it.
+            self.connection.send(messages.ABORT).addErrback(_ignore)
+            self.state = ChildState.CONNECTED
+
+    def quit(self):
+        """Say goodbye: the MTA connection ends or this child is done with it."""
+        if self.state is not ChildState.FAILED:
+            self.state = ChildState.QUIT
         if self.connection is not None:
             self.connection.close()
 
@@ -182,27 +270,32 @@ class Child:
         merged = {**(self._connection_macros or {}), **(self._transaction_macros or {})}
         self._set_macros = merged or None
 
-    def abort(self):
-        """Abandon the current message at this child."""
-        if self.in_message and self.alive:
-            # Nothing waits for it; if the connection ends before it goes out, so be it.
-            self.connection.send(messages.ABORT).addErrback(_ignore)
-        self.in_message = False
-
-    def quit(self):
-        """Say goodbye: the MTA connection ends or this child is done with it."""
-        self.alive = False
-        self.in_message = False
-        if self.connection is not None:
-            self.connection.close()
-
     # ------------------------------------------------------------ replies
 
-    def status_of(self, response):
-        """The Status a Response counts for in the merge (evaluation mode applied)."""
+    def status_of(self, response, stage):
+        """The Status a Response to the command of stage counts for (evaluation mode applied).
+
+        A reply the MTAs refuse from a filter raises BogusReply (the caller
+        treats it as this child's protocol error): SHUTDOWN anywhere, DISCARD
+        at connect or HELO, a reply code that is not a valid SMTP reply. A
+        valid reply code is normalised in place (a lone % doubled).
+        """
         if response is None:
             return Status.CONTINUE
-        status = status_of(response.reply)
+        reply = response.reply
+        code = reply.code
+        if code == c.REPLY_CODE:
+            try:
+                text = replycode.normalize(reply.text)
+            except ReplyCodeError as problem:
+                raise BogusReply(str(problem)) from None
+            if text != reply.text:
+                response.reply = reply = messages.ReplyCode(text)
+        elif code == c.SHUTDOWN:
+            raise BogusReply("shutdown (4) is not a reply the MTAs take from a filter")
+        elif code == c.DISCARD and (stage is stages.CONNECT or stage is stages.HELO):
+            raise BogusReply(f"discard at {stage.nick}: only a message can be discarded")
+        status = status_of(reply)
         self.verdict = status
         if self.evaluation and status >= Status.TEMPORARY_FAILURE:
             self.log.info("[children][evaluation][{status}] {name}: not applied",

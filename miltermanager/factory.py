@@ -1,8 +1,16 @@
-"""The MTA connections: a session each, counted, limited by max_connections, drained at stop."""
+"""The MTA connections: a session each, counted, limited by max_connections, drained at stop.
+
+The factory is what the sessions share: the configuration current when
+each connected, the count of sessions in flight, the children's health
+(miltermanager.health) and the observers of the event stream
+(miltermanager.events).
+"""
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from .events import Observers
+from .health import ChildHealth
 from .server import MilterServerFactory, MilterServerProtocol
 from .session import ManagerSession
 
@@ -35,6 +43,9 @@ class ManagerFactory(MilterServerFactory):
     protocol = ManagerConnection
     noisy = False  # no "Starting factory" line per port
     log = Logger()
+    # The sessions' event stream goes to these (None while there is none: it then costs
+    # one attribute test per report).
+    observer = None
 
     def __init__(self, configuration, reactor, clock=None):
         super().__init__(self._session, clock=clock or reactor)
@@ -47,9 +58,41 @@ class ManagerFactory(MilterServerFactory):
         self.paused = False
         self._drained = []  # Deferreds waiting for connections to reach 0
         self._open = set()  # the ManagerConnections, to close what a drain leaves
+        self._observers = Observers()
+        self.health = ChildHealth(clock or reactor, self._manager_settings,
+                                  lambda: self.observer)
+        self.sessions_started = 0
 
     def _session(self, server):
-        return ManagerSession(server, self.configuration, self.reactor, self.session_clock)
+        return ManagerSession(server, self)
+
+    def _manager_settings(self):
+        return self.configuration.manager
+
+    def new_session_number(self):
+        """The next session's number: 1 for the first since start."""
+        self.sessions_started += 1
+        return self.sessions_started
+
+    # The MTA-facing timeouts follow the configuration, reloads included.
+
+    @property
+    def negotiation_timeout(self):
+        return self.configuration.manager.negotiation_timeout
+
+    @property
+    def idle_timeout(self):
+        return self.configuration.manager.idle_timeout
+
+    def add_observer(self, observer):
+        """Tell observer (an events.ISessionObserver) what every session from now on does."""
+        self._observers.observers.append(observer)
+        self.observer = self._observers
+
+    def remove_observer(self, observer):
+        self._observers.observers.remove(observer)
+        if not self._observers.observers:
+            self.observer = None
 
     def processing_sessions(self):
         """How many MTA connections are open now: the conditions' n_processing_sessions.

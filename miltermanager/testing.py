@@ -1,16 +1,20 @@
-"""Test doubles for people testing milters and the manager: a scripted child milter.
+"""Test doubles for people testing milters and the manager: a scripted child, a recording observer.
 
 A ScriptedMilter listens on loopback, records every event with its macros
 and answers from a script, so a test can state "child 1 rejects at RCPT,
 child 2 adds a header at end of message" as data. ConnectionTracker lets a
 test wait until every connection of a server factory is gone, so trial finds
-a clean reactor.
+a clean reactor. RecordingObserver keeps what the manager's sessions report
+on their event stream (miltermanager.events).
 """
 
 from dataclasses import dataclass, field
 
 from twisted.internet import defer
+from zope.interface import implementer
 
+from . import stages
+from .events import ISessionObserver
 from .protocol import messages
 from .protocol import constants as c
 from .server import Milter, MilterServerFactory, MilterServerProtocol
@@ -96,13 +100,6 @@ class Script:
     replies: dict = field(default_factory=dict)
 
 
-_STAGES = {
-    "connect": b"C", "helo": b"H", "mail": b"M", "rcpt": b"R", "data": b"T",
-    "header": b"L", "end_of_headers": b"N", "body": b"B", "end_of_message": b"E",
-    "unknown": b"U",
-}
-
-
 class ScriptedMilter(Milter):
     """An IMilter answering from a Script and recording into a shared list.
 
@@ -126,7 +123,7 @@ class ScriptedMilter(Milter):
                                   dict(script.macros))
 
     def _event(self, name, command, macros):
-        self.events.append(Event(name, command, dict(macros.stage(_STAGES[name])),
+        self.events.append(Event(name, command, dict(macros.stage(stages.BY_NAME[name].code)),
                                  self.connection))
         reply = self.script.replies.get(name, messages.CONTINUE)
         if callable(reply):
@@ -225,3 +222,36 @@ class ScriptedChild:
     def names(self):
         """The names of the events seen, in order."""
         return [event.name for event in self.events]
+
+
+@implementer(ISessionObserver)
+class RecordingObserver:
+    """An ISessionObserver that keeps every record it is told, in order, in events."""
+
+    def __init__(self):
+        self.events = []
+
+    def session_started(self, event):
+        self.events.append(event)
+
+    def child_replied(self, event):
+        self.events.append(event)
+
+    def child_stopped(self, event):
+        self.events.append(event)
+
+    def child_fell_back(self, event):
+        self.events.append(event)
+
+    def message_ended(self, event):
+        self.events.append(event)
+
+    def session_ended(self, event):
+        self.events.append(event)
+
+    def child_health_changed(self, event):
+        self.events.append(event)
+
+    def of(self, kind):
+        """The records of one type (events.ChildReplied, ...), in order."""
+        return [event for event in self.events if isinstance(event, kind)]

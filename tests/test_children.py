@@ -5,7 +5,7 @@ import gc
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from miltermanager.children import Child
+from miltermanager.children import BogusReply, Child, ChildState
 from miltermanager.client import MilterConnectionLost
 from miltermanager.config import MilterConfig
 from miltermanager.protocol import constants as c
@@ -33,7 +33,7 @@ def child(**settings):
                  None, None)
     made.connection = FakeConnection()
     made.options = negotiation.Options(6, c.SMFI_CURR_ACTS, 0, {})
-    made.alive = made.in_message = True
+    made.state = ChildState.IN_MESSAGE
     return made
 
 
@@ -50,7 +50,7 @@ class AbortTests(SynchronousTestCase):
     def test_abort_outside_a_message_sends_nothing(self):
         """A child not in the message gets no ABORT (libmilter would ignore it)."""
         kid = child()
-        kid.in_message = False
+        kid.state = ChildState.CONNECTED
         kid.abort()
         self.assertEqual(kid.connection.sent, [])
 
@@ -103,12 +103,16 @@ class FailureLogTests(SynchronousTestCase):
     """How the session logs a child's failure."""
 
     def session(self, events):
+        from twisted.internet.testing import MemoryReactorClock
         from twisted.logger import Logger
 
         from miltermanager import config
+        from miltermanager.factory import ManagerFactory
+        from miltermanager.server import MilterServerProtocol
         from miltermanager.session import ManagerSession
 
-        session = ManagerSession(None, config.default(), None)
+        session = ManagerSession(MilterServerProtocol(),
+                                 ManagerFactory(config.default(), MemoryReactorClock()))
         session.log = Logger(observer=events.append)
         return session
 
@@ -117,21 +121,68 @@ class FailureLogTests(SynchronousTestCase):
         from twisted.logger import LogLevel
         from twisted.python.failure import Failure
 
+        from miltermanager import stages
+
         events = []
         kid = child()
-        status = self.session(events)._child_failed(kid, Failure(defer.CancelledError()), "rcpt")
+        status = self.session(events).fell_back(kid, stages.RCPT,
+                                                Failure(defer.CancelledError()))
         self.assertIs(status, kid.fallback_status)
         self.assertEqual([event["log_level"] for event in events], [LogLevel.debug])
 
     def test_real_failure_is_an_error(self):
-        """A child that times out or breaks is logged as an error with the reason."""
+        """A child that times out or breaks is logged as an error with the reason, and fails."""
         from twisted.logger import LogLevel, formatEvent
         from twisted.python.failure import Failure
 
+        from miltermanager import stages
+
         events = []
         kid = child()
-        self.session(events)._child_failed(
-            kid, Failure(MilterConnectionLost("RCPT", "reset")), "rcpt")
+        self.session(events).fell_back(
+            kid, stages.RCPT, Failure(MilterConnectionLost("RCPT", "reset")))
         [event] = events
         self.assertEqual(event["log_level"], LogLevel.error)
-        self.assertIn("[children][error][rcpt][accept] kid:", formatEvent(event))
+        self.assertIn("[children][error][envelope-recipient][accept] kid:", formatEvent(event))
+        self.assertIs(kid.state, ChildState.FAILED)
+
+
+class BogusReplyTests(SynchronousTestCase):
+    """Replies the MTAs refuse from a filter are the child's protocol error, never forwarded."""
+
+    def test_table(self):
+        """Each reply at each stage: its status, or BogusReply."""
+        from miltermanager import stages
+        from miltermanager.client import Response
+        from miltermanager.merge import Status
+
+        table = [
+            (stages.CONNECT, messages.SHUTDOWN, BogusReply),
+            (stages.END_OF_MESSAGE, messages.SHUTDOWN, BogusReply),
+            (stages.CONNECT, messages.DISCARD, BogusReply),
+            (stages.HELO, messages.DISCARD, BogusReply),
+            (stages.MAIL, messages.DISCARD, Status.DISCARD),
+            (stages.END_OF_MESSAGE, messages.DISCARD, Status.DISCARD),
+            (stages.RCPT, messages.ReplyCode(b"hello world"), BogusReply),
+            (stages.RCPT, messages.ReplyCode(b"550 4.7.1 wrong class"), BogusReply),
+            (stages.RCPT, messages.ReplyCode(b"550 5.7.1 no"), Status.REJECT),
+            (stages.CONNECT, messages.ReplyCode(b"421 4.7.0 busy"), Status.TEMPORARY_FAILURE),
+            (stages.CONNECT, messages.REJECT, Status.REJECT),
+        ]
+        got = []
+        for stage, reply, _ in table:
+            try:
+                result = child().status_of(Response(reply), stage)
+            except BogusReply:
+                result = BogusReply
+            got.append((stage, reply, result))
+        self.assertEqual(got, table)
+
+    def test_lone_percent_doubled_in_place(self):
+        """A valid reply code with a lone % goes on with it doubled."""
+        from miltermanager import stages
+        from miltermanager.client import Response
+
+        response = Response(messages.ReplyCode(b"550 5.7.1 100% spam"))
+        child().status_of(response, stages.RCPT)
+        self.assertEqual(response.reply, messages.ReplyCode(b"550 5.7.1 100%% spam"))

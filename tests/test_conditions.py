@@ -16,7 +16,6 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from miltermanager import config
-from miltermanager import session as session_module
 from miltermanager.conditions import accounts
 from miltermanager.conditions.context import SocketAddress
 from miltermanager.conditions.network import RemoteNetwork
@@ -669,13 +668,12 @@ class ManagerTests(ScenarioTestCase, LoadingTestCase):
         """Run a message from the client of connect; return what "one" saw."""
         loaded = configuration
 
-        def factory(configuration, reactor, clock):
+        def configure(configuration):
             configuration.conditions = loaded.conditions
             for milter in configuration.milters:
                 milter.applicable_conditions = [condition] if milter.name == "one" else []
-            return session_module.manager_factory(configuration, reactor, clock)
 
-        self.patch(test_session, "manager_factory", factory)
+        self.configure = configure
         return self.run_scenario(Scenario(
             children=[Kid("one"), Kid("two")], steps=[
                 (command, test_session.CONTINUE) for command in _message(connect)],
@@ -739,13 +737,12 @@ class ManagerTests(ScenarioTestCase, LoadingTestCase):
         configuration = self.load()
         loaded = configuration
 
-        def factory(configuration, reactor, clock):
+        def configure(configuration):
             configuration.conditions = loaded.conditions
             for milter in configuration.milters:
                 milter.applicable_conditions = ["Trust"]
-            return session_module.manager_factory(configuration, reactor, clock)
 
-        self.patch(test_session, "manager_factory", factory)
+        self.configure = configure
         gmail = Mail(b"<someone@gmail.com>")
         events = yield self.run_scenario(Scenario(
             children=[Kid("one")],
@@ -758,13 +755,12 @@ class ManagerTests(ScenarioTestCase, LoadingTestCase):
         """Run steps with child "one" under condition and "two" under none."""
         loaded = configuration
 
-        def factory(configuration, reactor, clock):
+        def configure(configuration):
             configuration.conditions = loaded.conditions
             for milter in configuration.milters:
                 milter.applicable_conditions = [condition] if milter.name == "one" else []
-            return session_module.manager_factory(configuration, reactor, clock)
 
-        self.patch(test_session, "manager_factory", factory)
+        self.configure = configure
         return self.run_scenario(Scenario(children=[Kid("one"), Kid("two")], steps=steps,
                                           seen=seen or {}))
 

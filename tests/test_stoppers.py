@@ -11,7 +11,6 @@ from twisted.internet import defer, error, reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from miltermanager import session as session_module
 from miltermanager.conditions.context import SocketAddress, macro_name
 from miltermanager.config import ConditionConfig, Hook
 from miltermanager.merge import Status
@@ -55,31 +54,17 @@ class StopperTestCase(ScenarioTestCase):
     def run_stopping(self, scenario, conditions, applies):
         """conditions: name -> {kind: function(s)}; applies: child name -> condition names.
 
-        self.clock is the scenario's fake clock and self.sessions the
-        ManagerSessions made, once the manager runs.
+        self.clock is the scenario's fake clock, self.factory the manager's
+        factory and self.sessions the ManagerSessions made, once it runs.
         """
-        self.sessions = []
-        self.before = session_module.processing_sessions()
-
-        def factory(configuration, reactor, clock):
+        def configure(configuration):
             configuration.conditions = {
                 name: ConditionConfig(name, stoppers=_hooks(stoppers))
                 for name, stoppers in conditions.items()}
             for milter in configuration.milters:
                 milter.applicable_conditions = list(applies.get(milter.name, ()))
-            self.clock = clock
-            made = session_module.manager_factory(configuration, reactor, clock)
-            make_session = made.milter_factory
 
-            def milter_factory(server):
-                session = make_session(server)
-                self.sessions.append(session)
-                return session
-
-            made.milter_factory = milter_factory
-            return made
-
-        self.patch(test_session, "manager_factory", factory)
+        self.configure = configure
         return self.run_scenario(scenario)
 
     def logged(self):
@@ -641,7 +626,6 @@ class ContextTests(StopperTestCase):
     @defer.inlineCallbacks
     def test_n_processing_sessions(self):
         """n_processing_sessions counts this session while it runs, and not once it closed."""
-        before = session_module.processing_sessions()
         seen = []
 
         def look(context, host, address):
@@ -649,8 +633,8 @@ class ContextTests(StopperTestCase):
 
         yield self.run_stopping(Scenario(children=[Kid("one")], steps=_steps([CONNECT])),
                                 {"look": {"connect": look}}, {"one": ["look"]})
-        self.assertEqual(seen, [before + 1])
-        self.assertEqual(session_module.processing_sessions(), before)
+        self.assertEqual(seen, [1])
+        self.assertEqual(self.factory.processing_sessions(), 0)
 
 
 # ---------------------------------------------------------------- failures, Deferreds, timeouts
@@ -865,7 +849,7 @@ class FailingStopperTests(StopperTestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
         # (two, whose MAIL was on its way, is logged as failed when the MTA goes, as before.)
         self.assertEqual([line for line in lines if "] one:" in line], [])
-        self.assertEqual(session_module.processing_sessions(), self.before)
+        self.assertEqual(self.factory.processing_sessions(), 0)
 
     def test_sync_true_cancels_pending(self):
         """A true answer decides at once: a pending Deferred of the same stage is cancelled."""
@@ -893,7 +877,7 @@ class FailingStopperTests(StopperTestCase):
             one, two = session.children
             self.assertEqual((one.stoppers, one.context, one.accepted), (None, None, None))
             self.assertEqual(list(two.stoppers), ["envelope_from"])
-            self.assertEqual(list(session.child_statuses), ["one", "two"])
+            self.assertEqual(list(session.stoppers.facts.children), ["one", "two"])
         return d.addCallback(check)
 
 

@@ -162,12 +162,22 @@ class OptionsTests(SynchronousTestCase):
         self.assertIs(made.factory.configuration, options.configuration)
 
     def test_make_service_fallback(self):
-        """The service answers with manager.fallback_status from the configuration."""
+        """The service answers with manager.fallback_status from the configuration.
+
+        A discard waits for the first MAIL: the MTAs refuse it at connect.
+        """
+        path = write_config(self, 'manager.fallback_status = "reject"\n')
+        options = isolated_options(self)
+        options.parseOptions(["-c", path])
+        milter = tap.makeService(options).factory.milter_factory(None)
+        self.assertIs(milter.connect(None, Macros()), messages.REJECT)
         path = write_config(self, 'manager.fallback_status = "discard"\n')
         options = isolated_options(self)
         options.parseOptions(["-c", path])
         milter = tap.makeService(options).factory.milter_factory(None)
-        self.assertIs(milter.connect(None, Macros()), messages.DISCARD)
+        self.assertIs(milter.connect(None, Macros()), messages.CONTINUE)
+        self.assertIs(milter.helo(None, Macros()), messages.CONTINUE)
+        self.assertIs(milter.mail(None, Macros()), messages.DISCARD)
 
 
 class UNIXSocketServiceTests(TestCase):

@@ -17,7 +17,7 @@ child, before it sends that child the command of the stage, as
 
 where context is a ChildContext, socket_address a SocketAddress and the
 other arguments str (UTF-8, undecodable bytes kept by surrogateescape).
-A true result stops the child (see miltermanager.session for what that
+A true result stops the child (see miltermanager.stoppers for what that
 means at each stage); a Deferred (or a coroutine) is waited for.
 """
 
@@ -218,7 +218,7 @@ class ChildStatus:
 
     @property
     def stopped(self):
-        return self._child.stopped
+        return self._child.stopped_by is not None
 
     def __repr__(self):
         return (f"<ChildStatus {self.name} {self._child.verdict.label}"
@@ -244,6 +244,40 @@ class ChildStatuses(Mapping):
 
 
 # ---------------------------------------------------------------- the context
+
+
+class SessionFacts:
+    """What the SMTP client said so far, and what the stoppers of one session share.
+
+    The session keeps it up to date as commands arrive; every ChildContext
+    of the session reads it. macros: the MTA's Macros as they stand.
+    socket_address, host, helo, envelope_from, recipient: what the client
+    said (None before it said it; recipient is the one of the RCPT being
+    asked about). children: name -> ChildStatus of every configured child.
+    processing_sessions(): MTA connections this process serves now.
+    """
+
+    __slots__ = ("macros", "children", "processing_sessions", "socket_address", "host",
+                 "helo", "envelope_from", "recipient", "_shelf")
+
+    def __init__(self, macros, children, processing_sessions):
+        self.macros = macros
+        self.children = children
+        self.processing_sessions = processing_sessions
+        self.socket_address = self.host = self.helo = None
+        self.envelope_from = self.recipient = None
+        self._shelf = None
+
+    @property
+    def mail_transaction_shelf(self):
+        """The dict the stoppers share in this transaction (made when first asked for)."""
+        if self._shelf is None:
+            self._shelf = {}
+        return self._shelf
+
+    def new_transaction(self):
+        """A new MAIL, or the transaction was aborted: a new shelf."""
+        self._shelf = None
 
 
 class ChildContext:
@@ -273,11 +307,11 @@ class ChildContext:
     (None before it said it).
     """
 
-    __slots__ = ("_child", "_session", "_transaction")
+    __slots__ = ("_child", "_facts", "_transaction")
 
-    def __init__(self, child, session):
+    def __init__(self, child, facts):
         self._child = child
-        self._session = session
+        self._facts = facts
         self._transaction = False  # whether a macro set now lasts only the transaction
 
     @property
@@ -291,7 +325,7 @@ class ChildContext:
         key = macro_name(name)
         value = self._child.own_macro(key)
         if value is None:
-            value = self._session.macros.get(key)
+            value = self._facts.macros.get(key)
         return default if value is None else text(value)
 
     def __getitem__(self, name):
@@ -311,7 +345,7 @@ class ChildContext:
 
     @property
     def children(self):
-        return self._session.child_statuses
+        return self._facts.children
 
     @property
     def postfix(self):
@@ -323,27 +357,27 @@ class ChildContext:
 
     @property
     def n_processing_sessions(self):
-        return self._session.processing_sessions()
+        return self._facts.processing_sessions()
 
     @property
     def mail_transaction_shelf(self):
-        return self._session.mail_transaction_shelf
+        return self._facts.mail_transaction_shelf
 
     @property
     def socket_address(self):
-        return self._session.socket_address
+        return self._facts.socket_address
 
     @property
     def host(self):
-        return self._session.client_host
+        return self._facts.host
 
     @property
     def helo(self):
-        return self._session.helo_name
+        return self._facts.helo
 
     @property
     def envelope_from(self):
-        return self._session.envelope_from
+        return self._facts.envelope_from
 
     def __repr__(self):
         return f"<ChildContext {self.name}>"

@@ -1,0 +1,130 @@
+"""The envelope fan-out: connect, HELO, MAIL, RCPT, DATA and unknown to every child at once.
+
+Each child that takes part gets the command at the same time (after its
+stoppers, if it has any, let it); the MTA gets the merged verdict once all
+have answered (miltermanager.merge.merge_verdicts). What an answer means
+for the child itself depends on the stage: at connect or HELO anything but
+continue ends its part in the SMTP connection; at MAIL and DATA anything
+but continue ends its part in the transaction; at RCPT a continue counts
+the recipient for it, an accept takes it out of the transaction, a reject
+or temporary failure only loses it that recipient. A fallback counts
+exactly as that reply would.
+"""
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from . import stages
+from .children import BogusReply
+from .events import ChildReplied, ChildStopped
+from .merge import Status
+from .protocol import constants as c
+
+
+def reply_code(response, status):
+    """The child's own ReplyCode if it says what status says (it then goes to the MTA)."""
+    reply = response.reply
+    if reply.code == c.REPLY_CODE and status >= Status.TEMPORARY_FAILURE:
+        return reply
+    return None
+
+
+class Envelope:
+    """Sends one session's envelope commands to its children and merges their answers."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def send(self, stage, command, macros, targets):
+        """Send command (of stage) to every target; the merged reply, or a Deferred of it."""
+        session = self.session
+        if not targets:
+            return session.no_child_reply(stage)
+        runner = session.stoppers
+        observed = session.observer is not None
+        started = session.clock.seconds() if observed else None
+        stage_macros = macros.stage(stage.code)
+        if len(targets) == 1:
+            answer = self._one(targets[0], stage, command, stage_macros, runner, started)
+            if isinstance(answer, defer.Deferred):
+                return answer.addCallback(self._one_merged, stage)
+            return session.merged([answer], stage)
+        answers = []
+        for child in targets:
+            answer = self._one(child, stage, command, stage_macros, runner, started)
+            answers.append(answer if isinstance(answer, defer.Deferred)
+                           else defer.succeed(answer))
+        return defer.gatherResults(answers).addCallback(session.merged, stage)
+
+    def _one_merged(self, answer, stage):
+        return self.session.merged([answer], stage)
+
+    def _one(self, child, stage, command, stage_macros, runner, started):
+        """One child's (status, reply code, name), or a Deferred of it: stoppers, then send."""
+        if runner is not None and child.stoppers is not None:
+            stop = runner.decide(child, stage, command)
+            if stop is not False:
+                if isinstance(stop, defer.Deferred):
+                    return stop.addCallback(self._decided, child, stage, command, stage_macros,
+                                            started)
+                return self._stopped(child, stage, stop)
+        d = child.send(command, stage_macros)
+        return d.addBoth(self._answered, child, stage, started)
+
+    def _decided(self, stop, child, stage, command, stage_macros, started):
+        if stop:
+            return self._stopped(child, stage, stop)
+        if (stop is None or not child.alive
+                or (stage is not stages.CONNECT and stage is not stages.HELO
+                    and stage is not stages.UNKNOWN and not child.in_message)):
+            return Status.NOT_CHANGE, None, child.name  # the MTA or the child went away
+        d = child.send(command, stage_macros)
+        return d.addBoth(self._answered, child, stage, started)
+
+    def _stopped(self, child, stage, stop):
+        """A stopper stopped child: its (status, reply, name) for the merge."""
+        session = self.session
+        session.log.debug("[stopper][stop][{stage}] {name}: {condition}", stage=stage.nick,
+                          name=child.name, condition=stop.condition)
+        child.stopped_by = stop.condition
+        if session.observer is not None:
+            session.observer.child_stopped(ChildStopped(
+                session.number, child.name, stage, stop.condition, stop.hook.name, stop.origin))
+        if stage is stages.CONNECT or stage is stages.HELO:
+            child.quit()
+        elif stage is stages.MAIL:
+            child.leave_message()
+        elif stage is stages.RCPT:
+            return Status.NOT_CHANGE, None, child.name  # only this recipient is withheld
+        else:
+            child.abort()
+        return Status.ACCEPT, None, child.name
+
+    def _answered(self, result, child, stage, started):
+        """A child's (status, reply code, name) for this stage; apply what it means for the child."""
+        session = self.session
+        if isinstance(result, Failure):
+            return session.fell_back(child, stage, result), None, child.name
+        try:
+            status = child.status_of(result, stage)
+        except BogusReply:
+            return session.fell_back(child, stage, Failure()), None, child.name
+        if started is not None:
+            session.observer.child_replied(ChildReplied(
+                session.number, child.name, stage, result and result.reply, status,
+                child.verdict if result else Status.CONTINUE,
+                session.clock.seconds() - started))
+        if stage is stages.RCPT:
+            if status is Status.CONTINUE:
+                child.recipients += 1
+                if child.accepted is not None:
+                    child.accepted.append(session.stoppers.facts.recipient)
+            elif status is Status.ACCEPT and child.verdict is Status.ACCEPT:
+                # A real accept; an evaluation child's reject only loses it the recipient.
+                child.leave_message()
+        elif stage is stages.CONNECT or stage is stages.HELO:
+            if status is not Status.CONTINUE:
+                child.quit()  # done with this SMTP connection, whatever it said
+        elif stage is not stages.UNKNOWN and status is not Status.CONTINUE:
+            child.leave_message()
+        return status, result and reply_code(result, status), child.name
