@@ -1,6 +1,5 @@
 """The milter side of the protocol, facing the MTA: IMilter, a Twisted protocol and its factory."""
 
-import enum
 from collections import deque
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
@@ -8,7 +7,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from . import sockets
+from . import sockets, stages
 from .macros import STAGES as MACRO_STAGES, Macros
 from .protocol import constants as c
 from .protocol import messages, negotiation
@@ -150,40 +149,12 @@ class Milter:
         pass
 
 
-class Stage(enum.Enum):
-    """Where an MTA conversation is."""
-
-    NEGOTIATE = "negotiate"  # waiting for the MTA's option negotiation
-    CONNECT = "connect"  # negotiated (or after QUIT_NC): the connect is next
-    HELO = "helo"  # greeted, or between messages: no message open
-    MAIL = "mail"
-    RCPT = "rcpt"
-    DATA = "data"
-    HEADER = "header"
-    END_OF_HEADERS = "end-of-headers"
-    BODY = "body"
-    END_OF_MESSAGE = "end-of-message"  # until the final reply to it is sent
-    CLOSED = "closed"
-
-
-MESSAGE_STAGES = frozenset({
-    Stage.MAIL, Stage.RCPT, Stage.DATA, Stage.HEADER, Stage.END_OF_HEADERS,
-    Stage.BODY, Stage.END_OF_MESSAGE,
-})
+# The stages during which a message is open (an ABORT or a new MAIL ends it).
+MESSAGE_STAGES = frozenset({stages.MAIL, stages.RCPT, stages.DATA, *stages.MESSAGE})
 
 # Event command -> (IMilter method, stage it moves to; None keeps the stage).
-_EVENTS = {
-    c.CONNECT: ("connect", Stage.CONNECT),
-    c.HELO: ("helo", Stage.HELO),
-    c.MAIL: ("mail", Stage.MAIL),
-    c.RCPT: ("rcpt", Stage.RCPT),
-    c.DATA: ("data", Stage.DATA),
-    c.HEADER: ("header", Stage.HEADER),
-    c.END_OF_HEADERS: ("end_of_headers", Stage.END_OF_HEADERS),
-    c.BODY: ("body", Stage.BODY),
-    c.END_OF_MESSAGE: ("end_of_message", Stage.END_OF_MESSAGE),
-    c.UNKNOWN: ("unknown", None),
-}
+_EVENTS = {stage.code: (stage.name, None if stage is stages.UNKNOWN else stage)
+           for stage in stages.EVENTS}
 # A new C, H or M while a message is open implicitly aborts it, as libmilter
 # does; C, H, M and R make the macros of the stages after them stale.
 _RESTARTS = frozenset({c.CONNECT, c.HELO, c.MAIL})
@@ -236,7 +207,7 @@ class MilterServerProtocol(Protocol):
     def __init__(self):
         self.milter = None
         self.macros = Macros()
-        self.stage = Stage.NEGOTIATE
+        self.stage = stages.NEGOTIATE
         self.offer = None  # the MTA's Negotiate
         self.options = None  # negotiation.Options as sent to the MTA
         self.faked_no_reply = 0  # NR_* flags answered with CONTINUE on the milter's behalf
@@ -263,7 +234,7 @@ class MilterServerProtocol(Protocol):
         except Exception:
             self.log.failure("[server][error] cannot create the milter")
             self._milter_closed = True
-            self.stage = Stage.CLOSED
+            self.stage = stages.CLOSED
             self.transport.loseConnection()
             return
         seconds = self.factory.negotiation_timeout
@@ -271,7 +242,7 @@ class MilterServerProtocol(Protocol):
             self._timer = self.factory.clock.callLater(seconds, self._not_negotiated, seconds)
 
     def dataReceived(self, data):
-        if self.stage is Stage.CLOSED:
+        if self.stage is stages.CLOSED:
             return
         try:
             frames = self._decoder.feed(data)
@@ -286,7 +257,7 @@ class MilterServerProtocol(Protocol):
         self._handling = True
         try:
             for code, payload in frames:
-                if self.stage is Stage.CLOSED:
+                if self.stage is stages.CLOSED:
                     return
                 try:
                     message = messages.decode_command(code, payload)
@@ -312,7 +283,7 @@ class MilterServerProtocol(Protocol):
         waits for its final reply (Sendmail accepts it nowhere else);
         otherwise does nothing and returns False.
         """
-        if self.stage is not Stage.END_OF_MESSAGE:
+        if self.stage is not stages.END_OF_MESSAGE:
             return False
         self._write(_PROGRESS_PACKET)
         return True
@@ -326,8 +297,8 @@ class MilterServerProtocol(Protocol):
             self._protocol_error(error)
 
     def _negotiate(self, offer):
-        if self.stage is not Stage.NEGOTIATE:
-            raise ProtocolError(f"option negotiation again at stage {self.stage.value}")
+        if self.stage is not stages.NEGOTIATE:
+            raise ProtocolError(f"option negotiation again at stage {self.stage.name}")
         # The MTA has done its part: the milter's own time to answer (the
         # manager asks its children meanwhile) is not held against it.
         self._watch_idleness()
@@ -345,7 +316,7 @@ class MilterServerProtocol(Protocol):
 
     def _event(self, command):
         code = command.code
-        if self.stage is Stage.NEGOTIATE:
+        if self.stage is stages.NEGOTIATE:
             raise ProtocolError(f"{_command_name(code)} before option negotiation")
         name, stage = _EVENTS[code]
         stale = _STALE_MACROS_FROM.get(code)
@@ -400,11 +371,11 @@ class MilterServerProtocol(Protocol):
         self.transport.loseConnection()
 
     def _quit_new_connection(self, quit):
-        if self.stage is Stage.NEGOTIATE:
+        if self.stage is stages.NEGOTIATE:
             raise ProtocolError("quit (new connection follows) before option negotiation")
         self._close_milter(self.stage in MESSAGE_STAGES)
         self.macros.clear()
-        self.stage = Stage.CONNECT
+        self.stage = stages.CONNECT
         try:
             self.milter = self.factory.milter_factory(self)
         except Exception:
@@ -432,7 +403,7 @@ class MilterServerProtocol(Protocol):
 
     def _answered_later(self, result, code):
         self._waiting = None
-        if self.stage is Stage.CLOSED:
+        if self.stage is stages.CLOSED:
             return
         if self._seconds is not None:
             self._active_at = self._seconds()  # idleness counts from the answer
@@ -441,7 +412,7 @@ class MilterServerProtocol(Protocol):
 
     def _failed_later(self, failure, code):
         self._waiting = None
-        if self.stage is Stage.CLOSED:
+        if self.stage is stages.CLOSED:
             if not failure.check(CancelledError):
                 self.log.failure("[server][{command}][error] the milter failed after close",
                                  failure, command=_command_name(code))
@@ -469,7 +440,7 @@ class MilterServerProtocol(Protocol):
         queue = self._queue
         self._handling = True
         try:
-            while queue and self._waiting is None and self.stage is not Stage.CLOSED:
+            while queue and self._waiting is None and self.stage is not stages.CLOSED:
                 self._handle(queue.popleft())
         finally:
             self._handling = False
@@ -484,7 +455,7 @@ class MilterServerProtocol(Protocol):
                     command=_command_name(code), reply=result)
             return
         if code == c.END_OF_MESSAGE:
-            self.stage = Stage.HELO  # the message ends with this reply
+            self.stage = stages.HELO  # the message ends with this reply
         elif code == c.NEGOTIATE:
             self._finish_negotiation(result)
             return
@@ -595,7 +566,7 @@ class MilterServerProtocol(Protocol):
             code: _SILENT if reply.protocol & flag else _FAKED if faked & flag else _ANSWER
             for code, flag in c.NO_REPLY_FLAG.items()
         }
-        self.stage = Stage.CONNECT
+        self.stage = stages.CONNECT
         self._write(reply.encode())
 
     # ------------------------------------------------------------ timeouts
@@ -657,7 +628,7 @@ class MilterServerProtocol(Protocol):
     # ------------------------------------------------------------ endings
 
     def _abort_message(self):
-        self.stage = Stage.HELO
+        self.stage = stages.HELO
         self._call_quietly(self.milter.abort, "abort", self.macros)
 
     def _close_milter(self, in_message):
@@ -683,10 +654,10 @@ class MilterServerProtocol(Protocol):
     def _finish(self):
         """Stop for good: forget queued commands, cancel the pending answer, close."""
         self._cancel_timer()
-        if self.stage is Stage.CLOSED:
+        if self.stage is stages.CLOSED:
             return
         in_message = self.stage in MESSAGE_STAGES
-        self.stage = Stage.CLOSED
+        self.stage = stages.CLOSED
         self._queue.clear()
         waiting, self._waiting = self._waiting, None
         if waiting is not None:

@@ -13,12 +13,11 @@ try:
 except ImportError:  # older Twisted
     from twisted.test.proto_helpers import StringTransport
 
+from miltermanager import stages
 from miltermanager.protocol import constants as c
 from miltermanager.protocol import messages as m
 from miltermanager.protocol import negotiation
-from miltermanager.server import (
-    IMilter, Milter, MilterServerFactory, MilterServerProtocol, Stage,
-)
+from miltermanager.server import IMilter, Milter, MilterServerFactory, MilterServerProtocol
 
 CONTINUE = m.CONTINUE.encode()
 TEMPFAIL = m.TEMPFAIL.encode()
@@ -174,7 +173,7 @@ class NegotiationTests(SynchronousTestCase):
         self.assertEqual(
             h.negotiate(6),
             bytes.fromhex("0000000d4f0000000600000011" "00000482"))
-        self.assertEqual(h.protocol.stage, Stage.CONNECT)
+        self.assertEqual(h.protocol.stage, stages.CONNECT)
         self.assertEqual(h.protocol.options.protocol, 0x482)
         self.assertEqual(h.protocol.faked_no_reply, 0)
 
@@ -309,7 +308,7 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(seen, [(b"mx.example.org", b"smtpd"),
                                 (b"QID", b"b@example.org", b"mx.example.org")])
         self.assertTrue(h.transport.disconnecting)
-        self.assertEqual(h.protocol.stage, Stage.CLOSED)
+        self.assertEqual(h.protocol.stage, stages.CLOSED)
         h.protocol.connectionLost(None)
         self.assertEqual(h.names().count("close"), 1)
 
@@ -324,7 +323,7 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(h.take(), CONTINUE * (2 + 3 * 8))
         self.assertEqual(h.names().count("end_of_message"), 3)
         self.assertNotIn("abort", h.names())
-        self.assertEqual(h.protocol.stage, Stage.HELO)
+        self.assertEqual(h.protocol.stage, stages.HELO)
 
     def test_message_macros_cleared_by_next_mail(self):
         """A new MAIL forgets the previous message's later-stage macros."""
@@ -354,7 +353,7 @@ class SessionTests(SynchronousTestCase):
             self.assertEqual(h.take(), b"")
             expected = 1 if last in in_message else 0
             self.assertEqual(h.names().count("abort"), expected, f"after {last}")
-            self.assertNotIn(h.protocol.stage, (Stage.MAIL, Stage.BODY))
+            self.assertNotIn(h.protocol.stage, (stages.MAIL, stages.BODY))
             self.assertFalse(h.transport.disconnecting)
 
     def test_abort_before_negotiation(self):
@@ -409,7 +408,7 @@ class SessionTests(SynchronousTestCase):
         h.negotiate(6)
         unknown = m.Unknown(b"FOO bar")
         h.send(m.Macro(b"U", {}), unknown, CONNECT, unknown, MAIL, unknown)
-        self.assertEqual(h.protocol.stage, Stage.MAIL)
+        self.assertEqual(h.protocol.stage, stages.MAIL)
         h.send(m.END_OF_MESSAGE, unknown)
         self.assertEqual(h.take(), CONTINUE * 7)
         self.assertEqual(h.names().count("unknown"), 4)
@@ -450,7 +449,7 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(first.calls[-2:], [("abort", None), ("close", None)])
         self.assertEqual(len(h.milters), 2)
         self.assertIsNone(h.protocol.macros.get(b"j"))
-        self.assertEqual(h.protocol.stage, Stage.CONNECT)
+        self.assertEqual(h.protocol.stage, stages.CONNECT)
         h.send(CONNECT, HELO, m.QUIT)
         self.assertEqual(h.take(), CONTINUE * 5)
         self.assertEqual(h.names(), ["connect", "helo", "close"])
@@ -596,7 +595,7 @@ class EndOfMessageTests(SynchronousTestCase):
         h.milter.answers["end_of_message"] = replies
         h.send(m.END_OF_MESSAGE)
         self.assertEqual(h.transport.writes, [b"".join(reply.encode() for reply in replies)])
-        self.assertEqual(h.protocol.stage, Stage.HELO)
+        self.assertEqual(h.protocol.stage, stages.HELO)
 
     def test_reply_code(self):
         """A ReplyCode is sent as is, even when its class looks odd."""
@@ -692,7 +691,7 @@ class EndOfMessageTests(SynchronousTestCase):
         self.assertEqual(h.take(), CONTINUE)
         self.assertEqual(h.milter.calls[-2:], [("body", m.Body(b"tail\r\n")),
                                                ("end_of_message", m.END_OF_MESSAGE)])
-        self.assertEqual(h.protocol.stage, Stage.HELO)
+        self.assertEqual(h.protocol.stage, stages.HELO)
 
     def test_end_of_message_with_data_rejected(self):
         """When that last chunk is rejected, the reject answers E and eom is not called."""
@@ -1140,9 +1139,9 @@ class SilentConnectionsTests(TestCase):
             return all_lost
 
         def check_servers(_):
-            self.assertEqual([server.stage for server in lost], [Stage.CLOSED] * count)
+            self.assertEqual([server.stage for server in lost], [stages.CLOSED] * count)
             [negotiated] = [server for server in servers if server not in lost]
-            self.assertIs(negotiated.stage, Stage.CONNECT)
+            self.assertIs(negotiated.stage, stages.CONNECT)
 
         d = DeferredList(connecting, fireOnOneErrback=True)
         d.addCallback(connected)
