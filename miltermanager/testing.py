@@ -71,6 +71,21 @@ class Disconnect:
 DISCONNECT = Disconnect()
 
 
+class Raw:
+    """A scripted reply that writes packets as they are, for a milter that breaks the protocol.
+
+    data: the bytes to write (encoded packets, e.g. messages.PROGRESS.encode()).
+    then: the reply that follows as usual, or None for none at all.
+    """
+
+    def __init__(self, data, then=None):
+        self.data = data
+        self.then = then
+
+    def __repr__(self):
+        return f"Raw({self.data!r}, then={self.then!r})"
+
+
 @dataclass
 class Event:
     """One event a scripted milter saw: its name, the command and that stage's macros."""
@@ -89,7 +104,8 @@ class Script:
     "header", "end_of_headers", "body", "end_of_message", "unknown") to a
     reply, a list of replies (end of message: edits then the final one), or
     a callable (command, macros) -> either, or a Deferred of either.
-    DISCONNECT (also from a callable) closes the connection instead.
+    DISCONNECT (also from a callable) closes the connection instead; a Raw
+    writes bytes of its own (a milter breaking the protocol).
     Events not named answer CONTINUE.
     """
 
@@ -131,6 +147,9 @@ class ScriptedMilter(Milter):
         if reply is DISCONNECT:
             self.server.transport.loseConnection()
             return defer.Deferred()  # cancelled when the connection is gone
+        if isinstance(reply, Raw):
+            self.server.transport.write(reply.data)
+            return defer.Deferred() if reply.then is None else reply.then
         return reply
 
     def connect(self, command, macros):

@@ -11,6 +11,7 @@ import socket
 from dataclasses import dataclass, field
 
 from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from miltermanager import client
@@ -70,6 +71,7 @@ class Kid:
     evaluation: bool = False
     fallback: Status = Status.ACCEPT
     down: bool = False  # nothing listens at its address
+    spec: str | None = None  # a child started by the test itself (no script, no seen)
     enabled: bool = True
     timeouts: Timeouts = field(default_factory=lambda: TIMEOUTS)
 
@@ -196,6 +198,28 @@ class ScenarioTestCase(unittest.TestCase):
     observer = None
     configure = None
 
+    def logged(self):
+        """The text of every log event from now on, as a list that fills up."""
+        lines = []
+
+        def observe(event):
+            lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return lines
+
+    def logged_at(self):
+        """(LogLevel, text) of every log event from now on, as a list that fills up."""
+        lines = []
+
+        def observe(event):
+            lines.append((event.get("log_level"), formatEvent(event)))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return lines
+
     def make_factory(self, configuration, clock):
         """The production factory on configuration, children's timeouts on clock."""
         factory = ManagerFactory(configuration, reactor, clock)
@@ -212,6 +236,8 @@ class ScenarioTestCase(unittest.TestCase):
         for kid in scenario.children:
             if kid.down:
                 spec = _unused_spec()
+            elif kid.spec is not None:
+                spec = kid.spec
             else:
                 for reply in kid.replies.values():
                     if isinstance(reply, Hang):
@@ -1506,6 +1532,71 @@ class TimeoutTests(ScenarioTestCase):
             children=[Kid("one", replies={"end_of_message": Hang(ACCEPT, after=30)},
                           timeouts=SLOW)],
             steps=_message(CONTINUE)[:-1] + [Send(EOM, ACCEPT, advance=30)],
+        ))
+
+
+class FallbackCountsAsReplyTests(ScenarioTestCase):
+    """A child's fallback_status has exactly the effect that reply would have had there."""
+
+    def test_end_of_message_timeout_tempfail_ends_the_message(self):
+        """A child timing out at end of message with fallback tempfail: the ones after it are
+        aborted, as after its own temporary failure; the MTA gets TEMPFAIL."""
+        return self.run_scenario(Scenario(
+            children=[Kid("one"),
+                      Kid("slow", replies={"end_of_message": Hang()},
+                          fallback=Status.TEMPORARY_FAILURE, timeouts=SLOW),
+                      Kid("three")],
+            steps=_message(CONTINUE)[:-1] + [Send(EOM, TEMPFAIL, advance=60)],
+            seen={"one": ALL_SEEN, "slow": ALL_SEEN,
+                  "three": "connect helo mail rcpt data abort close"},
+            aborted=("three",),
+        ))
+
+    def test_end_of_message_explicit_tempfail_for_comparison(self):
+        """The same chain with an explicit temporary failure: the same replies and events."""
+        return self.run_scenario(Scenario(
+            children=[Kid("one"), Kid("slow", replies={"end_of_message": TEMPFAIL}),
+                      Kid("three")],
+            steps=_message(CONTINUE)[:-1] + [(EOM, TEMPFAIL)],
+            seen={"one": ALL_SEEN, "slow": ALL_SEEN,
+                  "three": "connect helo mail rcpt data abort close"},
+            aborted=("three",),
+        ))
+
+    def test_live_child_timeout_tempfail_ends_the_message(self):
+        """The live child silent at a header, fallback tempfail: TEMPFAIL for that header,
+        the other child aborted without getting the message."""
+        return self.run_scenario(Scenario(
+            children=[Kid("slow", replies={"header": Hang()},
+                          fallback=Status.TEMPORARY_FAILURE, timeouts=SLOW),
+                      Kid("two")],
+            steps=_message(CONTINUE)[:5] + [Send(SUBJECT, TEMPFAIL, advance=10)],
+            seen={"slow": "connect helo mail rcpt data header close",
+                  "two": "connect helo mail rcpt data abort close"},
+        ))
+
+    def test_replayed_child_gone_with_fallback_reject(self):
+        """A child that drops the connection during its replay, fallback reject: REJECT at
+        end of message, the child after it aborted, the first child's edits not sent."""
+        return self.run_scenario(Scenario(
+            children=[Kid("one", actions=c.SMFIF_ADDHDRS, replies={"end_of_message": [
+                AddHeader(b"X-One", b"1"), CONTINUE]}),
+                Kid("gone", replies={"header": DISCONNECT}, fallback=Status.REJECT),
+                Kid("three")],
+            steps=_message(CONTINUE)[:-1] + [(EOM, REJECT)],
+            seen={"one": ALL_SEEN, "gone": "connect helo mail rcpt data header close",
+                  "three": "connect helo mail rcpt data abort close"},
+        ))
+
+    def test_evaluation_child_fallback_is_not_applied(self):
+        """An evaluation-mode child's fallback is logged, not applied, as its verdict would be."""
+        return self.run_scenario(Scenario(
+            children=[Kid("slow", replies={"mail": Hang()}, fallback=Status.REJECT,
+                          evaluation=True, timeouts=SLOW),
+                      Kid("two")],
+            steps=[(CONNECT, CONTINUE), (HELO, CONTINUE), Send(MAIL, CONTINUE, advance=10)]
+            + _message(CONTINUE)[3:],
+            seen={"slow": "connect helo mail close", "two": ALL_SEEN},
         ))
 
 

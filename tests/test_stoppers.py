@@ -8,7 +8,6 @@ registered as the configuration language would.
 import ipaddress
 
 from twisted.internet import defer, error, reactor
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from miltermanager.conditions.context import SocketAddress, macro_name
@@ -66,17 +65,6 @@ class StopperTestCase(ScenarioTestCase):
 
         self.configure = configure
         return self.run_scenario(scenario)
-
-    def logged(self):
-        """The text of every log event from now on, as a list that fills up."""
-        lines = []
-
-        def observe(event):
-            lines.append(formatEvent(event))
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
-        return lines
 
 
 def _always(*arguments):
