@@ -29,6 +29,10 @@ from .protocol.messages import Negotiate
 from .server import IMilter
 from .stoppers import StopperRunner
 
+# Verdicts that let the mail go on without any child deciding anything.
+_GOING_ON = (Status.NOT_CHANGE, Status.SKIP, Status.CONTINUE)
+
+
 class Transaction(enum.Enum):
     """Where the session is in the current mail transaction."""
 
@@ -351,6 +355,13 @@ class ManagerSession:
             child.abort()
         self._finish_message(stage, status, decided_by, aborted)
 
+    @staticmethod
+    def _decider(status, decided_by):
+        """Who decided a verdict for the event stream: nobody when the children just continued."""
+        if status is None or status in _GOING_ON:
+            return None
+        return decided_by
+
     def _finish_message(self, stage, status, decided_by, aborted):
         if self.message is not None:
             self.message.close()
@@ -363,7 +374,7 @@ class ManagerSession:
         if self.observer is not None:
             queue_id = self.server.macros.get(b"i")
             self.observer.message_ended(MessageEnded(
-                self.number, stage, status, decided_by, aborted,
+                self.number, stage, status, self._decider(status, decided_by), aborted,
                 self.clock.seconds() - self._message_started,
                 None if queue_id is None else bytes(queue_id).decode("utf-8", "replace")))
 
@@ -382,5 +393,6 @@ class ManagerSession:
             self.stoppers.cancel()
         if self.observer is not None:
             self.observer.session_ended(SessionEnded(
-                self.number, self.stage, self._verdict, self._decided_by, self._messages,
+                self.number, self.stage, self._verdict,
+                self._decider(self._verdict, self._decided_by), self._messages,
                 self.clock.seconds() - self._started))
