@@ -12,21 +12,9 @@ exactly as that reply would.
 """
 
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from . import stages
-from .children import BogusReply
-from .events import ChildReplied, ChildStopped
 from .merge import Status
-from .protocol import constants as c
-
-
-def reply_code(response, status):
-    """The child's own ReplyCode if it says what status says (it then goes to the MTA)."""
-    reply = response.reply
-    if reply.code == c.REPLY_CODE and status >= Status.TEMPORARY_FAILURE:
-        return reply
-    return None
 
 
 class Envelope:
@@ -83,13 +71,7 @@ class Envelope:
 
     def _stopped(self, child, stage, stop):
         """A stopper stopped child: its (status, reply, name) for the merge."""
-        session = self.session
-        session.log.debug("[stopper][stop][{stage}] {name}: {condition}", stage=stage.nick,
-                          name=child.name, condition=stop.condition)
-        child.stopped_by = stop.condition
-        if session.observer is not None:
-            session.observer.child_stopped(ChildStopped(
-                session.number, child.name, stage, stop.condition, stop.hook.name, stop.origin))
+        self.session.note_stop(child, stage, stop)
         if stage is stages.CONNECT or stage is stages.HELO:
             child.quit()
         elif stage is stages.MAIL:
@@ -102,23 +84,12 @@ class Envelope:
 
     def _answered(self, result, child, stage, started):
         """A child's (status, reply code, name) for this stage; apply what it means for the child."""
-        session = self.session
-        if isinstance(result, Failure):
-            return session.fell_back(child, stage, result), None, child.name
-        try:
-            status = child.status_of(result, stage)
-        except BogusReply:
-            return session.fell_back(child, stage, Failure()), None, child.name
-        if started is not None:
-            session.observer.child_replied(ChildReplied(
-                session.number, child.name, stage, result and result.reply, status,
-                child.verdict if result else Status.CONTINUE,
-                session.clock.seconds() - started))
+        status, reply = self.session.judge(child, stage, result, started)
         if stage is stages.RCPT:
             if status is Status.CONTINUE:
                 child.recipients += 1
                 if child.accepted is not None:
-                    child.accepted.append(session.stoppers.facts.recipient)
+                    child.accepted.append(self.session.stoppers.facts.recipient)
             elif status is Status.ACCEPT and child.verdict is Status.ACCEPT:
                 # A real accept; an evaluation child's reject only loses it the recipient.
                 child.leave_message()
@@ -127,4 +98,4 @@ class Envelope:
                 child.quit()  # done with this SMTP connection, whatever it said
         elif stage is not stages.UNKNOWN and status is not Status.CONTINUE:
             child.leave_message()
-        return status, result and reply_code(result, status), child.name
+        return status, reply, child.name

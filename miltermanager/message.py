@@ -18,9 +18,7 @@ from twisted.python.failure import Failure
 
 from . import stages
 from .body import BodyBuffer
-from .children import BogusReply, ChildState
-from .envelope import reply_code
-from .events import ChildReplied, ChildStopped
+from .children import ChildState
 from .headers import HeaderList
 from .merge import Changes, Status, apply, final_replies, reply_for
 from .protocol import messages
@@ -115,7 +113,7 @@ class MessageChain:
     def _live_answered(self, result, child, stage, started):
         if not self.open:
             return messages.CONTINUE  # the MTA aborted meanwhile
-        status, reply = self.judge(child, stage, result, started)
+        status, reply = self.session.judge(child, stage, result, started)
         if status is Status.CONTINUE:
             return messages.CONTINUE
         if status is Status.SKIP:
@@ -146,36 +144,9 @@ class MessageChain:
         if self.live is child:
             self.live = None
 
-    # ------------------------------------------------------------ verdicts
-
-    def judge(self, child, stage, result, started=None):
-        """(status, reply code) a child's answer (a Response, None or a Failure) counts for.
-
-        A failure, or a reply the MTAs would refuse, is the child's fallback.
-        """
-        session = self.session
-        if isinstance(result, Failure):
-            return session.fell_back(child, stage, result), None
-        try:
-            status = child.status_of(result, stage)
-        except BogusReply:
-            return session.fell_back(child, stage, Failure()), None
-        if started is not None:
-            session.observer.child_replied(ChildReplied(
-                session.number, child.name, stage, result and result.reply, status,
-                child.verdict if result else Status.CONTINUE,
-                session.clock.seconds() - started))
-        return status, result and reply_code(result, status)
-
     def _stopped(self, child, stage, stop):
         """A stopper stopped child in the message: it counts as accepting and is aborted."""
-        session = self.session
-        session.log.debug("[stopper][stop][{stage}] {name}: {condition}", stage=stage.nick,
-                          name=child.name, condition=stop.condition)
-        child.stopped_by = stop.condition
-        if session.observer is not None:
-            session.observer.child_stopped(ChildStopped(
-                session.number, child.name, stage, stop.condition, stop.hook.name, stop.origin))
+        self.session.note_stop(child, stage, stop)
         child.abort()
         self.verdicts.append((Status.ACCEPT, child.name))
         if child in self.chain:
@@ -267,7 +238,7 @@ class MessageChain:
                 response = Failure()
             if not self.open:
                 raise defer.CancelledError()
-            status, reply = self.judge(child, stage, response, started)
+            status, reply = self.session.judge(child, stage, response, started)
             if isinstance(response, Failure):
                 return stage, status, None, None
             if stage is stages.END_OF_MESSAGE:

@@ -14,12 +14,15 @@ import enum
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import stages
-from .children import Child, cause_of
+from .children import BogusReply, Child, cause_of
 from .envelope import Envelope
-from .events import Cause, ChildFellBack, MessageEnded, SessionEnded, SessionStarted
+from .events import (
+    Cause, ChildFellBack, ChildReplied, ChildStopped, MessageEnded, SessionEnded, SessionStarted,
+)
 from .health import Admission
 from .merge import Status, merge_negotiation, merge_verdicts, reply_for
 from .message import MessageChain
@@ -268,6 +271,38 @@ class ManagerSession:
         if self._ends_message(stage, status):
             self.end_message(stage, status, decided_by)
         return reply_for(status)
+
+    def judge(self, child, stage, result, started=None):
+        """(status, reply code) a child's answer (a Response, None or a Failure) counts for.
+
+        A failure, or a reply the MTAs would refuse from a filter, is the
+        child's fallback. The reply code is the child's own ReplyCode when
+        it says what status says (it then goes on to the MTA). started: when
+        the command was sent, if an observer is told of the reply.
+        """
+        if isinstance(result, Failure):
+            return self.fell_back(child, stage, result), None
+        try:
+            status = child.status_of(result, stage)
+        except BogusReply:
+            return self.fell_back(child, stage, Failure()), None
+        if started is not None:
+            self.observer.child_replied(ChildReplied(
+                self.number, child.name, stage, result and result.reply, status,
+                child.verdict if result else Status.CONTINUE, self.clock.seconds() - started))
+        if (result is not None and result.reply.code == c.REPLY_CODE
+                and status >= Status.TEMPORARY_FAILURE):
+            return status, result.reply
+        return status, None
+
+    def note_stop(self, child, stage, stop):
+        """A stopper stopped child before the command of stage: log it and tell the observer."""
+        self.log.debug("[stopper][stop][{stage}] {name}: {condition}", stage=stage.nick,
+                       name=child.name, condition=stop.condition)
+        child.stopped_by = stop.condition
+        if self.observer is not None:
+            self.observer.child_stopped(ChildStopped(
+                self.number, child.name, stage, stop.condition, stop.hook.name, stop.origin))
 
     def fell_back(self, child, stage, failure):
         """child failed at stage: one log line; its fallback (as it counts) is its status."""
