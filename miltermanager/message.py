@@ -157,8 +157,7 @@ class MessageChain:
     def end_of_message(self, macros):
         """Run the chain to its end; the MTA's answer, or a Deferred of it."""
         if not self.chain and not self.verdicts:
-            self.session.end_message(stages.END_OF_MESSAGE, None, None)
-            return self.session.no_child_reply(stages.END_OF_MESSAGE)
+            return self.session.no_child_reply(stages.END_OF_MESSAGE)  # nobody takes part
         interval = self.session.progress_interval
         if interval:
             self._progress = task.LoopingCall(self.session.server.progress)
@@ -182,7 +181,7 @@ class MessageChain:
                 continue
             stage, status, reply, response = outcome
             if status >= Status.TEMPORARY_FAILURE:
-                self.session.end_message(stage, status, child.name)
+                self.session.end_message(stages.END_OF_MESSAGE, status, child.name)
                 return reply_for(status, reply)
             self.verdicts.append((status, child.name))
             self._leave(child)
@@ -268,7 +267,6 @@ class MessageChain:
         if failure.check(defer.CancelledError):
             return failure
         self.log.failure("[session][error] end of message failed", failure)
-        self.session.end_message(stages.END_OF_MESSAGE, None, None)
         return self.session.no_child_reply(stages.END_OF_MESSAGE)
 
     def _done(self, result):
