@@ -711,13 +711,31 @@ class AnswerTests(SynchronousTestCase):
             reply, faked = answer(offer(version), 0, wanted)
             self.assertEqual((reply.protocol, faked), (kept, 0), version)
 
-    def test_mds_echoed_when_offered(self):
-        """MDS bits the MTA offered are echoed in the reply; unoffered ones are not added."""
-        for mds in (c.SMFIP_MDS_256K, c.SMFIP_MDS_1M, c.SMFIP_MDS_256K | c.SMFIP_MDS_1M):
-            reply, _ = answer(Negotiate(6, 0x1FF, 0x1FFFFF | mds), 0, c.SMFIP_NOHELO)
-            self.assertEqual(reply.protocol, c.SMFIP_NOHELO | mds)
-        reply, _ = answer(offer(6), 0, c.SMFIP_NOHELO)
-        self.assertEqual(reply.protocol, c.SMFIP_NOHELO)
+    def test_mds_echoed_only_when_asked_and_offered(self):
+        """An MDS bit is echoed only if the milter asked for it and the MTA offered it."""
+        k256, m1 = c.SMFIP_MDS_256K, c.SMFIP_MDS_1M
+        table = [  # (offered, asked, echoed)
+            (0, 0, 0),
+            (0, k256, 0),
+            (0, m1, 0),
+            (0, k256 | m1, 0),
+            (k256, 0, 0),
+            (m1, 0, 0),
+            (k256 | m1, 0, 0),
+            (k256, k256, k256),
+            (m1, m1, m1),
+            (k256, m1, 0),
+            (m1, k256, 0),
+            (k256, k256 | m1, k256),
+            (m1, k256 | m1, m1),
+            (k256 | m1, m1, m1),
+            (k256 | m1, k256 | m1, k256 | m1),
+        ]
+        for offered, asked, echoed in table:
+            reply, faked = answer(Negotiate(6, 0x1FF, 0x1FFFFF | offered), 0,
+                                  c.SMFIP_NOHELO | asked)
+            self.assertEqual((reply.protocol, faked), (c.SMFIP_NOHELO | echoed, 0),
+                             (offered, asked))
 
     def test_symbol_lists_when_offered(self):
         """Symbol lists go into the reply, with SETSYMLIST, when the MTA offers SETSYMLIST."""

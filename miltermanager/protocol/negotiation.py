@@ -14,6 +14,10 @@ from .messages import Negotiate
 # Flags a milter may ask for although the MTA did not offer them: libmilter
 # drops NODATA and NOUNKNOWN silently when the MTA does not know those steps.
 _DROPPED_WHEN_UNOFFERED = c.SMFIP_NODATA | c.SMFIP_NOUNKNOWN
+# Bits that raise the largest packet (MDS): whoever echoes one must read packets
+# that big. Asked for but not offered, they are dropped silently: the milter
+# can read more than it will get, which harms nobody.
+_MDS_FLAGS = c.SMFIP_MDS_256K | c.SMFIP_MDS_1M
 # Commands that exist only from some protocol version on.
 _COMMAND_VERSIONS = {c.UNKNOWN: 3, c.DATA: 4}
 
@@ -39,7 +43,9 @@ def answer(mta_offer, actions, protocol, macros=None):
     Returns (reply, faked_no_reply): reply holds only flags the MTA offered;
     faked_no_reply are NR_* flags the milter wanted but the MTA did not
     offer, so the milter side must send CONTINUE for those commands itself
-    (libmilter does the same).
+    (libmilter does the same). An MDS bit is echoed only if the milter asked
+    for it and the MTA offered it: the MTA then sends packets that big, and
+    only the milter knows whether it can read them.
     """
     if mta_offer.version < 2:
         raise NegotiationError(f"MTA offers protocol version {mta_offer.version}; 2 is the oldest")
@@ -50,9 +56,7 @@ def answer(mta_offer, actions, protocol, macros=None):
             f"milter wants actions 0x{actions:x}; the MTA offers only 0x{offered_actions:x}")
     faked_no_reply = protocol & c.NO_REPLY_FLAGS & ~offered_protocol
     protocol &= ~faked_no_reply
-    protocol &= ~(_DROPPED_WHEN_UNOFFERED & ~offered_protocol)
-    # MDS is the MTA's offer to raise the packet size: take it as offered.
-    protocol |= offered_protocol & (c.SMFIP_MDS_256K | c.SMFIP_MDS_1M)
+    protocol &= ~((_DROPPED_WHEN_UNOFFERED | _MDS_FLAGS) & ~offered_protocol)
     if protocol & ~offered_protocol:
         raise NegotiationError(
             f"milter wants protocol flags 0x{protocol:x}; "
