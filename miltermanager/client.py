@@ -12,8 +12,10 @@ from . import connection_spec, sockets
 from .protocol import constants as c
 from .protocol import negotiation
 from .protocol.errors import ProtocolError
-from .protocol.framing import FrameDecoder
-from .protocol.messages import QUIT, Negotiate, Progress, Quarantine, decode_reply
+from .protocol.framing import FrameDecoder, encode_frame
+from .protocol.messages import (
+    QUIT, Continue, Negotiate, Progress, Quarantine, decode_reply,
+)
 
 COMMAND_NAMES = {
     getattr(c, name): name
@@ -23,6 +25,8 @@ COMMAND_NAMES = {
 }
 # Before negotiation every command is sent and answered, as in the base protocol.
 _UNNEGOTIATED = negotiation.Options(protocol=0)
+# The length and the code byte before a packet's data.
+_HEADER_SIZE = 5
 
 
 @dataclass
@@ -127,7 +131,11 @@ class MilterClientProtocol(Protocol):
         self._timer = None
         self._modifications = None
         self._progress = 0
-        # Commands sent while another waits: (command, Deferred), in order.
+        # A BODY longer than the child can read goes out in pieces of at most
+        # _max_body bytes, the next one after each CONTINUE: what is left.
+        self._max_body = c.LIBMILTER_MAX_DATA_SIZE
+        self._body_rest = None
+        # Commands sent while another waits: (command, macro, Deferred), in order.
         self._queue = deque()
         self._writing_timer = None
         self._lost = False
@@ -190,6 +198,11 @@ class MilterClientProtocol(Protocol):
         reply to, and for those it negotiated away (nothing but the macro
         is written then). Commands go out in order; while one waits for its
         reply the others queue.
+
+        A BODY chunk longer than the child negotiated to read goes out as
+        several BODY packets, the next after each CONTINUE; the Deferred
+        fires with the first other reply, or the last piece's (all pieces
+        at once, and None, if the child negotiated no reply to BODY).
         """
         if self._ended is not None:
             return defer.fail(MilterConnectionLost(_name(command), self._ended, sent=False))
@@ -240,10 +253,21 @@ class MilterClientProtocol(Protocol):
             if macro is not None:
                 self._send(macro.encode())
             return _fired(d)
+        # Work on the packet: callers may pass anything with code and encode()
+        # (milter-test-server sends packets encoded once). Body.code is c.BODY
+        # itself, and identity is the cheapest test on this path.
+        packet = command.encode()
+        if code is c.BODY and len(packet) - _HEADER_SIZE > self._max_body:
+            if not options.replies(code):
+                return self._write_pieces(packet, macro, d)
+            # The first piece goes out now; _received sends the rest.
+            end = _HEADER_SIZE + self._max_body
+            self._body_rest = memoryview(packet)[end:]
+            packet = encode_frame(c.BODY, packet[_HEADER_SIZE:end])
         if macro is None:
-            self._send(command.encode())
+            self._send(packet)
         else:
-            self._send(macro.encode() + command.encode())
+            self._send(macro.encode() + packet)
         if not options.replies(code):
             return _fired(d)
         if code == c.END_OF_MESSAGE:
@@ -256,6 +280,25 @@ class MilterClientProtocol(Protocol):
         self._progress = 0
         self._timer = self.clock.callLater(self._timeout_for(code), self._reading_timed_out)
         return d
+
+    def _write_pieces(self, packet, macro, d):
+        """Write a BODY the child does not answer in pieces it can read, all at once."""
+        size = self._max_body
+        chunk = memoryview(packet)[_HEADER_SIZE:]
+        packets = [encode_frame(c.BODY, chunk[start:start + size])
+                   for start in range(0, len(chunk), size)]
+        if macro is not None:
+            packets.insert(0, macro.encode())
+        self._send(b"".join(packets))
+        return _fired(d)
+
+    def _write_next_piece(self):
+        """The child took a piece of a long BODY: write the next one."""
+        rest = self._body_rest
+        size = self._max_body
+        self._body_rest = rest[size:] if len(rest) > size else None
+        self._send(encode_frame(c.BODY, rest[:size]))
+        self._timer.reset(self.timeouts.reading)
 
     def _quick_ack(self):
         """ACK the child's next packets at once: see sockets.quick_ack."""
@@ -276,14 +319,27 @@ class MilterClientProtocol(Protocol):
                 raise ProtocolError(f"{reply!r} in reply to NEGOTIATE")
             self.options = negotiation.accept(command, reply)
             self.negotiate_reply = reply
+            self._max_body = self.options.max_data_size
             self._finish(self.options)
         elif reply.final:
+            if self._body_rest is not None:
+                if type(reply) is Continue:
+                    self._write_next_piece()
+                    return
+                self._body_rest = None  # the child wants no more of this body
             modifications = self._modifications
             self._finish(Response(reply, [] if modifications is None else modifications,
                                   self._progress))
         elif type(reply) is Progress:
+            # libmilter sends progress only at end of message and Sendmail
+            # takes it nowhere else; elsewhere it would hold off the reading
+            # timeout for ever while nothing reaches the MTA.
+            if command.code != c.END_OF_MESSAGE:
+                raise ProtocolError(
+                    f"{reply!r} in reply to {_name(command)}: "
+                    "progress is allowed only at END_OF_MESSAGE")
             self._progress += 1
-            self._timer.reset(self._timeout_for(command.code))
+            self._timer.reset(self.timeouts.end_of_message)
         elif type(reply) is Negotiate:
             raise ProtocolError(f"negotiate reply to {_name(command)}")
         elif command.code == c.END_OF_MESSAGE or type(reply) is Quarantine:
@@ -317,6 +373,7 @@ class MilterClientProtocol(Protocol):
             if self._timer.active():
                 self._timer.cancel()
             self._command = self._deferred = self._timer = self._modifications = None
+            self._body_rest = None
             d.errback(problem or MilterConnectionLost(_name(command), self._ended))
         queue = self._queue
         while queue:

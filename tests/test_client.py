@@ -5,20 +5,24 @@ import socket
 from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
+from twisted.test import iosim
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from miltermanager import client, sockets
+from miltermanager.server import MilterServerFactory
+from miltermanager.testing import Script, ScriptedMilter
 from miltermanager.client import (
     MilterClientProtocol, MilterConnectError, MilterConnectionLost, MilterTimeoutError,
     Response, Timeouts,
 )
 from miltermanager.protocol import constants as c
 from miltermanager.protocol import errors, negotiation
+from miltermanager.protocol.framing import FrameDecoder
 from miltermanager.protocol.messages import (
-    ABORT, CONTINUE, END_OF_HEADERS, END_OF_MESSAGE, PROGRESS, QUIT, REJECT, SKIP,
-    AddHeader, Body, ChangeHeader, Connect, Helo, Macro, Mail, Negotiate, Quarantine, Rcpt,
-    ReplaceBody, ReplyCode,
+    ABORT, CONTINUE, DATA, END_OF_HEADERS, END_OF_MESSAGE, PROGRESS, QUIT, REJECT, SKIP,
+    AddHeader, Body, ChangeHeader, Connect, Header, Helo, Macro, Mail, Negotiate, Quarantine,
+    Rcpt, ReplaceBody, ReplyCode, Unknown,
 )
 
 try:
@@ -39,6 +43,10 @@ class ClientTestCase(unittest.TestCase):
 
     def setUp(self):
         self.clock = task.Clock()
+        self.connect()
+
+    def connect(self):
+        """A new protocol on a new transport, the clock kept."""
         self.transport = StringTransport()
         self.protocol = MilterClientProtocol(self.clock, self.timeouts)
         self.protocol.makeConnection(self.transport)
@@ -255,10 +263,32 @@ class SendTests(ClientTestCase):
         self.assertEqual(self.successResultOf(d), Response(CONTINUE, [Quarantine(b"q")], 0))
 
     def test_progress_before_end_of_message(self):
-        """Progress is counted at any stage."""
-        d = self.protocol.send(END_OF_HEADERS)
-        self.reply(PROGRESS, CONTINUE)
-        self.assertEqual(self.successResultOf(d).progress, 1)
+        """Progress in reply to any command but EOM fails it, naming it; the connection drops."""
+        commands = [CONNECT, HELO, MAIL, RCPT, DATA, Header(b"Subject", b"Hi"), END_OF_HEADERS,
+                    Body(b"x"), Unknown(b"XCMD")]
+        for command in commands:
+            self.connect()
+            self.negotiated()
+            d = self.protocol.send(command)
+            queued = self.protocol.send(END_OF_MESSAGE)
+            self.reply(PROGRESS, CONTINUE)
+            failure = self.failureResultOf(d, errors.ProtocolError)
+            name = client.COMMAND_NAMES[command.code]
+            self.assertEqual(failure.getErrorMessage(),
+                             f"Progress() in reply to {name}: "
+                             "progress is allowed only at END_OF_MESSAGE")
+            self.failureResultOf(queued, MilterConnectionLost)
+            self.assertTrue(self.transport.disconnecting, name)
+            self.assertEqual(self.clock.getDelayedCalls(), [], name)
+
+    def test_progress_in_reply_to_negotiate(self):
+        """Progress in reply to the negotiation fails it too."""
+        protocol = MilterClientProtocol(self.clock, self.timeouts)
+        protocol.makeConnection(StringTransport())
+        d = protocol.negotiate()
+        protocol.dataReceived(PROGRESS.encode())
+        failure = self.failureResultOf(d, errors.ProtocolError)
+        self.assertIn("in reply to NEGOTIATE", failure.getErrorMessage())
 
     def test_modification_outside_end_of_message(self):
         """An edit in reply to a command other than EOM fails it and drops the connection."""
@@ -352,7 +382,6 @@ class NoReplyTests(ClientTestCase):
     def test_too_new_for_version(self):
         """DATA is not sent to a child that negotiated version 2."""
         self.negotiated(version=2, actions=0)
-        from miltermanager.protocol.messages import DATA
         self.assertIsNone(self.successResultOf(self.protocol.send(DATA)))
         self.assertEqual(self.written(), b"")
 
@@ -395,6 +424,289 @@ class NoReplyTests(ClientTestCase):
         self.reply(REJECT)
         self.assertEqual(self.successResultOf(rcpt).reply, REJECT)
 
+class LongBodyTests(ClientTestCase):
+    """A BODY chunk longer than the child negotiated goes out in pieces it can read."""
+
+    def frames(self):
+        """What the protocol wrote since the last call, as (code, payload) frames."""
+        decoder = FrameDecoder()
+        frames = decoder.feed(self.written())
+        self.assertEqual(decoder.pending, 0)
+        return frames
+
+    def test_pieces_follow_continue(self):
+        """200,000 bytes to a child without MDS: 65535+65535+65535+3395, each after a CONTINUE."""
+        self.negotiated(protocol=0)
+        chunk = (bytes(range(256)) * 782)[:200_000]
+        self.assertEqual(len(chunk), 200_000)
+        d = self.protocol.send(Body(chunk))
+        sizes = []
+        received = []
+        for _ in range(4):
+            self.assertNoResult(d)
+            [(code, payload)] = self.frames()
+            self.assertEqual(code, c.BODY)
+            sizes.append(len(payload))
+            received.append(payload)
+            self.reply(CONTINUE)
+        self.assertEqual(sizes, [65535, 65535, 65535, 3395])
+        self.assertEqual(b"".join(received), chunk)
+        self.assertEqual(self.successResultOf(d), Response(CONTINUE, [], 0))
+        self.assertEqual(self.written(), b"")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_pre_encoded_body(self):
+        """A ready packet (code and encode(), as milter-test-server sends) is split too."""
+
+        class Encoded:
+            code = c.BODY
+
+            def encode(self):
+                return Body(b"e" * 70000).encode()
+
+        self.negotiated(protocol=0)
+        d = self.protocol.send(Encoded())
+        self.assertEqual(self.written(), Body(b"e" * 65535).encode())
+        self.reply(CONTINUE)
+        self.assertEqual(self.written(), Body(b"e" * 4465).encode())
+        self.reply(CONTINUE)
+        self.assertEqual(self.successResultOf(d).reply, CONTINUE)
+
+    def test_within_the_limit_is_one_packet(self):
+        """A chunk of exactly 65535 bytes goes out as it is, in one packet."""
+        self.negotiated(protocol=0)
+        body = Body(b"x" * 65535)
+        d = self.protocol.send(body)
+        self.assertEqual(self.written(), body.encode())
+        self.reply(CONTINUE)
+        self.assertEqual(self.successResultOf(d).reply, CONTINUE)
+
+    def test_macro_goes_once_before_the_first_piece(self):
+        """The macro given with a long BODY precedes the first piece only, in the same write."""
+        self.negotiated(protocol=0)
+        macro = Macro(c.BODY, {b"i": b"4BC5D2125D2"})
+        d = self.protocol.send(Body(b"y" * 70000), macro)
+        self.assertEqual(self.written(), macro.encode() + Body(b"y" * 65535).encode())
+        self.reply(CONTINUE)
+        self.assertEqual(self.written(), Body(b"y" * 4465).encode())
+        self.reply(CONTINUE)
+        self.successResultOf(d)
+
+    def test_other_reply_ends_the_body(self):
+        """The first reply that is not CONTINUE fires the Deferred; the rest is not sent."""
+        for final in (REJECT, SKIP, ReplyCode(b"550 5.7.1 too big")):
+            self.connect()
+            self.negotiated(protocol=0)
+            d = self.protocol.send(Body(b"z" * 200_000))
+            following = self.protocol.send(END_OF_MESSAGE)
+            self.assertEqual(len(self.frames()[0][1]), 65535)
+            self.reply(CONTINUE)
+            self.assertEqual(len(self.frames()[0][1]), 65535)
+            self.reply(final)
+            self.assertEqual(self.successResultOf(d), Response(final, [], 0))
+            self.assertEqual(self.written(), END_OF_MESSAGE.encode())
+            self.reply(CONTINUE)
+            self.assertEqual(self.successResultOf(following).reply, CONTINUE)
+
+    def test_one_unit_in_the_queue(self):
+        """Commands queued before and after a long BODY go out before and after all its pieces."""
+        self.negotiated(protocol=0)
+        eoh = self.protocol.send(END_OF_HEADERS)
+        body = self.protocol.send(Body(b"b" * 131071))
+        eom = self.protocol.send(END_OF_MESSAGE)
+        self.assertEqual(self.written(), END_OF_HEADERS.encode())
+        self.reply(CONTINUE)
+        self.successResultOf(eoh)
+        self.assertEqual([len(payload) for _, payload in self.frames()], [65535])
+        self.reply(CONTINUE)
+        self.assertEqual([len(payload) for _, payload in self.frames()], [65535])
+        self.reply(CONTINUE)
+        self.assertEqual([len(payload) for _, payload in self.frames()], [1])
+        self.assertNoResult(body)
+        self.reply(CONTINUE)
+        self.successResultOf(body)
+        self.assertEqual(self.written(), END_OF_MESSAGE.encode())
+        self.assertNoResult(eom)
+
+    def test_replies_in_one_read(self):
+        """CONTINUEs for several pieces arriving together each release the next piece."""
+        self.negotiated(protocol=0)
+        d = self.protocol.send(Body(b"r" * 140000))
+        self.written()
+        self.reply(CONTINUE, CONTINUE, CONTINUE)
+        self.assertEqual(self.successResultOf(d).reply, CONTINUE)
+        self.assertEqual([len(payload) for _, payload in self.frames()], [65535, 8930])
+
+    def test_quarantine_between_pieces(self):
+        """A quarantine in reply to one piece is kept for the whole body's Response."""
+        self.negotiated(protocol=0)
+        d = self.protocol.send(Body(b"q" * 70000))
+        self.reply(Quarantine(b"held"), CONTINUE, CONTINUE)
+        self.assertEqual(self.successResultOf(d), Response(CONTINUE, [Quarantine(b"held")], 0))
+
+    def test_no_reply_body_goes_out_at_once(self):
+        """With NR_BODY all pieces go out at once, after the macro, and the Deferred fires None."""
+        self.negotiated(protocol=c.SMFIP_NR_BODY)
+        macro = Macro(c.BODY, {b"i": b"4BC5D2125D2"})
+        chunk = b"n" * 200_000
+        d = self.protocol.send(Body(chunk), macro)
+        self.assertIsNone(self.successResultOf(d))
+        frames = self.frames()
+        self.assertEqual(frames[0], (c.MACRO, macro.payload()))
+        self.assertEqual([(code, len(payload)) for code, payload in frames[1:]],
+                         [(c.BODY, 65535)] * 3 + [(c.BODY, 3395)])
+        self.assertEqual(b"".join(payload for _, payload in frames[1:]), chunk)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_negotiated_away(self):
+        """A long BODY to a child that negotiated NOBODY is not written at all."""
+        self.negotiated(protocol=c.SMFIP_NOBODY)
+        self.assertIsNone(self.successResultOf(self.protocol.send(Body(b"x" * 100_000))))
+        self.assertEqual(self.written(), b"")
+
+    def test_mds_256k(self):
+        """A child that negotiated MDS_256K gets pieces of 262143 bytes."""
+        d = self.protocol.negotiate(
+            Negotiate(6, c.SMFI_CURR_ACTS, c.SMFI_CURR_PROT | c.SMFIP_MDS_256K))
+        self.reply(Negotiate(6, 0, c.SMFIP_MDS_256K))
+        self.assertEqual(self.successResultOf(d).max_data_size, 262143)
+        self.written()
+        body = self.protocol.send(Body(b"m" * 300_000))
+        self.assertEqual([len(payload) for _, payload in self.frames()], [262143])
+        self.reply(CONTINUE)
+        self.assertEqual([len(payload) for _, payload in self.frames()], [37857])
+        self.reply(CONTINUE)
+        self.successResultOf(body)
+
+    def test_mds_not_offered(self):
+        """An MDS bit the offer lacked does not raise the limit."""
+        self.negotiated(protocol=c.SMFIP_MDS_1M)
+        self.protocol.send(Body(b"m" * 70000))
+        self.assertEqual([len(payload) for _, payload in self.frames()], [65535])
+
+    def test_each_piece_gets_the_reading_timeout(self):
+        """The reading timeout starts again with each piece."""
+        self.negotiated(protocol=0)
+        d = self.protocol.send(Body(b"t" * 200_000))
+        for _ in range(3):
+            self.clock.advance(4.9)
+            self.reply(CONTINUE)
+        self.clock.advance(4.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        failure = self.failureResultOf(d, MilterTimeoutError)
+        self.assertEqual(failure.value.command, "BODY")
+
+    def test_connection_lost_between_pieces(self):
+        """Losing the connection between pieces fails the body; nothing more is written."""
+        self.negotiated(protocol=0)
+        d = self.protocol.send(Body(b"l" * 200_000))
+        self.written()
+        self.lose()
+        self.failureResultOf(d, MilterConnectionLost)
+        self.reply(CONTINUE)
+        self.assertEqual(self.written(), b"")
+
+    def test_later_body_is_whole(self):
+        """After a long BODY, the next BODY starts afresh from its own first byte."""
+        self.negotiated(protocol=0)
+        self.protocol.send(Body(b"a" * 70000))
+        self.reply(CONTINUE, REJECT)
+        self.written()
+        d = self.protocol.send(Body(b"second"))
+        self.assertEqual(self.written(), Body(b"second").encode())
+        self.reply(CONTINUE)
+        self.assertEqual(self.successResultOf(d).reply, CONTINUE)
+
+
+class ServerLibraryTests(unittest.TestCase):
+    """The client against the project's own server library, through iosim."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.events = []
+
+    def pair(self, script, offer=None):
+        """A client negotiated (offer) with a ScriptedMilter; return (client, pump)."""
+        factory = MilterServerFactory(
+            lambda server: ScriptedMilter(server, script, self.events, 1), clock=self.clock)
+        server = factory.buildProtocol(None)
+        protocol = MilterClientProtocol(self.clock, Timeouts())
+        pump = iosim.connect(server, iosim.makeFakeServer(server),
+                             protocol, iosim.makeFakeClient(protocol), greet=False)
+        d = protocol.negotiate(offer)
+        pump.flush()
+        self.successResultOf(d)
+        return protocol, pump
+
+    def body_chunks(self):
+        return [event.command.chunk for event in self.events if event.name == "body"]
+
+    def test_long_body_in_pieces(self):
+        """A child without MDS gets a 200,000-byte chunk as 65535+65535+65535+3395 bytes."""
+        protocol, pump = self.pair(Script())
+        chunk = (bytes(range(256)) * 782)[:200_000]
+        macro = Macro(c.BODY, {b"i": b"4BC5D2125D2"})
+        d = protocol.send(Body(chunk), macro)
+        pump.flush()
+        self.assertEqual(self.successResultOf(d), Response(CONTINUE, [], 0))
+        chunks = self.body_chunks()
+        self.assertEqual([len(piece) for piece in chunks], [65535, 65535, 65535, 3395])
+        self.assertEqual(b"".join(chunks), chunk)
+        self.assertEqual([event.macros for event in self.events if event.name == "body"],
+                         [{b"i": b"4BC5D2125D2"}] * 4)
+
+    def test_skip_stops_the_pieces(self):
+        """A child answering SKIP to the first piece gets no more of that body."""
+        protocol, pump = self.pair(Script(protocol=c.SMFIP_SKIP, replies={"body": SKIP}))
+        d = protocol.send(Body(b"s" * 200_000))
+        pump.flush()
+        self.assertEqual(self.successResultOf(d).reply, SKIP)
+        self.assertEqual([len(piece) for piece in self.body_chunks()], [65535])
+
+    def test_no_reply_body(self):
+        """With NR_BODY every piece goes out at once and the child sees them all, in order."""
+        protocol, pump = self.pair(Script(protocol=c.SMFIP_NR_BODY))
+        chunk = bytes(range(256)) * 400
+        self.assertIsNone(self.successResultOf(protocol.send(Body(chunk))))
+        pump.flush()
+        self.assertEqual([len(piece) for piece in self.body_chunks()], [65535, 36865])
+        self.assertEqual(b"".join(self.body_chunks()), chunk)
+        d = protocol.send(END_OF_MESSAGE)
+        pump.flush()
+        self.assertEqual(self.successResultOf(d).reply, CONTINUE)
+
+    def test_mds_asked_but_not_offered(self):
+        """A child asking for MDS_1M without the offer gets 65535-byte pieces."""
+        protocol, pump = self.pair(Script(protocol=c.SMFIP_MDS_1M))
+        self.assertEqual(protocol.negotiate_reply.protocol, 0)
+        self.assertEqual(protocol.options.max_data_size, 65535)
+        d = protocol.send(Body(b"m" * 70000))
+        pump.flush()
+        self.successResultOf(d)
+        self.assertEqual([len(piece) for piece in self.body_chunks()], [65535, 4465])
+
+    def test_mds_1m_child(self):
+        """A child asking for MDS_1M when offered it takes the 200,000 bytes in one packet."""
+        offer = Negotiate(6, c.SMFI_CURR_ACTS, c.SMFI_CURR_PROT | c.SMFIP_MDS_1M)
+        protocol, pump = self.pair(Script(protocol=c.SMFIP_MDS_1M), offer)
+        self.assertEqual(protocol.options.max_data_size, 1048575)
+        d = protocol.send(Body(b"m" * 200_000))
+        pump.flush()
+        self.successResultOf(d)
+        self.assertEqual([len(piece) for piece in self.body_chunks()], [200_000])
+
+    def test_mds_offered_but_not_asked(self):
+        """A child that did not ask for MDS does not get it, even when offered."""
+        offer = Negotiate(6, c.SMFI_CURR_ACTS, c.SMFI_CURR_PROT | c.SMFIP_MDS_1M)
+        protocol, pump = self.pair(Script(), offer)
+        self.assertEqual(protocol.negotiate_reply.protocol, 0)
+        d = protocol.send(Body(b"m" * 70000))
+        pump.flush()
+        self.successResultOf(d)
+        self.assertEqual([len(piece) for piece in self.body_chunks()], [65535, 4465])
+
+
 class TimeoutTests(ClientTestCase):
     """Reading, end-of-message and writing timeouts on the fake clock."""
 
@@ -430,16 +742,14 @@ class TimeoutTests(ClientTestCase):
         self.successResultOf(d)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_progress_restarts_reading_timeout(self):
-        """Each Progress restarts the reading timeout."""
+    def test_progress_does_not_hold_reading_timeout(self):
+        """A child sending progress before EOM is dropped at once, not kept waiting for ever."""
         d = self.protocol.send(RCPT)
-        for _ in range(3):
-            self.clock.advance(4)
-            self.reply(PROGRESS)
-        self.clock.advance(4.9)
-        self.assertNoResult(d)
-        self.clock.advance(0.1)
-        self.failureResultOf(d, MilterTimeoutError)
+        self.clock.advance(4)
+        self.reply(PROGRESS)
+        self.failureResultOf(d, errors.ProtocolError)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_timeout_fails_queued_commands(self):
         """Commands queued behind a timed-out one fail with MilterConnectionLost naming them."""
@@ -463,13 +773,15 @@ class TimeoutTests(ClientTestCase):
                          "end-of-message timeout (20.0 s) waiting for the reply to END_OF_MESSAGE")
 
     def test_progress_restarts_end_of_message_timeout(self):
-        """Progress at EOM restarts the end-of-message timeout."""
+        """Progress at EOM restarts the end-of-message timeout, each time."""
         d = self.protocol.send(END_OF_MESSAGE)
-        self.clock.advance(19)
-        self.reply(PROGRESS)
-        self.clock.advance(19)
+        for _ in range(3):
+            self.clock.advance(19)
+            self.reply(PROGRESS)
+        self.clock.advance(19.9)
+        self.assertNoResult(d)
         self.reply(CONTINUE)
-        self.assertEqual(self.successResultOf(d).progress, 1)
+        self.assertEqual(self.successResultOf(d).progress, 3)
 
     def test_registered_as_streaming_producer(self):
         """The protocol is the transport's streaming push producer."""
