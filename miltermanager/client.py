@@ -137,6 +137,8 @@ class MilterClientProtocol(Protocol):
         self._body_rest = None
         # Commands sent while another waits: (command, macro, Deferred), in order.
         self._queue = deque()
+        # Bound once, not for every command: send() is on the path of each one.
+        self._canceller = self._cancelled
         self._writing_timer = None
         self._lost = False
         self._close_waiters = None
@@ -203,11 +205,16 @@ class MilterClientProtocol(Protocol):
         several BODY packets, the next after each CONTINUE; the Deferred
         fires with the first other reply, or the last piece's (all pieces
         at once, and None, if the child negotiated no reply to BODY).
+
+        Cancelling the Deferred of a queued command takes it out of the
+        queue; cancelling the one on the wire closes the connection, since
+        whether the child acted on it is unknown, and its reply would
+        otherwise answer nothing.
         """
         if self._ended is not None:
             return defer.fail(MilterConnectionLost(_name(command), self._ended, sent=False))
         if self._command is not None or self._queue:
-            d = defer.Deferred()
+            d = defer.Deferred(self._canceller)
             self._queue.append((command, macro, d))
             return d
         return self._write(command, macro, None)
@@ -216,8 +223,11 @@ class MilterClientProtocol(Protocol):
         """Send Quit and close; commands still waiting fail with MilterConnectionLost."""
         if self._ended is None:
             self._ended = "closed by us"
-            self._send(QUIT.encode())
-            self.transport.loseConnection()
+            self._quit()
+
+    def _quit(self):
+        self._send(QUIT.encode())
+        self.transport.loseConnection()
 
     def when_closed(self):
         """Return a Deferred that fires with None once the connection is gone."""
@@ -273,7 +283,7 @@ class MilterClientProtocol(Protocol):
         if code == c.END_OF_MESSAGE:
             self._quick_ack()
         if d is None:
-            d = defer.Deferred()
+            d = defer.Deferred(self._canceller)
         self._command = command
         self._deferred = d
         self._modifications = None
@@ -380,6 +390,27 @@ class MilterClientProtocol(Protocol):
             command, _, d = queue.popleft()
             d.errback(MilterConnectionLost(_name(command), self._ended, sent=False))
 
+    def _cancelled(self, d):
+        """The caller gave up on d: see send()."""
+        if d is not self._deferred:
+            queue = self._queue
+            for index, (_, _, queued) in enumerate(queue):
+                if queued is d:
+                    del queue[index]
+                    break
+            return  # Deferred.cancel fires d with CancelledError
+        command = self._command
+        if self._timer.active():
+            self._timer.cancel()
+        self._command = self._deferred = self._timer = self._modifications = None
+        self._body_rest = None
+        if self._ended is not None:
+            return  # closing already
+        self._ended = f"closed by us: the wait for the reply to {_name(command)} was cancelled"
+        d.errback(defer.CancelledError())
+        self._fail_all(None)
+        self._quit()
+
     def _abort(self, problem):
         """Give up on this connection: fail everything with problem and drop it."""
         if self._ended is None:
@@ -420,7 +451,9 @@ class _ClientFactory(Factory):
 def connect(reactor, spec, timeouts=None, clock=None):
     """Connect to the milter at spec; fire with a connected, not yet negotiated MilterClientProtocol.
 
-    A bad spec or a failed connection fires MilterConnectError naming the spec.
+    A bad spec or a failed connection fires MilterConnectError naming the
+    spec. Cancelling the Deferred fires CancelledError: giving up is not the
+    child's fault.
     """
     timeouts = timeouts or Timeouts()
     try:
@@ -429,6 +462,9 @@ def connect(reactor, spec, timeouts=None, clock=None):
         return defer.fail(MilterConnectError(spec, problem))
 
     def failed(failure):
+        # Twisted's endpoints report a cancelled attempt as ConnectingCancelledError.
+        if failure.check(defer.CancelledError, error.ConnectingCancelledError):
+            raise defer.CancelledError(f"connecting to the milter at {spec} was cancelled")
         raise MilterConnectError(spec, failure.getErrorMessage())
 
     d = endpoint.connect(_ClientFactory(clock or reactor, timeouts))

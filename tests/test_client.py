@@ -900,6 +900,116 @@ class ConnectionLostTests(ClientTestCase):
         results[0].trap(MilterConnectionLost)
 
 
+class CancelTests(ClientTestCase):
+    """Cancelling a send() or negotiate() Deferred."""
+
+    def setUp(self):
+        super().setUp()
+        self.negotiated()
+
+    def test_cancel_queued_command(self):
+        """A cancelled queued command (and its macro) is never written; the others go on."""
+        helo = self.protocol.send(HELO)
+        macro = Macro(c.MAIL, {b"{mail_addr}": b"a@example.net"})
+        mail = self.protocol.send(MAIL, macro)
+        rcpt = self.protocol.send(RCPT)
+        self.written()
+        mail.cancel()
+        self.failureResultOf(mail, defer.CancelledError)
+        self.reply(CONTINUE)
+        self.assertEqual(self.successResultOf(helo).reply, CONTINUE)
+        self.assertEqual(self.written(), RCPT.encode())
+        self.reply(REJECT)
+        self.assertEqual(self.successResultOf(rcpt).reply, REJECT)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_cancel_command_on_the_wire(self):
+        """Cancelling the command awaiting its reply fails it, quits and closes the connection."""
+        rcpt = self.protocol.send(RCPT)
+        queued = self.protocol.send(Macro(c.DATA, {}))
+        self.written()
+        rcpt.cancel()
+        self.failureResultOf(rcpt, defer.CancelledError)
+        failure = self.failureResultOf(queued, MilterConnectionLost)
+        self.assertEqual(failure.getErrorMessage(),
+                         "connection to the milter lost before MACRO was sent: "
+                         "closed by us: the wait for the reply to RCPT was cancelled")
+        self.assertEqual(self.written(), QUIT.encode())
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_late_reply_answers_nothing(self):
+        """The reply to a cancelled command is not taken for the next command's."""
+        rcpt = self.protocol.send(RCPT)
+        rcpt.cancel()
+        self.failureResultOf(rcpt, defer.CancelledError)
+        helo = self.protocol.send(HELO)
+        self.reply(REJECT)
+        failure = self.failureResultOf(helo, MilterConnectionLost)
+        self.assertFalse(failure.value.sent)
+        self.assertIn("RCPT was cancelled", failure.getErrorMessage())
+
+    def test_cancel_negotiation(self):
+        """Cancelling negotiate() closes the connection; no options are taken."""
+        self.connect()
+        d = self.protocol.negotiate()
+        self.written()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.written(), QUIT.encode())
+        self.reply(Negotiate(6, 0, 0))
+        self.assertIsNone(self.protocol.options)
+
+    def test_cancel_long_body(self):
+        """Cancelling a long BODY between pieces stops the pieces and closes the connection."""
+        self.connect()
+        self.negotiated(protocol=0)
+        d = self.protocol.send(Body(b"c" * 200_000))
+        self.written()
+        self.reply(CONTINUE)
+        self.written()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.written(), QUIT.encode())
+        self.reply(CONTINUE)
+        self.assertEqual(self.written(), b"")
+
+    def test_cancel_after_close(self):
+        """Cancelling a command still pending after close() writes nothing more."""
+        rcpt = self.protocol.send(RCPT)
+        self.protocol.close()
+        self.written()
+        rcpt.cancel()
+        self.failureResultOf(rcpt, defer.CancelledError)
+        self.assertEqual(self.written(), b"")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.lose()
+
+    def test_cancel_fired_command(self):
+        """Cancelling a Deferred that already fired changes nothing."""
+        helo = self.protocol.send(HELO)
+        self.reply(CONTINUE)
+        helo.cancel()
+        self.assertEqual(self.successResultOf(helo).reply, CONTINUE)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_errback_of_cancelled_command_may_send(self):
+        """The cancelled command's errback runs first; a send() from it fails at once."""
+        order = []
+        rcpt = self.protocol.send(RCPT)
+        queued = self.protocol.send(HELO)
+        queued.addErrback(lambda failure: order.append("queued"))
+
+        def cancelled(failure):
+            failure.trap(defer.CancelledError)
+            order.append("cancelled")
+            self.protocol.send(ABORT).addErrback(lambda f: order.append(f.type))
+
+        rcpt.addErrback(cancelled)
+        rcpt.cancel()
+        self.assertEqual(order, ["cancelled", MilterConnectionLost, "queued"])
+
+
 class TcpNoDelayTests(unittest.TestCase):
     """TCP_NODELAY on TCP transports only."""
 
@@ -965,6 +1075,30 @@ class ConnectTests(unittest.TestCase):
         failure = self.failureResultOf(d, MilterConnectError)
         self.assertIn("inet:nope", failure.getErrorMessage())
         self.assertIn("is not a number", failure.getErrorMessage())
+
+    def test_cancel_while_connecting(self):
+        """Cancelling a TCP or UNIX connection attempt fails with CancelledError and stops it."""
+        for spec in ("inet:8891@[127.0.0.1]", "inet6:8891@[::1]", "unix:/run/m.sock"):
+            d = client.connect(self.reactor, spec)
+            connector = self.reactor.connectors[-1]
+            d.cancel()
+            failure = self.failureResultOf(d, defer.CancelledError)
+            self.assertNotIsInstance(failure.value, MilterConnectError)
+            self.assertEqual(failure.getErrorMessage(),
+                             f"connecting to the milter at {spec} was cancelled")
+            self.assertTrue(connector.stoppedConnecting, spec)
+
+    def test_cancel_while_negotiating(self):
+        """Cancelling a chain waiting on the negotiation ends it with CancelledError and quits."""
+        d = client.connect(self.reactor, "inet:8891@[127.0.0.1]", clock=task.Clock())
+        d.addCallback(lambda protocol: protocol.negotiate())
+        transport = StringTransport()
+        self.reactor.tcpClients[0][2].buildProtocol(None).makeConnection(transport)
+        self.assertNoResult(d)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertTrue(transport.value().endswith(QUIT.encode()))
+        self.assertTrue(transport.disconnecting)
 
 
 class WhenClosedTests(ClientTestCase):
