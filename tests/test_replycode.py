@@ -1,4 +1,4 @@
-"""Tests for protocol.replycode: which SMFIR_REPLYCODE texts both MTAs take, and '%' made literal."""
+"""Tests for protocol.replycode: which SMFIR_REPLYCODE texts both MTAs take; lone % doubled."""
 
 from twisted.trial.unittest import SynchronousTestCase
 
