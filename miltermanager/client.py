@@ -133,7 +133,9 @@ class MilterClientProtocol(Protocol):
         self._progress = 0
         # A BODY longer than the child can read goes out in pieces of at most
         # _max_body bytes, the next one after each CONTINUE: what is left.
+        # _max_body_packet is the same limit on a whole packet, for send().
         self._max_body = c.LIBMILTER_MAX_DATA_SIZE
+        self._max_body_packet = self._max_body + _HEADER_SIZE
         self._body_rest = None
         # Commands sent while another waits: (command, macro, Deferred), in order.
         self._queue = deque()
@@ -267,7 +269,7 @@ class MilterClientProtocol(Protocol):
         # (milter-test-server sends packets encoded once). Body.code is c.BODY
         # itself, and identity is the cheapest test on this path.
         packet = command.encode()
-        if code is c.BODY and len(packet) - _HEADER_SIZE > self._max_body:
+        if code is c.BODY and len(packet) > self._max_body_packet:
             if not options.replies(code):
                 return self._write_pieces(packet, macro, d)
             # The first piece goes out now; _received sends the rest.
@@ -330,6 +332,7 @@ class MilterClientProtocol(Protocol):
             self.options = negotiation.accept(command, reply)
             self.negotiate_reply = reply
             self._max_body = self.options.max_data_size
+            self._max_body_packet = self._max_body + _HEADER_SIZE
             self._finish(self.options)
         elif reply.final:
             if self._body_rest is not None:
