@@ -43,15 +43,17 @@ class ChildState(enum.Enum):
 
     @property
     def alive(self):
-        return self in _ALIVE
+        return self in ALIVE
 
     @property
     def in_message(self):
-        return self in _IN_MESSAGE
+        return self in IN_MESSAGE
 
 
-_ALIVE = frozenset({ChildState.CONNECTED, ChildState.IN_MESSAGE, ChildState.SKIPPING_BODY})
-_IN_MESSAGE = frozenset({ChildState.IN_MESSAGE, ChildState.SKIPPING_BODY})
+# The states of a child that takes part in the connection, and in the transaction. Tuples:
+# a member is found by identity, where a set would call Enum.__hash__ (Python code).
+ALIVE = (ChildState.CONNECTED, ChildState.IN_MESSAGE, ChildState.SKIPPING_BODY)
+IN_MESSAGE = (ChildState.IN_MESSAGE, ChildState.SKIPPING_BODY)
 
 
 class BogusReply(ProtocolError):
@@ -129,12 +131,12 @@ class Child:
     @property
     def alive(self):
         """Connected and negotiated, not yet quit or failed."""
-        return self.state in _ALIVE
+        return self.state in ALIVE
 
     @property
     def in_message(self):
         """Takes part in the current transaction."""
-        return self.state in _IN_MESSAGE
+        return self.state in IN_MESSAGE
 
     # ------------------------------------------------------------ connection
 
@@ -189,7 +191,7 @@ class Child:
 
     def leave_message(self):
         """Done with this transaction (accepted, stopped, or its verdict ended it for it)."""
-        if self.state in _IN_MESSAGE:
+        if self.state in IN_MESSAGE:
             self.state = ChildState.CONNECTED
 
     def skip_body(self):
@@ -199,7 +201,7 @@ class Child:
 
     def abort(self):
         """Abandon the current message at this child."""
-        if self.state in _IN_MESSAGE:
+        if self.state in IN_MESSAGE:
             # Nothing waits for it; if the connection ends before it goes out, so be it.
             self.connection.send(messages.ABORT).addErrback(_ignore)
             self.state = ChildState.CONNECTED

@@ -29,17 +29,26 @@ class Envelope:
         if not targets:
             return session.no_child_reply(stage)
         runner = session.stoppers
-        observed = session.observer is not None
-        started = session.clock.seconds() if observed else None
+        started = session.clock.seconds() if session.observer is not None else None
         stage_macros = macros.stage(stage.code)
+        # A child without stoppers is sent the command at once (the common case); a lone
+        # one is answered with one callback.
         if len(targets) == 1:
-            answer = self._one(targets[0], stage, command, stage_macros, runner, started)
+            child = targets[0]
+            if runner is None or child.stoppers is None:
+                d = child.send(command, stage_macros)
+                return d.addBoth(self._alone_answered, child, stage, started)
+            answer = self._ask_then_send(child, stage, command, stage_macros, runner, started)
             if isinstance(answer, defer.Deferred):
                 return answer.addCallback(self._one_merged, stage)
             return session.merged([answer], stage)
         answers = []
         for child in targets:
-            answer = self._one(child, stage, command, stage_macros, runner, started)
+            if runner is None or child.stoppers is None:
+                d = child.send(command, stage_macros)
+                answers.append(d.addBoth(self._answered, child, stage, started))
+                continue
+            answer = self._ask_then_send(child, stage, command, stage_macros, runner, started)
             answers.append(answer if isinstance(answer, defer.Deferred)
                            else defer.succeed(answer))
         return defer.gatherResults(answers).addCallback(session.merged, stage)
@@ -47,15 +56,17 @@ class Envelope:
     def _one_merged(self, answer, stage):
         return self.session.merged([answer], stage)
 
-    def _one(self, child, stage, command, stage_macros, runner, started):
-        """One child's (status, reply code, name), or a Deferred of it: stoppers, then send."""
-        if runner is not None and child.stoppers is not None:
-            stop = runner.decide(child, stage, command)
-            if stop is not False:
-                if isinstance(stop, defer.Deferred):
-                    return stop.addCallback(self._decided, child, stage, command, stage_macros,
-                                            started)
-                return self._stopped(child, stage, stop)
+    def _alone_answered(self, result, child, stage, started):
+        return self.session.merged([self._answered(result, child, stage, started)], stage)
+
+    def _ask_then_send(self, child, stage, command, stage_macros, runner, started):
+        """A child with stoppers: ask them, then send; (status, reply, name) or a Deferred of it."""
+        stop = runner.decide(child, stage, command)
+        if stop is not False:
+            if isinstance(stop, defer.Deferred):
+                return stop.addCallback(self._decided, child, stage, command, stage_macros,
+                                        started)
+            return self._stopped(child, stage, stop)
         d = child.send(command, stage_macros)
         return d.addBoth(self._answered, child, stage, started)
 

@@ -58,6 +58,8 @@ class ChildHealth:
 
     def admit(self, milter):
         """Whether a session may connect to milter now: an Admission."""
+        if not self._records:
+            return Admission.CONNECT  # every child is fine: the common case costs one test
         record = self._records.get(self._key(milter))
         if record is None or record.down_since is None:
             return Admission.CONNECT
@@ -68,6 +70,8 @@ class ChildHealth:
 
     def succeeded(self, milter):
         """milter started (connected and negotiated)."""
+        if not self._records:
+            return
         key = self._key(milter)
         record = self._records.get(key)
         if record is None:

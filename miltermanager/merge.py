@@ -110,9 +110,12 @@ def merge_verdicts(answers, status=None, reply=None, decided_by=None):
     return status, reply, decided_by
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Changes:
     """What the children changed in one message so far: what the MTA will be told at its end.
+
+    apply() makes a new one and never modifies the one it is given (not
+    frozen only because a frozen dataclass is slow to make, once per message).
 
     headers: the working HeaderList (original headers with every edit
     applied). body: the replaced body (a BodyChunks, or anything with

@@ -21,6 +21,7 @@ from .body import BodyBuffer
 from .children import ChildState
 from .headers import HeaderList
 from .merge import Changes, Status, apply, final_replies, reply_for
+from .protocol import constants as c
 from .protocol import messages
 
 
@@ -90,7 +91,10 @@ class MessageChain:
                 if isinstance(stop, defer.Deferred):
                     return stop.addCallback(self._live_decided, stage, command, macros, child)
                 return self._live_stopped(child, stage, stop)
-        return self._send_live(child, stage, command, macros)
+        session = self.session
+        started = session.clock.seconds() if session.observer is not None else None
+        d = child.send(command, macros.stage(stage.code))
+        return d.addBoth(self._live_answered, child, stage, started)
 
     def _send_live(self, child, stage, command, macros):
         session = self.session
@@ -171,11 +175,14 @@ class MessageChain:
     def _run(self, macros):
         """Each child in turn gets the message as the ones before left it."""
         for child in list(self.chain):
-            if child is self.live:
-                commands = ((stages.END_OF_MESSAGE, messages.END_OF_MESSAGE),)
+            if child is self.live and child.stoppers is None:
+                # The common case without a second generator: end of message to the live child.
+                outcome = yield self._end_live(child, macros)
+            elif child is self.live:
+                outcome = yield self._send_each(
+                    child, ((stages.END_OF_MESSAGE, messages.END_OF_MESSAGE),), macros)
             else:
-                commands = self._replayed()
-            outcome = yield self._send_each(child, commands, macros)
+                outcome = yield self._send_each(child, self._replayed(), macros)
             if isinstance(outcome, _Stopped):
                 self._stopped(child, outcome.stage, outcome.stop)
                 continue
@@ -191,6 +198,23 @@ class MessageChain:
         replies = final_replies(status, self.changes)  # before ending frees the body
         self.session.end_message(stages.END_OF_MESSAGE, status, decided_by)
         return replies
+
+    def _end_live(self, child, macros):
+        """End of message to the live child: a Deferred of what _send_each would give."""
+        session = self.session
+        started = session.clock.seconds() if session.observer is not None else None
+        d = child.send(messages.END_OF_MESSAGE, macros.stage(c.END_OF_MESSAGE))
+        return d.addBoth(self._live_ended, child, started)
+
+    def _live_ended(self, result, child, started):
+        if isinstance(result, Failure) and result.check(defer.CancelledError):
+            return result  # the MTA went away: the session's close() cleans up
+        if not self.open:
+            raise defer.CancelledError()
+        status, reply = self.session.judge(child, stages.END_OF_MESSAGE, result, started)
+        if isinstance(result, Failure):
+            return stages.END_OF_MESSAGE, status, None, None
+        return stages.END_OF_MESSAGE, status, reply, result
 
     def _replayed(self):
         """(stage, command) of the message as it stands now, in order."""

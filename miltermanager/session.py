@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import stages
-from .children import BogusReply, Child, cause_of
+from .children import ALIVE, IN_MESSAGE, BogusReply, Child, cause_of
 from .envelope import Envelope
 from .events import (
     Cause, ChildFellBack, ChildReplied, ChildStopped, MessageEnded, SessionEnded, SessionStarted,
@@ -204,16 +204,16 @@ class ManagerSession:
         return self.envelope.send(stages.UNKNOWN, command, macros, self._alive())
 
     def _alive(self):
-        return [child for child in self.children if child.alive]
+        return [child for child in self.children if child.state in ALIVE]
 
     def _in_message(self):
-        return [child for child in self.children if child.in_message]
+        return [child for child in self.children if child.state in IN_MESSAGE]
 
     def _with_recipients(self):
         """Children in the message; those left without a recipient leave it now."""
         taking_part = []
         for child in self.children:
-            if child.in_message:
+            if child.state in IN_MESSAGE:
                 if child.recipients:
                     taking_part.append(child)
                 else:
@@ -230,7 +230,10 @@ class ManagerSession:
             pending, pending_by = Status.NOT_CHANGE, None  # it waits for MAIL (see below)
         else:
             self._pending, self._pending_by = Status.NOT_CHANGE, None
-        status, reply, decided_by = merge_verdicts(answers, pending, None, pending_by)
+        if pending is Status.NOT_CHANGE and len(answers) == 1:
+            status, reply, decided_by = answers[0]  # a lone answer is the verdict
+        else:
+            status, reply, decided_by = merge_verdicts(answers, pending, None, pending_by)
         if status is Status.DISCARD and connection:
             # The MTAs refuse a discard at connect or HELO: only a message can be discarded,
             # so a child's fallback that says so waits for the first MAIL.
@@ -280,6 +283,10 @@ class ManagerSession:
         it says what status says (it then goes on to the MTA). started: when
         the command was sent, if an observer is told of the reply.
         """
+        if started is None and result is not None and result.__class__ is not Failure \
+                and result.reply is messages.CONTINUE:
+            child.verdict = Status.CONTINUE  # the common answer, on the shortest path
+            return Status.CONTINUE, None
         if isinstance(result, Failure):
             return self.fell_back(child, stage, result), None
         try:
@@ -387,7 +394,8 @@ class ManagerSession:
         status: the verdict the MTA got (None when it aborted or went away).
         """
         for child in self.children:
-            child.abort()
+            if child.state in IN_MESSAGE:
+                child.abort()
         self._finish_message(stage, status, decided_by, aborted)
 
     @staticmethod
