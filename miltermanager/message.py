@@ -191,7 +191,7 @@ class MessageChain:
                 self.session.end_message(stages.END_OF_MESSAGE, status, child.name)
                 return reply_for(status, reply)
             self.verdicts.append((status, child.name))
-            self._leave(child)
+            child.leave_message()  # (the chain is over: no need to take it out of it)
             if response is not None and response.modifications:
                 self._apply(child, response.modifications)
         status, decided_by = max(self.verdicts, key=_status)

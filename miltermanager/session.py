@@ -224,16 +224,15 @@ class ManagerSession:
 
     def merged(self, answers, stage):
         """The MTA's reply to an envelope command from its children's (status, reply, name)."""
-        connection = stage is stages.CONNECT or stage is stages.HELO
-        pending, pending_by = self._pending, self._pending_by
-        if pending is Status.DISCARD and connection:
-            pending, pending_by = Status.NOT_CHANGE, None  # it waits for MAIL (see below)
-        else:
-            self._pending, self._pending_by = Status.NOT_CHANGE, None
+        pending = self._pending
         if pending is Status.NOT_CHANGE and len(answers) == 1:
             status, reply, decided_by = answers[0]  # a lone answer is the verdict
+            if status is Status.CONTINUE:  # the common case, on the shortest path
+                self._verdict = status
+                return messages.CONTINUE
         else:
-            status, reply, decided_by = merge_verdicts(answers, pending, None, pending_by)
+            status, reply, decided_by = self._merge_with_pending(answers, stage)
+        connection = stage is stages.CONNECT or stage is stages.HELO
         if status is Status.DISCARD and connection:
             # The MTAs refuse a discard at connect or HELO: only a message can be discarded,
             # so a child's fallback that says so waits for the first MAIL.
@@ -244,6 +243,19 @@ class ManagerSession:
         if status is not Status.CONTINUE and self._ends_message(stage, status):
             self.end_message(stage, status, decided_by)
         return reply_for(status, reply)
+
+    def _merge_with_pending(self, answers, stage):
+        """merge_verdicts of the answers and a fallback left from before, if any.
+
+        A pending discard waits for MAIL at connect and HELO: only a message
+        can be discarded.
+        """
+        pending, pending_by = self._pending, self._pending_by
+        if pending is Status.DISCARD and (stage is stages.CONNECT or stage is stages.HELO):
+            pending, pending_by = Status.NOT_CHANGE, None
+        else:
+            self._pending, self._pending_by = Status.NOT_CHANGE, None
+        return merge_verdicts(answers, pending, None, pending_by)
 
     def _ends_message(self, stage, status):
         """Whether the MTA's getting status at stage ends the transaction.
@@ -345,17 +357,23 @@ class ManagerSession:
         return self._message_command(stages.BODY, command, macros)
 
     def end_of_message(self, command, macros):
-        return self._message_command(stages.END_OF_MESSAGE, command, macros)
-
-    def _message_command(self, stage, command, macros):
-        self.stage = stage
+        self.stage = stages.END_OF_MESSAGE
         if self.message is None:
             started = self._start_message(macros)
             if started is not None:
+                return started.addCallback(
+                    self._after_emulated_data, stages.END_OF_MESSAGE, command, macros)
+        return self.message.end_of_message(macros)
+
+    def _message_command(self, stage, command, macros):
+        self.stage = stage
+        message = self.message
+        if message is None:
+            started = self._start_message(macros)
+            if started is not None:
                 return started.addCallback(self._after_emulated_data, stage, command, macros)
-        if stage is stages.END_OF_MESSAGE:
-            return self.message.end_of_message(macros)
-        return self.message.live_command(stage, command, macros)
+            message = self.message
+        return message.live_command(stage, command, macros)
 
     def _start_message(self, macros):
         """Start the message phase; None, or a Deferred if DATA must be emulated first.
