@@ -42,9 +42,13 @@ class Envelope:
             if isinstance(answer, defer.Deferred):
                 return answer.addCallback(self._one_merged, stage)
             return session.merged([answer], stage)
+        if runner is None:
+            answers = [child.send(command, stage_macros).addBoth(
+                self._answered, child, stage, started) for child in targets]
+            return defer.gatherResults(answers).addCallback(session.merged, stage)
         answers = []
         for child in targets:
-            if runner is None or child.stoppers is None:
+            if child.stoppers is None:
                 d = child.send(command, stage_macros)
                 answers.append(d.addBoth(self._answered, child, stage, started))
                 continue

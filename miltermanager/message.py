@@ -23,6 +23,7 @@ from .headers import HeaderList
 from .merge import Changes, Status, apply, final_replies, reply_for
 from .protocol import constants as c
 from .protocol import messages
+from .protocol.messages import CONTINUE
 
 
 class _Stopped:
@@ -261,6 +262,10 @@ class MessageChain:
                 response = Failure()
             if not self.open:
                 raise defer.CancelledError()
+            if (started is None and stage is not stages.END_OF_MESSAGE and response is not None
+                    and response.__class__ is not Failure and response.reply is CONTINUE):
+                child.verdict = Status.CONTINUE  # what judge() says of it, in the hot loop
+                continue
             status, reply = self.session.judge(child, stage, response, started)
             if isinstance(response, Failure):
                 return stage, status, None, None

@@ -224,14 +224,15 @@ class ManagerSession:
 
     def merged(self, answers, stage):
         """The MTA's reply to an envelope command from its children's (status, reply, name)."""
-        pending = self._pending
-        if pending is Status.NOT_CHANGE and len(answers) == 1:
-            status, reply, decided_by = answers[0]  # a lone answer is the verdict
-            if status is Status.CONTINUE:  # the common case, on the shortest path
-                self._verdict = status
-                return messages.CONTINUE
-        else:
+        if self._pending is not Status.NOT_CHANGE:
             status, reply, decided_by = self._merge_with_pending(answers, stage)
+        elif len(answers) == 1:
+            status, reply, decided_by = answers[0]  # a lone answer is the verdict
+        else:
+            status, reply, decided_by = merge_verdicts(answers)
+        if status is Status.CONTINUE:  # the common case, on the shortest path
+            self._verdict = status
+            return messages.CONTINUE
         connection = stage is stages.CONNECT or stage is stages.HELO
         if status is Status.DISCARD and connection:
             # The MTAs refuse a discard at connect or HELO: only a message can be discarded,
