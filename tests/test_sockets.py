@@ -2,56 +2,12 @@
 
 import socket
 
-from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.address import UNIXAddress
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from miltermanager import sockets
-
-
-class FakeSocket:
-    """Takes at most `room` bytes per send; or raises `error`."""
-
-    def __init__(self, room=1 << 20, error=None):
-        self.room = room
-        self.error = error
-        self.sent = []
-        self.options = []
-
-    def send(self, data):
-        if self.error is not None:
-            raise self.error
-        taken = bytes(data[:self.room])
-        self.sent.append(taken)
-        return len(taken)
-
-    def setsockopt(self, level, option, value):
-        self.options.append((level, option, value))
-
-
-class FakeTransport:
-    """The parts of Twisted's socket transports that writer() looks at."""
-
-    def __init__(self, sock, address=None):
-        self.socket = sock
-        self.address = address or IPv4Address("TCP", "127.0.0.1", 1)
-        self._tempDataLen = 0
-        self.dataBuffer = b""
-        self.offset = 0
-        self.connected = True
-        self.disconnecting = False
-        self.queued = []
-        self.no_delay = None
-
-    def write(self, data):
-        self.queued.append(data)
-        self._tempDataLen += len(data)
-
-    def getHost(self):
-        return self.address
-
-    def setTcpNoDelay(self, enabled):
-        self.no_delay = enabled
+from tests.test_twisted_internals import FakeSocket, FakeTransport
 
 
 class WriterTests(SynchronousTestCase):

@@ -7,6 +7,7 @@ import socket
 import tempfile
 
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -88,12 +89,13 @@ class RealTransportTests(TestCase):
 
 
 class FakeSocket:
-    """Takes at most `room` bytes per send; or raises `error`."""
+    """Takes at most `room` bytes per send; or raises `error`; records socket options."""
 
     def __init__(self, room=1 << 20, error=None):
         self.room = room
         self.error = error
         self.sent = []
+        self.options = []
 
     def send(self, data):
         if self.error is not None:
@@ -102,12 +104,17 @@ class FakeSocket:
         self.sent.append(taken)
         return len(taken)
 
+    def setsockopt(self, level, option, value):
+        self.options.append((level, option, value))
+
 
 class FakeTransport:
-    """The parts of Twisted's socket transports that direct_writer looks at."""
+    """The parts of Twisted's socket transports that direct_writer and sockets look at."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, address=None):
         self.socket = sock
+        self.address = address or IPv4Address("TCP", "127.0.0.1", 1)
+        self.no_delay = None
         self._tempDataLen = 0
         self.dataBuffer = b""
         self.offset = 0
@@ -119,6 +126,12 @@ class FakeTransport:
         self.queued.append(data)
         if hasattr(self, "_tempDataLen"):  # the fallback tests remove it
             self._tempDataLen += len(data)
+
+    def getHost(self):
+        return self.address
+
+    def setTcpNoDelay(self, enabled):
+        self.no_delay = enabled
 
 
 class DirectWriterTests(SynchronousTestCase):
