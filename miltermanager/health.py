@@ -42,7 +42,8 @@ class ChildHealth:
     a name elsewhere starts it afresh. settings() returns the current
     manager settings (down_after_failures, down_retry_interval,
     max_down_retry_interval, down_retry_limit); observer() the current
-    observer or None.
+    observer or None. records: child -> its failures, only for children
+    that failed since they last worked (empty while all is well).
     """
 
     log = Logger()
@@ -51,16 +52,14 @@ class ChildHealth:
         self.clock = clock
         self.settings = settings
         self.observer = observer
-        self._records = {}
+        self.records = {}
 
     def _key(self, milter):
         return (milter.name, milter.connection_spec)
 
     def admit(self, milter):
         """Whether a session may connect to milter now: an Admission."""
-        if not self._records:
-            return Admission.CONNECT  # every child is fine: the common case costs one test
-        record = self._records.get(self._key(milter))
+        record = self.records.get(self._key(milter))
         if record is None or record.down_since is None:
             return Admission.CONNECT
         if record.probing or self.clock.seconds() < record.retry_at:
@@ -70,13 +69,11 @@ class ChildHealth:
 
     def succeeded(self, milter):
         """milter started (connected and negotiated)."""
-        if not self._records:
-            return
         key = self._key(milter)
-        record = self._records.get(key)
+        record = self.records.get(key)
         if record is None:
             return
-        del self._records[key]
+        del self.records[key]
         if record.down_since is not None:
             down = self.clock.seconds() - record.down_since
             self.log.info("[children][up] {name}: reachable again after {down:.1f} s down",
@@ -89,7 +86,7 @@ class ChildHealth:
         threshold = settings.down_after_failures
         if not threshold:
             return
-        record = self._records.setdefault(self._key(milter), _Record())
+        record = self.records.setdefault(self._key(milter), _Record())
         record.failures += 1
         now = self.clock.seconds()
         if record.down_since is not None:
@@ -116,12 +113,12 @@ class ChildHealth:
 
     def abandoned(self, milter):
         """A probe's session went away before the probe finished: another session may probe."""
-        record = self._records.get(self._key(milter))
+        record = self.records.get(self._key(milter))
         if record is not None:
             record.probing = False
 
     def is_down(self, milter):
-        record = self._records.get(self._key(milter))
+        record = self.records.get(self._key(milter))
         return record is not None and record.down_since is not None
 
     def _tell(self, event):

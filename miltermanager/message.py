@@ -175,10 +175,25 @@ class MessageChain:
     @defer.inlineCallbacks
     def _run(self, macros):
         """Each child in turn gets the message as the ones before left it."""
+        observed = self.session.observer is not None
         for child in list(self.chain):
             if child is self.live and child.stoppers is None:
-                # The common case without a second generator: end of message to the live child.
-                outcome = yield self._end_live(child, macros)
+                # The common case, without a second generator: the live child's end of message.
+                started = self.session.clock.seconds() if observed else None
+                try:
+                    response = yield child.send(messages.END_OF_MESSAGE,
+                                                macros.stage(c.END_OF_MESSAGE))
+                except defer.CancelledError:
+                    raise  # the MTA went away: the session's close() cleans up
+                except Exception:
+                    response = Failure()
+                if not self.open:
+                    raise defer.CancelledError()
+                status, reply = self.session.judge(child, stages.END_OF_MESSAGE, response,
+                                                   started)
+                if isinstance(response, Failure):
+                    response = None
+                outcome = stages.END_OF_MESSAGE, status, reply, response
             elif child is self.live:
                 outcome = yield self._send_each(
                     child, ((stages.END_OF_MESSAGE, messages.END_OF_MESSAGE),), macros)
@@ -199,23 +214,6 @@ class MessageChain:
         replies = final_replies(status, self.changes)  # before ending frees the body
         self.session.end_message(stages.END_OF_MESSAGE, status, decided_by)
         return replies
-
-    def _end_live(self, child, macros):
-        """End of message to the live child: a Deferred of what _send_each would give."""
-        session = self.session
-        started = session.clock.seconds() if session.observer is not None else None
-        d = child.send(messages.END_OF_MESSAGE, macros.stage(c.END_OF_MESSAGE))
-        return d.addBoth(self._live_ended, child, started)
-
-    def _live_ended(self, result, child, started):
-        if isinstance(result, Failure) and result.check(defer.CancelledError):
-            return result  # the MTA went away: the session's close() cleans up
-        if not self.open:
-            raise defer.CancelledError()
-        status, reply = self.session.judge(child, stages.END_OF_MESSAGE, result, started)
-        if isinstance(result, Failure):
-            return stages.END_OF_MESSAGE, status, None, None
-        return stages.END_OF_MESSAGE, status, reply, result
 
     def _replayed(self):
         """(stage, command) of the message as it stands now, in order."""

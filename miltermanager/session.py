@@ -28,7 +28,7 @@ from .merge import Status, merge_negotiation, merge_verdicts, reply_for
 from .message import MessageChain
 from .protocol import constants as c
 from .protocol import messages
-from .protocol.messages import Negotiate
+from .protocol.messages import CONTINUE, Negotiate
 from .server import IMilter
 from .stoppers import StopperRunner
 
@@ -108,7 +108,9 @@ class ManagerSession:
 
     def _start(self, child, offer):
         """Start child unless it is down; fire with its negotiation reply or None."""
-        admission = Admission.CONNECT if self.health is None else self.health.admit(child.config)
+        health = self.health
+        admission = (Admission.CONNECT if health is None or not health.records
+                     else health.admit(child.config))
         if admission is Admission.SKIP:
             self._note_fallback(child, stages.NEGOTIATE, self._fell_back(
                 child, stages.NEGOTIATE, Cause.DOWN,
@@ -119,7 +121,7 @@ class ManagerSession:
                               callbackArgs=(child,), errbackArgs=(child, admission))
 
     def _child_started(self, reply, child):
-        if self.health is not None:
+        if self.health is not None and self.health.records:
             self.health.succeeded(child.config)
         return reply
 
@@ -297,7 +299,7 @@ class ManagerSession:
         the command was sent, if an observer is told of the reply.
         """
         if started is None and result is not None and result.__class__ is not Failure \
-                and result.reply is messages.CONTINUE:
+                and result.reply is CONTINUE:
             child.verdict = Status.CONTINUE  # the common answer, on the shortest path
             return Status.CONTINUE, None
         if isinstance(result, Failure):
