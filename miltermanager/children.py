@@ -41,14 +41,6 @@ class ChildState(enum.Enum):
     QUIT = "quit"  # done with the SMTP connection: its verdict, a stopper, or the end
     FAILED = "failed"  # its fallback stood in for it; it takes no further part
 
-    @property
-    def alive(self):
-        return self in ALIVE
-
-    @property
-    def in_message(self):
-        return self in IN_MESSAGE
-
 
 # The states of a child that takes part in the connection, and in the transaction. Tuples:
 # a member is found by identity, where a set would call Enum.__hash__ (Python code).
@@ -295,7 +287,7 @@ class Child:
                 response.reply = reply = messages.ReplyCode(text)
         elif code == c.SHUTDOWN:
             raise BogusReply("shutdown (4) is not a reply the MTAs take from a filter")
-        elif code == c.DISCARD and (stage is stages.CONNECT or stage is stages.HELO):
+        elif code == c.DISCARD and stage in stages.CONNECTION:
             raise BogusReply(f"discard at {stage.nick}: only a message can be discarded")
         status = status_of(reply)
         self.verdict = status

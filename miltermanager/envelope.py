@@ -78,7 +78,7 @@ class Envelope:
         if stop:
             return self._stopped(child, stage, stop)
         if (stop is None or not child.alive
-                or (stage is not stages.CONNECT and stage is not stages.HELO
+                or (stage not in stages.CONNECTION
                     and stage is not stages.UNKNOWN and not child.in_message)):
             return Status.NOT_CHANGE, None, child.name  # the MTA or the child went away
         d = child.send(command, stage_macros)
@@ -87,7 +87,7 @@ class Envelope:
     def _stopped(self, child, stage, stop):
         """A stopper stopped child: its (status, reply, name) for the merge."""
         self.session.note_stop(child, stage, stop)
-        if stage is stages.CONNECT or stage is stages.HELO:
+        if stage in stages.CONNECTION:
             child.quit()
         elif stage is stages.MAIL:
             child.leave_message()
@@ -98,7 +98,7 @@ class Envelope:
         return Status.ACCEPT, None, child.name
 
     def _answered(self, result, child, stage, started):
-        """A child's (status, reply code, name) for this stage; apply what it means for the child."""
+        """A child's (status, reply code, name) at stage; apply what it means for the child."""
         status, reply = self.session.judge(child, stage, result, started)
         if stage is stages.RCPT:
             if status is Status.CONTINUE:
@@ -108,7 +108,7 @@ class Envelope:
             elif status is Status.ACCEPT and child.verdict is Status.ACCEPT:
                 # A real accept; an evaluation child's reject only loses it the recipient.
                 child.leave_message()
-        elif stage is stages.CONNECT or stage is stages.HELO:
+        elif stage in stages.CONNECTION:
             if status is not Status.CONTINUE:
                 child.quit()  # done with this SMTP connection, whatever it said
         elif stage is not stages.UNKNOWN and status is not Status.CONTINUE:

@@ -25,10 +25,6 @@ class Cause(enum.Enum):
     PROTOCOL = "protocol"  # a bad packet, or a reply the MTAs would refuse
     ERROR = "error"  # anything else
 
-    @property
-    def label(self):
-        return self.value
-
 
 @dataclass(frozen=True, slots=True)
 class SessionStarted:

@@ -117,10 +117,6 @@ class ChildHealth:
         if record is not None:
             record.probing = False
 
-    def is_down(self, milter):
-        record = self.records.get(self._key(milter))
-        return record is not None and record.down_since is not None
-
     def _tell(self, event):
         observer = self.observer()
         if observer is not None:

@@ -21,9 +21,11 @@ from .body import BodyBuffer
 from .children import ChildState
 from .headers import HeaderList
 from .merge import Changes, Status, apply, final_replies, reply_for
-from .protocol import constants as c
 from .protocol import messages
-from .protocol.messages import CONTINUE
+
+
+# What the child that had the message live still gets at its end.
+_END_OF_MESSAGE_ONLY = ((stages.END_OF_MESSAGE, messages.END_OF_MESSAGE),)
 
 
 class _Stopped:
@@ -92,10 +94,7 @@ class MessageChain:
                 if isinstance(stop, defer.Deferred):
                     return stop.addCallback(self._live_decided, stage, command, macros, child)
                 return self._live_stopped(child, stage, stop)
-        session = self.session
-        started = session.clock.seconds() if session.observer is not None else None
-        d = child.send(command, macros.stage(stage.code))
-        return d.addBoth(self._live_answered, child, stage, started)
+        return self._send_live(child, stage, command, macros)
 
     def _send_live(self, child, stage, command, macros):
         session = self.session
@@ -175,30 +174,12 @@ class MessageChain:
     @defer.inlineCallbacks
     def _run(self, macros):
         """Each child in turn gets the message as the ones before left it."""
-        observed = self.session.observer is not None
         for child in list(self.chain):
-            if child is self.live and child.stoppers is None:
-                # The common case, without a second generator: the live child's end of message.
-                started = self.session.clock.seconds() if observed else None
-                try:
-                    response = yield child.send(messages.END_OF_MESSAGE,
-                                                macros.stage(c.END_OF_MESSAGE))
-                except defer.CancelledError:
-                    raise  # the MTA went away: the session's close() cleans up
-                except Exception:
-                    response = Failure()
-                if not self.open:
-                    raise defer.CancelledError()
-                status, reply = self.session.judge(child, stages.END_OF_MESSAGE, response,
-                                                   started)
-                if isinstance(response, Failure):
-                    response = None
-                outcome = stages.END_OF_MESSAGE, status, reply, response
-            elif child is self.live:
-                outcome = yield self._send_each(
-                    child, ((stages.END_OF_MESSAGE, messages.END_OF_MESSAGE),), macros)
+            if child is self.live:
+                commands = _END_OF_MESSAGE_ONLY
             else:
-                outcome = yield self._send_each(child, self._replayed(), macros)
+                commands = self._replayed()
+            outcome = yield self._send_each(child, commands, macros)
             if isinstance(outcome, _Stopped):
                 self._stopped(child, outcome.stage, outcome.stop)
                 continue
@@ -260,10 +241,6 @@ class MessageChain:
                 response = Failure()
             if not self.open:
                 raise defer.CancelledError()
-            if (started is None and stage is not stages.END_OF_MESSAGE and response is not None
-                    and response.__class__ is not Failure and response.reply is CONTINUE):
-                child.verdict = Status.CONTINUE  # what judge() says of it, in the hot loop
-                continue
             status, reply = self.session.judge(child, stage, response, started)
             if isinstance(response, Failure):
                 return stage, status, None, None

@@ -235,7 +235,7 @@ class ManagerSession:
         if status is Status.CONTINUE:  # the common case, on the shortest path
             self._verdict = status
             return messages.CONTINUE
-        connection = stage is stages.CONNECT or stage is stages.HELO
+        connection = stage in stages.CONNECTION
         if status is Status.DISCARD and connection:
             # The MTAs refuse a discard at connect or HELO: only a message can be discarded,
             # so a child's fallback that says so waits for the first MAIL.
@@ -254,7 +254,7 @@ class ManagerSession:
         can be discarded.
         """
         pending, pending_by = self._pending, self._pending_by
-        if pending is Status.DISCARD and (stage is stages.CONNECT or stage is stages.HELO):
+        if pending is Status.DISCARD and stage in stages.CONNECTION:
             pending, pending_by = Status.NOT_CHANGE, None
         else:
             self._pending, self._pending_by = Status.NOT_CHANGE, None
@@ -282,7 +282,7 @@ class ManagerSession:
         if self._pending > status:
             status, decided_by = self._pending, self._pending_by
         self._pending, self._pending_by = Status.NOT_CHANGE, None
-        if status is Status.DISCARD and (stage is stages.CONNECT or stage is stages.HELO):
+        if status is Status.DISCARD and stage in stages.CONNECTION:
             self._pending, self._pending_by = status, decided_by
             return messages.CONTINUE  # only a message can be discarded: it waits for MAIL
         self._verdict, self._decided_by = status, decided_by
@@ -360,23 +360,20 @@ class ManagerSession:
         return self._message_command(stages.BODY, command, macros)
 
     def end_of_message(self, command, macros):
-        self.stage = stages.END_OF_MESSAGE
-        if self.message is None:
-            started = self._start_message(macros)
-            if started is not None:
-                return started.addCallback(
-                    self._after_emulated_data, stages.END_OF_MESSAGE, command, macros)
-        return self.message.end_of_message(macros)
+        return self._message_command(stages.END_OF_MESSAGE, command, macros)
 
     def _message_command(self, stage, command, macros):
         self.stage = stage
-        message = self.message
-        if message is None:
+        if self.message is None:
             started = self._start_message(macros)
             if started is not None:
                 return started.addCallback(self._after_emulated_data, stage, command, macros)
-            message = self.message
-        return message.live_command(stage, command, macros)
+        return self._to_message(stage, command, macros)
+
+    def _to_message(self, stage, command, macros):
+        if stage is stages.END_OF_MESSAGE:
+            return self.message.end_of_message(macros)
+        return self.message.live_command(stage, command, macros)
 
     def _start_message(self, macros):
         """Start the message phase; None, or a Deferred if DATA must be emulated first.
@@ -405,9 +402,7 @@ class ManagerSession:
         if reply is not messages.CONTINUE:
             return reply  # the emulated DATA ended the message
         self.stage = stage
-        if stage is stages.END_OF_MESSAGE:
-            return self.message.end_of_message(macros)
-        return self.message.live_command(stage, command, macros)
+        return self._to_message(stage, command, macros)
 
     def end_message(self, stage, status, decided_by, aborted=False):
         """The transaction is over at stage: children still in it get ABORT.

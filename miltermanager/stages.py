@@ -53,9 +53,11 @@ END_OF_MESSAGE = Stage(c.END_OF_MESSAGE, "end_of_message", "end-of-message",
 # The events an IMilter gets after negotiation, in protocol order.
 EVENTS = (CONNECT, HELO, MAIL, RCPT, DATA, UNKNOWN, HEADER, END_OF_HEADERS, BODY,
           END_OF_MESSAGE)
-BY_CODE = {event.code: event for event in EVENTS}
 BY_NAME = {event.name: event for event in (NEGOTIATE, *EVENTS, CLOSED)}
 BY_SYMBOL_LIST = {event.symbol_list: event for event in EVENTS
                   if event.symbol_list is not None}
+# The stages of the SMTP connection itself, before any transaction: a verdict there is
+# for the whole connection, and only a message can be discarded, not these.
+CONNECTION = (CONNECT, HELO)
 # Message-phase events, in the order the message replays them.
 MESSAGE = (HEADER, END_OF_HEADERS, BODY, END_OF_MESSAGE)
