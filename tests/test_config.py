@@ -1072,10 +1072,10 @@ class UpstreamItemTests(ConfigTestCase):
         """event_loop_backend is accepted and noted, since Twisted's reactor runs anyway."""
         path = self.write("milter-manager.conf", '\nmanager.event_loop_backend = "libev"\n')
         configuration = config.load(path)
-        self.assertEqual(configuration.notes, [
+        self.assertEqual(configuration.warnings, [
             f"{path}:2: manager.event_loop_backend = 'libev': accepted for upstream's files; "
             "milter-manager runs on Twisted's reactor whatever the value"])
-        self.assertEqual(config.load(self.write("b.conf", "")).notes, [])
+        self.assertEqual(config.load(self.write("b.conf", "")).warnings, [])
 
     def test_package_and_security(self):
         """package.* and security.privilege_mode are stored; privilege_mode takes "true"."""

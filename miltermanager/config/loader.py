@@ -57,8 +57,8 @@ from .model import (
 
 _log = Logger(namespace="miltermanager.config")
 
-# Values accepted for upstream's files that change nothing here; loading notes them.
-NOTES = {
+# Values accepted for upstream's files that change nothing here: loading warns of them.
+WITHOUT_EFFECT = {
     ("manager", "event_loop_backend"):
         "accepted for upstream's files; milter-manager runs on Twisted's reactor whatever "
         "the value",
@@ -477,8 +477,8 @@ class Loader:
             errors.extend(self._whole_configuration_errors())
         if errors:
             raise ConfigurationError.of(errors)
-        for note in configuration.notes:
-            _log.info("[configuration][note] {note}", note=note)
+        for warning in configuration.warnings:
+            _log.warn("[configuration][warning] {text}", text=warning)
         return configuration
 
     def _whole_configuration_errors(self):
@@ -504,10 +504,10 @@ class Loader:
 
     def noted(self, section, name, origin):
         """Record a note if assigning section.name changes nothing here."""
-        note = NOTES.get((getattr(section, "SECTION", None), name))
+        note = WITHOUT_EFFECT.get((getattr(section, "SECTION", None), name))
         if note:
             where = f"{origin}: " if origin else ""
-            self.configuration.notes.append(
+            self.configuration.warnings.append(
                 f"{where}{section.SECTION}.{name} = {getattr(section, name)!r}: {note}")
 
     def register(self, hooks, kind, name, function, what, arguments, describe=None):

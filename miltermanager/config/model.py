@@ -511,8 +511,8 @@ class Configuration:
     """Everything milter-manager runs on; `milters` is in upstream's child order.
 
     conditions maps each applicable condition's name to its ConditionConfig,
-    in definition order. notes are "FILE:LINE: text" lines worth logging
-    (values accepted but without effect here).
+    in definition order. warnings are "FILE:LINE: text" lines for settings
+    accepted but without effect here (logged at start, printed by --check-config).
     """
 
     manager: ManagerConfig = field(default_factory=ManagerConfig)
@@ -529,7 +529,7 @@ class Configuration:
     trust: object = field(default_factory=lambda: _helper("trust"))
     dnsbl: object = field(default_factory=lambda: _helper("dnsbl"))
     files: list = field(default_factory=list, compare=False)  # loaded files, in order
-    notes: list = field(default_factory=list, compare=False)
+    warnings: list = field(default_factory=list, compare=False)
 
     # The top-level sections, in the order dump writes them (upstream's).
     SECTIONS: ClassVar[tuple] = ("package", "security", "log", "manager", "controller")
