@@ -109,6 +109,8 @@ class Options(usage.Options):
     ]
     # Where the configuration is looked for without --config; tests point it elsewhere.
     default_config_directory = "/etc/milter-manager"
+    # Where milter detection looks for installed milters; tests point it at a fake tree.
+    detect_root = "/"
 
     configuration = None
     path = None  # the configuration file, None for the built-in configuration
@@ -151,11 +153,13 @@ class Options(usage.Options):
         """Load the configuration file (or the built-in one) and apply the overrides."""
         from miltermanager import config
 
+        load_paths = config.load_paths(
+            self["config-dir"], default_directory=self.default_config_directory)
         if self.path is None:
-            configuration = config.default()
+            configuration = config.embedded(load_paths, detect_root=self.detect_root)
         else:
-            configuration = config.load(self.path, load_paths=config.load_paths(
-                self["config-dir"], default_directory=self.default_config_directory))
+            configuration = config.load(self.path, load_paths=load_paths,
+                                        detect_root=self.detect_root)
         for option, section, name, value in self._overrides():
             config.set_value(getattr(configuration, section), name, value, origin=f"--{option}")
         return configuration

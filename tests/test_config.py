@@ -1450,11 +1450,14 @@ class LoadPathTests(ConfigTestCase):
         self.assertEqual(configuration.files[-1], path)
 
     def test_load_paths_order(self):
-        """config.load_paths: --config-dir, then $MILTER_MANAGER_CONFIG_DIR, then the default."""
+        """config.load_paths: --config-dir, $MILTER_MANAGER_CONFIG_DIR, the default, the package's."""
         environ = {"MILTER_MANAGER_CONFIG_DIR": "/env"}
-        self.assertEqual(config.load_paths("/dir", environ, "/etc/m"), ["/dir", "/env", "/etc/m"])
-        self.assertEqual(config.load_paths(None, {}, "/etc/m"), ["/etc/m"])
-        self.assertEqual(config.load_paths("/etc/m", {}, "/etc/m"), ["/etc/m"])
+        # The tests run on this checkout, whose etc/ is the package's own copy.
+        shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc")
+        self.assertEqual(config.load_paths("/dir", environ, "/etc/m"),
+                         ["/dir", "/env", "/etc/m", shipped])
+        self.assertEqual(config.load_paths(None, {}, "/etc/m"), ["/etc/m", shipped])
+        self.assertEqual(config.load_paths("/etc/m", {}, "/etc/m"), ["/etc/m", shipped])
 
 
 class SafetyTests(ConfigTestCase):

@@ -35,6 +35,7 @@ def isolated_options(test, default_directory=None):
         default_directory = os.path.abspath(test.mktemp())
     options = tap.Options()
     options.default_config_directory = default_directory
+    options.detect_root = os.path.abspath(test.mktemp())  # an empty tree: no milter found
     return options
 
 
@@ -53,7 +54,9 @@ class OptionsTests(SynchronousTestCase):
         """Without options it listens on inet:10025@[127.0.0.1], as upstream's generic default."""
         options = isolated_options(self)
         options.parseOptions([])
-        self.assertEqual(options.configuration, config.default())
+        self.assertEqual(options.configuration, config.embedded(detect_root=options.detect_root))
+        self.assertEqual(options.configuration.milters, [])
+        self.assertIn("S25R", options.configuration.conditions)
         self.assertEqual(options.configuration.manager.connection_spec, "inet:10025@[127.0.0.1]")
 
     def test_default_file_when_it_exists(self):

@@ -10,7 +10,7 @@ See miltermanager.config.loader for the language and model for the settings.
 import os
 
 from .dump import dump
-from .loader import Loader, check_trusted, default, load
+from .loader import Loader, check_trusted, default, embedded, load, shipped_directory
 from .model import (
     DEFAULT_CONNECTION_SPEC,
     STOPPERS,
@@ -58,17 +58,21 @@ def load_paths(directory=None, environ=None, default_directory=DEFAULT_DIRECTORY
     """Where a relative load() looks after the including file's directory, as upstream.
 
     directory (--config-dir) first, then $MILTER_MANAGER_CONFIG_DIR, then the
-    default directory; pass the result as `load(path, load_paths=...)`.
+    default directory, last the package's own copy of the shipped files (so
+    `load("applicable-conditions/*.conf")` finds the built-in conditions in a
+    pip or venv install without /etc); pass the result as
+    `load(path, load_paths=...)`.
     """
     environment = (os.environ if environ is None else environ).get(DIRECTORY_VARIABLE) or None
     return list(dict.fromkeys(
-        path for path in (directory, environment, default_directory) if path is not None))
+        path for path in (directory, environment, default_directory, shipped_directory())
+        if path is not None))
 
 
 __all__ = [
     "DEFAULT_CONNECTION_SPEC", "DEFAULT_DIRECTORY", "DIRECTORY_VARIABLE", "FILE_NAME",
     "STOPPERS", "ConditionConfig", "Configuration", "ConfigurationError", "ControllerConfig",
     "Hook", "Loader", "LogConfig", "ManagerConfig", "MilterConfig", "PackageConfig",
-    "SecurityConfig", "check_trusted", "default", "dump", "load", "load_paths", "locate",
-    "set_value", "settings_of",
+    "SecurityConfig", "check_trusted", "default", "dump", "embedded", "load", "load_paths",
+    "locate", "set_value", "settings_of", "shipped_directory",
 ]

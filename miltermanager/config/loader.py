@@ -379,10 +379,11 @@ class Loader:
     configuration with errors is never returned.
     """
 
-    def __init__(self, configuration=None, load_paths=(), strict=True):
+    def __init__(self, configuration=None, load_paths=(), strict=True, detect_root="/"):
         self.configuration = configuration if configuration is not None else Configuration()
         self.load_paths = [os.path.abspath(path) for path in load_paths]
         self.strict = strict
+        self.detect_root = detect_root  # where milter detection looks (tests: a fake tree)
         self._loading = []  # files being evaluated, outermost first
         self._sources = {}  # path -> text, to show registered functions
         self._trees = {}
@@ -852,13 +853,42 @@ def _describe(error):
     return f"{type(error).__name__}: {error}"
 
 
-def load(path, load_paths=(), strict=True):
+def load(path, load_paths=(), strict=True, detect_root="/"):
     """Load the configuration file at path (and the files it loads)."""
-    loader = Loader(load_paths=load_paths, strict=strict)
+    loader = Loader(load_paths=load_paths, strict=strict, detect_root=detect_root)
     loader.load_file(path)
     return loader.finish()
 
 
 def default():
-    """The embedded configuration used when there is no file: upstream's defaults, no child."""
+    """Upstream's defaults with no child and no condition: what every file starts from."""
     return Configuration()
+
+
+def shipped_directory():
+    """The package's own copy of the shipped etc/, or None.
+
+    Installed, it is the package data `miltermanager/etc`; in a checkout (an
+    editable install) it is the checkout's `etc/`.
+    """
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for candidate in (os.path.join(package, "etc"), os.path.join(os.path.dirname(package), "etc")):
+        if os.path.isfile(os.path.join(candidate, "milter-manager.conf")):
+            return candidate
+    return None
+
+
+def embedded(load_paths=(), detect_root="/"):
+    """The configuration used when there is no file: the package's own milter-manager.conf.
+
+    So a manager without /etc/milter-manager has the built-in conditions, and
+    its platform defaults detect the installed milters (under detect_root).
+    """
+    directory = shipped_directory()
+    if directory is None:
+        raise ConfigurationError(
+            "the shipped milter-manager.conf is missing from the installed package; "
+            "reinstall milter-manager or give --config")
+    loader = Loader(load_paths=load_paths, detect_root=detect_root)
+    loader.load_file(os.path.join(directory, "milter-manager.conf"))
+    return loader.finish()
