@@ -1450,7 +1450,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
 
 
-def parse_options(argv):
+def build_parser():
+    """The command's parser (also read by scripts/make-manpages for the manual page)."""
     parser = _Parser(
         prog=PROGRAM_NAME,
         description="Translate upstream milter manager's Ruby milter-manager.conf, and the "
@@ -1461,7 +1462,11 @@ def parse_options(argv):
                              "directory; never PATH's own directory)")
     parser.add_argument("--force", action="store_true",
                         help="overwrite files that exist in OUTPUT_DIR")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_options(argv):
+    return build_parser().parse_args(argv)
 
 
 def run(argv=None, stdout=None, stderr=None):

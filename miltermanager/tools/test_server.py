@@ -205,10 +205,14 @@ def build_parser():
     add("--output-message", action="store_true", help="print the message as the milter left it")
     add("--color", nargs="?", const="yes", default="auto", choices=COLOR_CHOICES,
         help="color the message diff (auto: when stdout is a terminal)")
-    add("--connection-timeout", type=_seconds, default=300.0, metavar="SECONDS")
-    add("--reading-timeout", type=_seconds, default=10.0, metavar="SECONDS")
-    add("--writing-timeout", type=_seconds, default=10.0, metavar="SECONDS")
-    add("--end-of-message-timeout", type=_seconds, default=300.0, metavar="SECONDS")
+    add("--connection-timeout", type=_seconds, default=300.0, metavar="SECONDS",
+        help="seconds to connect to the milter (%(default)s)")
+    add("--reading-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+        help="seconds to wait for each reply (%(default)s)")
+    add("--writing-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+        help="seconds to write each command (%(default)s)")
+    add("--end-of-message-timeout", type=_seconds, default=300.0, metavar="SECONDS",
+        help="seconds to wait for the end-of-message reply (%(default)s)")
     add("--all-timeouts", type=_seconds, metavar="SECONDS", help="set all four timeouts")
     add("-t", "--threads", type=int, default=0, metavar="N",
         help="run N sessions at once and print each result (upstream's option)")
