@@ -1,6 +1,31 @@
 """Packaging for milter-manager."""
 
+import os
+import stat
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+# The shipped configuration (etc/) is also package data, miltermanager/etc: the
+# embedded configuration and the load paths' last entry, so that a pip or venv
+# install has the built-in conditions without an /etc tree.
+SHIPPED = {"miltermanager.etc": ["*.conf", "applicable-conditions/*", "defaults/*",
+                                 "examples/*"]}
+
+
+class BuildPy(build_py):
+    """build_py whose copies of the package data are writable by their owner only.
+
+    The configuration loader refuses files others may write (they run as
+    root); a release tarball extracted as root keeps its 0664 modes, which
+    would otherwise be installed as they are.
+    """
+
+    def run(self):
+        super().run()
+        for path in self.get_outputs(include_bytecode=False):
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            os.chmod(path, mode & ~(stat.S_IWGRP | stat.S_IWOTH))
 
 setup(
     name="milter-manager",
@@ -10,8 +35,11 @@ setup(
     long_description_content_type="text/markdown",
     license="GPL-3.0-or-later",
     python_requires=">=3.11",
-    packages=find_packages(include=["miltermanager", "miltermanager.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/milter_manager_plugin.py"]},
+    packages=find_packages(include=["miltermanager", "miltermanager.*"]) + [
+        "twisted.plugins", *SHIPPED],
+    package_dir={"miltermanager.etc": "etc"},
+    package_data={"twisted": ["plugins/milter_manager_plugin.py"], **SHIPPED},
+    cmdclass={"build_py": BuildPy},
     install_requires=[
         "twisted>=22.4",
         "zope.interface",
