@@ -210,7 +210,8 @@ class OpenDKIM:
     Syslog is off; DIR/opendkim.log holds its stderr (configuration errors).
     """
 
-    def __init__(self, tmpdir, mode="s", domain="harness.test", selector="test", key_from=None):
+    def __init__(self, tmpdir, mode="s", domain="harness.test", selector="test", key_from=None,
+                 port=None, internal_hosts=None):
         if mode not in ("s", "v"):
             raise ValueError(f"mode must be 's' (sign) or 'v' (verify), not {mode!r}")
         self.dir = os.path.realpath(tmpdir)
@@ -221,8 +222,9 @@ class OpenDKIM:
         self.key_dir = os.path.join(self.dir, "keys")
         self.conf_path = os.path.join(self.dir, "opendkim.conf")
         self.log_path = os.path.join(self.dir, "opendkim.log")
-        self.port = free_port()
+        self.port = port or free_port()  # port: a fixed one, e.g. an installed opendkim.conf's
         self.spec = f"inet:{self.port}@{HOST}"
+        self.internal_hosts = internal_hosts  # InternalHosts; None: the mode's default below
         self.public_key_txt = None
         self.process = None
 
@@ -276,6 +278,8 @@ class OpenDKIM:
             out.write("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
         # Mail from 127.0.0.1 is internal, so signed; a verifier must see it as external.
         internal_hosts = HOST if self.mode == "s" else "192.0.2.1"
+        if self.internal_hosts is not None:
+            internal_hosts = self.internal_hosts
         with open(self.conf_path, "w") as out:
             out.write(OPENDKIM_CONF.format(
                 mode=self.mode, domain=self.domain, selector=self.selector, spec=self.spec,
@@ -484,9 +488,10 @@ class DNSServerProcess:
     one the server picked, known once start() returns.
     """
 
-    def __init__(self, tmpdir, zone_text, address=HOST):
+    def __init__(self, tmpdir, zone_text, address=HOST, port=0):
         self.dir = os.path.realpath(tmpdir)
         self.address = address
+        self.requested_port = port  # 0: a free one; 53 for resolv.conf, which names no port
         self.zone_path = os.path.join(self.dir, "zone")
         self.query_log_path = os.path.join(self.dir, "queries.jsonl")
         self.zone_text = zone_text
@@ -504,7 +509,8 @@ class DNSServerProcess:
         with open(self.zone_path, "w") as out:
             out.write(self.zone_text)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.peers.dns", "--address", self.address, "--port", "0",
+            [sys.executable, "-m", "tests.peers.dns", "--address", self.address,
+             "--port", str(self.requested_port),
              "--zone-file", self.zone_path, "--query-log", self.query_log_path],
             cwd=REPO, env=_repo_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True)
