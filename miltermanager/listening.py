@@ -59,6 +59,11 @@ class UNIXSocketEndpoint:
                 gid = grp.getgrnam(self.group).gr_gid
             except KeyError:
                 return defer.fail(self._group_error("no such group"))
+        from .process import directory_problem
+
+        problem = directory_problem(self.path)
+        if problem is not None:
+            return defer.fail(CannotListenError(None, self.path, problem))
         if self.remove_stale:
             try:
                 remove_stale_socket(self.path)
@@ -153,24 +158,93 @@ def remove_stale_socket(path):
     that raises CannotListenError.
     """
     try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            return
+        alive = _socket_alive(path)
     except FileNotFoundError:
         return
+    if alive is None:
+        return
+    if alive:
+        raise CannotListenError(None, path, ANOTHER_LISTENER)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def listen_problem(settings):
+    """Why listening on settings.connection_spec would fail now, or None; nothing is kept.
+
+    For --check-config and the checks before start: a TCP address is bound
+    and closed again (with SO_REUSEADDR, as Twisted listens); for a UNIX
+    socket its directory must exist and be writable, and a socket file there
+    must not belong to a live listener. The reasons are worded as
+    cannot_listen_reason words the real failure. Endpoint strings passed to
+    Twisted as written (systemd:, ssl:, ...) are not probed.
+    """
+    spec = connection_spec.parse(settings.connection_spec)
+    if spec.is_unix:
+        from .process import directory_problem
+
+        problem = directory_problem(spec.path)
+        if problem is not None:
+            return problem
+        try:
+            alive = _socket_alive(spec.path)
+        except FileNotFoundError:
+            return None
+        if alive is None:
+            return None if not os.path.lexists(spec.path) else _in_use()
+        if alive:
+            return ANOTHER_LISTENER
+        return None if settings.remove_unix_socket_on_create else _in_use()
+    if spec.family not in ("inet", "inet6"):
+        return None
+    family = socket.AF_INET6 if spec.family == "inet6" else socket.AF_INET
+    host = spec.host or ("::" if spec.family == "inet6" else "0.0.0.0")
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, spec.port))
+    except OSError as error:
+        return _lower(error.strerror or str(error))
+    finally:
+        probe.close()
+    return None
+
+
+def cannot_listen_reason(error):
+    """The reason in a CannotListenError, worded as listen_problem words it."""
+    reason = error.socketError
+    if isinstance(reason, OSError):
+        return _lower(reason.strerror or str(reason))
+    return str(reason)
+
+
+ANOTHER_LISTENER = "another process is listening on this socket"
+
+
+def _in_use():
+    return _lower(os.strerror(errno.EADDRINUSE))
+
+
+def _lower(text):
+    return text[:1].lower() + text[1:]
+
+
+def _socket_alive(path):
+    """True if a process listens on the UNIX socket path, False if it is stale, None: no socket.
+
+    Raises FileNotFoundError if nothing is at path.
+    """
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        return None
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.setblocking(False)
     try:
         probe.connect(path)
     except OSError as error:
         # EAGAIN: the listener's backlog is full, so it is alive.
-        alive = error.errno in (errno.EAGAIN, errno.EINPROGRESS)
-    else:
-        alive = True
+        return error.errno in (errno.EAGAIN, errno.EINPROGRESS)
     finally:
         probe.close()
-    if alive:
-        raise CannotListenError(None, path, "another process is listening on this socket")
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    return True

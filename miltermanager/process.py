@@ -19,7 +19,39 @@ def set_max_file_descriptors(count):
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
     except (OSError, ValueError) as error:
-        raise StartError(f"manager.max_file_descriptors = {count}: {error}") from None
+        reason = max_file_descriptors_problem(count) or str(error)
+        raise StartError(f"manager.max_file_descriptors {count}: {reason}") from None
+
+
+def max_file_descriptors_problem(count):
+    """Why setrlimit(NOFILE) to count would fail here, or None (for --check-config)."""
+    if not count:
+        return None
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if os.geteuid() != 0:
+        if hard != resource.RLIM_INFINITY and count > hard:
+            return f"above the hard limit {hard}, and not running as root"
+        return None
+    try:
+        with open("/proc/sys/fs/nr_open") as file:
+            most = int(file.read())
+    except (OSError, ValueError):
+        return None
+    if count > most:
+        return f"above the system's most open files per process, {most} (fs.nr_open)"
+    return None
+
+
+def directory_problem(path):
+    """Why a file cannot be created at path (its directory missing or not writable), or None."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f"directory {directory} does not exist"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"directory {directory} is not writable"
+    return None
 
 
 def resolve_identity(user, group):
@@ -48,16 +80,16 @@ def resolve_identity(user, group):
 def drop_privileges(user, group):
     """Switch to security.effective_user/effective_group (setgid, initgroups, setuid).
 
-    Not running as root, switching to ourselves is a no-op and anything else
-    is an error, rather than a manager that silently keeps other rights.
+    Not running as root, see switch_problem.
     """
     uid, gid, name = resolve_identity(user, group)
     if uid is None and gid is None:
         return False
     if os.getuid() != 0:
-        if (uid is None or uid == os.getuid()) and (gid is None or gid == os.getgid()):
+        problem = switch_problem(user, group)
+        if problem is None:
             return False
-        raise StartError(f"cannot switch to user {user!r} group {group!r}: not running as root")
+        raise StartError(problem)
     os.setgid(gid)
     if name is not None:
         os.initgroups(name, gid)
@@ -65,6 +97,23 @@ def drop_privileges(user, group):
     else:
         os.setgroups([])
     return True
+
+
+def switch_problem(user, group):
+    """Why we cannot switch to user/group: a name unknown, or not root; None if we can.
+
+    Not running as root, switching to ourselves is a no-op and anything else
+    is an error, rather than a manager that silently keeps other rights.
+    """
+    try:
+        uid, gid, _ = resolve_identity(user, group)
+    except StartError as error:
+        return str(error)
+    if os.getuid() == 0 or ((uid is None or uid == os.getuid())
+                            and (gid is None or gid == os.getgid())):
+        return None
+    setting, name = ("effective_user", user) if user is not None else ("effective_group", group)
+    return f"security.{setting} {name!r}: cannot switch to it: not running as root"
 
 
 def write_pid_file(path):

@@ -29,16 +29,18 @@ import stat
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 
 from . import connection_spec
 from .config import ConfigurationError
 from .factory import ManagerFactory
-from .listening import listen_endpoint
+from .listening import cannot_listen_reason, listen_endpoint, listen_problem
 from .logs import LogRouter
 from .process import (
-    StartError, drop_privileges, remove_pid_file, resolve_identity, set_max_file_descriptors,
-    spawn_cleaner, write_pid_file,
+    StartError, directory_problem, drop_privileges, max_file_descriptors_problem,
+    remove_pid_file, resolve_identity, set_max_file_descriptors, spawn_cleaner, switch_problem,
+    write_pid_file,
 )
 
 # How long SIGTERM waits for MTA connections in flight before closing them. Postfix keeps a
@@ -116,6 +118,9 @@ class ManagerService(service.Service):
         try:
             notes = self.log_router.configure(configuration.log, force_syslog)
         except OSError as error:
+            if tag == "log":  # at start: a log nobody reads is no way to run
+                raise StartError(_located(configuration.log, "path", _log_path_problem(
+                    error.filename) or f"cannot open it: {error.strerror}")) from None
             self.log.error("[{tag}][error] cannot open the log file {path}: {error}; "
                            "logging where it did", tag=tag, path=error.filename,
                            error=error.strerror)
@@ -143,7 +148,11 @@ class ManagerService(service.Service):
         security = self.configuration.security
         set_max_file_descriptors(manager.max_file_descriptors)
         resolve_identity(security.effective_user, security.effective_group)
-        self.port = _now(listen_endpoint(self.reactor, manager).listen(self.factory))
+        try:
+            self.port = _now(listen_endpoint(self.reactor, manager).listen(self.factory))
+        except CannotListenError as error:
+            raise StartError(_located(manager, "connection_spec", cannot_listen_reason(error),
+                                      manager.connection_spec)) from None
         self.factory.add_port(self.port)
         pid_file = manager.pid_file
         if pid_file is not None:
@@ -151,8 +160,9 @@ class ManagerService(service.Service):
                 write_pid_file(pid_file)
             except OSError as error:
                 self._close_port_now()
-                raise StartError(f"manager.pid_file: cannot write {pid_file}: "
-                                 f"{error.strerror}") from None
+                raise StartError(_located(
+                    manager, "pid_file", directory_problem(pid_file)
+                    or f"cannot write it: {error.strerror}", pid_file)) from None
             self.pid_file = pid_file
         if security.effective_user is not None or security.effective_group is not None:
             socket_path = getattr(self.port, "path", None)
@@ -162,12 +172,24 @@ class ManagerService(service.Service):
                 self._cleaner = spawn_cleaner(socket_path, self.pid_file)
             if self._cleaner is not None and socket_path is not None:
                 self.port.cleaner = True
-            if drop_privileges(security.effective_user, security.effective_group):
+            try:
+                dropped = drop_privileges(security.effective_user, security.effective_group)
+            except StartError:
+                self._undo_start()
+                raise
+            if dropped:
                 self.log.info(
                     "[manager][privileges] now uid {uid} gid {gid}{cleaner}", uid=os.getuid(),
                     gid=os.getgid(), cleaner=(
                         f"; process {self._cleaner[1]} removes the socket and pid file "
                         "after we exit" if self._cleaner else ""))
+
+    def _undo_start(self):
+        """Start failed after listening: close the socket and remove the pid file now."""
+        self._close_port_now()
+        if self.pid_file is not None:
+            remove_pid_file(self.pid_file, os.getpid(), self.log)
+            self.pid_file = None
 
     def _close_port_now(self):
         port, self.port = self.port, None
@@ -378,3 +400,51 @@ def startup_problems(configuration):
             problems.append(ConfigurationError(
                 f"{section.SECTION}.{name}: no such {kind} {value!r}", section.origins.get(name)))
     return problems
+
+
+def start_problems(configuration):
+    """Everything that would stop this configuration from starting now, as ConfigurationErrors.
+
+    startup_problems, and what only an attempt tells: can we switch to the
+    user and group, create the pid file and open the log file, raise the
+    file limit, listen on manager.connection_spec (a test bind, closed at
+    once). For --check-config and the checks before twistd starts anything;
+    each is worded as the failure at start (StartError) would be.
+    """
+    problems = startup_problems(configuration)
+    manager, security, log = configuration.manager, configuration.security, configuration.log
+    try:
+        resolve_identity(security.effective_user, security.effective_group)
+    except StartError:
+        pass  # startup_problems named it
+    else:
+        reason = switch_problem(security.effective_user, security.effective_group)
+        if reason is not None:
+            name = "effective_user" if security.effective_user is not None else "effective_group"
+            problems.append(ConfigurationError(reason, security.origins.get(name)))
+    for section, name, reason in (
+            (manager, "max_file_descriptors",
+             max_file_descriptors_problem(manager.max_file_descriptors)),
+            (manager, "connection_spec", listen_problem(manager)),
+            (manager, "pid_file", manager.pid_file and directory_problem(manager.pid_file)),
+            (log, "path", _log_path_problem(log.path))):
+        if reason:
+            problems.append(ConfigurationError(
+                _located(section, name, reason), section.origins.get(name)))
+    return problems
+
+
+def _located(section, name, reason, value=None):
+    """'manager.pid_file /run/x.pid: reason': the setting, its value and the cause."""
+    value = getattr(section, name) if value is None else value
+    return f"{section.SECTION}.{name} {value}: {reason}"
+
+
+def _log_path_problem(path):
+    if path in (None, "-"):
+        return None
+    if os.path.isdir(path):
+        return "is a directory"
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else "the file is not writable"
+    return directory_problem(path)

@@ -9,10 +9,12 @@ two overlap:
   `--daemon` makes twistd daemonize even with `-n`; without either, a file's
   `manager.daemon = False` also keeps it in the foreground. Without any of
   them twistd daemonizes (`twistd milter-manager`).
-- `--pidfile` (twistd) is twistd's own pid file (twistd.pid when daemonized;
-  `--pidfile=` for none). `--pid-file` / `manager.pid_file` is upstream's:
-  written after listening, before dropping privileges, removed at stop.
-  Use one of them.
+- `--pidfile` (twistd) is twistd's own pid file. Unless it is given there is
+  none in the foreground, and when daemonized
+  /run/milter-manager/milter-manager.pid if that directory is writable and
+  manager.pid_file is unset (never twistd's ./twistd.pid). `--pid-file` /
+  `manager.pid_file` is upstream's: written after listening, before
+  dropping privileges, removed at stop. Use one of them.
 - `-u/--uid`, `-g/--gid` (twistd) switch after our start-up, so files made
   as root are left behind at stop; prefer `--user-name`/`--group-name`
   (`security.effective_user/effective_group`), which switch after listening
@@ -24,13 +26,27 @@ two overlap:
 
 Every override goes through the configuration's checks (`config.set_value`)
 and is shown by `--show-config` with the option as its origin.
+
+A configuration that cannot start (an error in a file, an unknown user, an
+address in use, ...) stops twistd before it starts anything, with one line
+per problem on standard error and exit status 1 (`refuse`); only a wrong
+command line gets twistd's usage text.
 """
 
+import getopt
+import os
 import sys
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 import miltermanager
+from miltermanager.process import StartError, directory_problem, remove_pid_file
+from miltermanager.service import ManagerService, error_lines
+
+# twistd's --pidfile when daemonized and neither --pidfile nor manager.pid_file is given.
+DAEMON_PID_FILE = "/run/milter-manager/milter-manager.pid"
+_log = Logger(namespace="miltermanager.tap")
 
 # option -> (section, setting); the value is the option's text unless noted in _value().
 _OVERRIDES = (
@@ -98,8 +114,14 @@ class Options(usage.Options):
         ["show-config", None,
          "Print the resolved configuration, each value with where it was set, and exit"],
         ["check-config", None,
-         "Check the configuration and exit: 0 and 'configuration OK: FILE', or 1 and every "
-         "error with its FILE:LINE. Listens on nothing (for ExecStartPre= and before a reload)"],
+         "Check that the configuration can start and exit: 0 and 'configuration OK: FILE' "
+         "(warnings on standard error), or 1 and every problem on its own line: errors with "
+         "their FILE:LINE, unknown users and groups, missing directories, an address that "
+         "cannot be bound now (a test bind, closed at once). For ExecStartPre="],
+        ["check-reload", None,
+         "As --check-config, for the configuration a running manager would reload on SIGHUP "
+         "(ExecReload=): its address in use and what only a start does are not checked"],
+        ["strict", None, "Make every configuration warning an error"],
         ["verbose", "v", "log.level = all"],
         ["syslog", None, "log.use_syslog = True"],
         ["no-syslog", None, "log.use_syslog = False"],
@@ -123,31 +145,46 @@ class Options(usage.Options):
     def postOptions(self):
         from miltermanager import config
 
-        for first, second in (("syslog", "no-syslog"), ("daemon", "no-daemon")):
+        for first, second in (("syslog", "no-syslog"), ("daemon", "no-daemon"),
+                              ("check-config", "check-reload"), ("config", "config-dir")):
             if self[first] and self[second]:
                 raise usage.UsageError(f"give --{first} or --{second}, not both")
         try:
             self.path = config.locate(self["config"], self["config-dir"],
                                       default_directory=self.default_config_directory)
-        except config.ConfigurationError as error:
-            raise usage.UsageError(str(error)) from None
-        if self["check-config"]:
-            self._check_config()
-        try:
             configuration = self.load_configuration()
         except config.ConfigurationError as error:
-            raise usage.UsageError(str(error)) from None
-        from miltermanager.service import startup_problems
-
-        problems = startup_problems(configuration)
+            configuration, problems = None, [error]
+        else:
+            problems = self.problems(configuration)
+        if self["check-config"] or self["check-reload"]:
+            self._report_check(configuration, problems)
         if problems:
-            raise usage.UsageError("\n".join(str(problem) for problem in problems))
+            refuse(problems)
         self.configuration = configuration
         if self["show-config"]:
             sys.stdout.write(config.dump(configuration))
             sys.stdout.flush()
             raise SystemExit(0)
         self._choose_daemon()
+        self._choose_pidfile()
+
+    def problems(self, configuration):
+        """Why configuration cannot start (--check-reload: cannot be reloaded), as errors.
+
+        With --strict, each of its warnings is one too.
+        """
+        from miltermanager.config import ConfigurationError
+        from miltermanager.service import start_problems, startup_problems
+
+        if self["check-reload"]:
+            problems = startup_problems(configuration)
+        else:
+            problems = start_problems(configuration) + self._twistd_problems()
+        if self["strict"]:
+            problems += [ConfigurationError(f"{warning} (an error with --strict)")
+                         for warning in configuration.warnings]
+        return problems
 
     def load_configuration(self):
         """Load the configuration file (or the built-in one) and apply the overrides."""
@@ -181,24 +218,36 @@ class Options(usage.Options):
             if self[flag]:
                 yield flag, section, name, value
 
-    def _check_config(self):
-        """--check-config: print the verdict and exit 0 or 1; nothing is started."""
-        from miltermanager import config
-        from miltermanager.service import error_lines, startup_problems
-
-        try:
-            problems = startup_problems(self.load_configuration())
-        except config.ConfigurationError as error:
-            problems = [error]
+    def _report_check(self, configuration, problems):
+        """--check-config, --check-reload: print the verdict and exit 0 or 1; nothing starts."""
         if problems:
             for problem in problems:
                 for line in error_lines(problem):
                     sys.stderr.write(f"{line}\n")
             sys.stderr.flush()
             raise SystemExit(1)
+        for warning in configuration.warnings:
+            sys.stderr.write(f"warning: {warning}\n")
+        sys.stderr.flush()
         sys.stdout.write(f"configuration OK: {self.path or 'built-in configuration'}\n")
         sys.stdout.flush()
         raise SystemExit(0)
+
+    def _twistd_problems(self):
+        """twistd's own --pidfile and --logfile, which it opens without a word on failure."""
+        from miltermanager.config import ConfigurationError
+
+        twistd = self.parent
+        if twistd is None:
+            return []
+        problems = []
+        for option in ("pidfile", "logfile"):
+            path = twistd.get(option)
+            if path and path != "-" and _given(twistd, option):
+                reason = directory_problem(path)
+                if reason is not None:
+                    problems.append(ConfigurationError(f"--{option} {path}: {reason}"))
+        return problems
 
     def _choose_daemon(self):
         """Tell twistd whether to daemonize, when --daemon, --no-daemon or the file says so."""
@@ -210,12 +259,100 @@ class Options(usage.Options):
             twistd["nodaemon"] = not manager.daemon
         # A file's daemon = True leaves it to twistd, which daemonizes unless -n was given.
 
+    def _choose_pidfile(self):
+        """twistd's pid file: only where asked, never ./twistd.pid by default.
+
+        In the foreground there is none unless --pidfile is given. Daemonized,
+        manager.pid_file is the pid file when set; else DAEMON_PID_FILE if its
+        directory is writable (a second daemon then stops at twistd's check),
+        else none.
+        """
+        twistd = self.parent
+        if twistd is None or "pidfile" not in twistd or _given(twistd, "pidfile"):
+            return
+        daemon = not (twistd.get("nodaemon") or twistd.get("debug"))
+        if (daemon and self.configuration.manager.pid_file is None
+                and directory_problem(DAEMON_PID_FILE) is None):
+            twistd["pidfile"] = DAEMON_PID_FILE
+        else:
+            twistd["pidfile"] = ""
+
+
+def _given(twistd, option):
+    """Whether twistd's own command line gave option (not just its default).
+
+    usage.Options keeps no record of that: twistd's default is compared, and
+    twistd's arguments (sys.argv, before the plugin's name) are parsed again
+    with its own getopt tables to tell `--pidfile twistd.pid` from nothing.
+    """
+    defaults = {name: default for name, _, default, *_ in getattr(twistd, "optParameters", [])}
+    if twistd.get(option) != defaults.get(option):
+        return True
+    try:
+        given, _ = getopt.getopt(sys.argv[1:], twistd.shortOpt, twistd.longOpt)
+    except (getopt.GetoptError, AttributeError):
+        return False
+    return any(name == f"--{option}" for name, _ in given)
+
+
+def refuse(problems):
+    """Stop twistd before it starts: each problem on one line on standard error, exit 1."""
+    for problem in problems:
+        for line in error_lines(problem):
+            sys.stderr.write(f"milter-manager: {line}\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
+
 
 def makeService(options):
     """The manager service: listens for the MTA, reloads on SIGHUP (miltermanager.service)."""
     from twisted.internet import reactor
 
-    from miltermanager.service import ManagerService
-
-    return ManagerService(reactor, options.configuration, load=options.load_configuration,
+    return _TwistdService(reactor, options.configuration, load=options.load_configuration,
                           twistd_options=options.parent)
+
+
+class _TwistdService(ManagerService):
+    """ManagerService that turns a failure to start into one line and exit 1 under twistd.
+
+    The checks in postOptions catch what can be known before; what is left
+    (the address taken since, a log file gone) fails here, after twistd has
+    redirected standard error into the log and maybe daemonized. So the line
+    goes to the log, to the original standard error, and, daemonized, to
+    twistd's status pipe, whose reader (the process the user started)
+    prints it. twistd's own pid file, if any, is removed as twistd would.
+    """
+
+    def setServiceParent(self, parent):
+        try:
+            super().setServiceParent(parent)
+        except StartError as error:
+            self._stop_twistd(str(error))
+
+    def privilegedStartService(self):
+        try:
+            super().privilegedStartService()
+        except StartError as error:
+            self._stop_twistd(str(error))
+
+    def _stop_twistd(self, line):
+        twistd = self.twistd_options or {}
+        _log.error("[manager][start][error] {line}", line=line)
+        pipe = twistd.get("statusPipe")
+        if pipe is not None:
+            try:
+                os.write(pipe, b"1 " + line.encode("utf-8", "backslashreplace")[:98])
+                os.close(pipe)
+            except OSError:
+                pass
+            twistd["statusPipe"] = None
+        if twistd.get("pidfile"):
+            remove_pid_file(twistd["pidfile"], os.getpid())
+        stderr = sys.__stderr__
+        if stderr is not None:
+            try:
+                stderr.write(f"milter-manager: {line}\n")
+                stderr.flush()
+            except (OSError, ValueError):
+                pass
+        raise SystemExit(1)

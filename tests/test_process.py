@@ -34,7 +34,7 @@ class LimitTests(SynchronousTestCase):
 
         self.patch(resource, "setrlimit", refuse)
         error = self.assertRaises(process.StartError, process.set_max_file_descriptors, 10**9)
-        self.assertTrue(str(error).startswith("manager.max_file_descriptors = 1000000000: "))
+        self.assertTrue(str(error).startswith("manager.max_file_descriptors 1000000000: "))
 
 
 class IdentityTests(SynchronousTestCase):

@@ -69,7 +69,8 @@ class ServiceTests(SynchronousTestCase):
         """A pid file that cannot be written stops start-up with a clear error."""
         made = self.make(pid_file="/nonexistent/dir/m.pid")
         error = self.assertRaises(process.StartError, made.privilegedStartService)
-        self.assertIn("cannot write /nonexistent/dir/m.pid", str(error))
+        self.assertEqual(str(error), "manager.pid_file /nonexistent/dir/m.pid: "
+                                     "directory /nonexistent/dir does not exist")
         self.assertIsNone(made.port)
 
     def test_max_file_descriptors(self):

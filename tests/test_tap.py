@@ -8,7 +8,6 @@ import sys
 import tempfile
 
 from twisted.application.service import IServiceMaker
-from twisted.internet.error import CannotListenError
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -37,6 +36,15 @@ def isolated_options(test, default_directory=None):
     options.default_config_directory = default_directory
     options.detect_root = os.path.abspath(test.mktemp())  # an empty tree: no milter found
     return options
+
+
+def refused(test, options, arguments):
+    """Parse arguments, which must stop start-up; return the stderr lines (exit status 1)."""
+    err = io.StringIO()
+    test.patch(sys, "stderr", err)
+    error = test.assertRaises(SystemExit, options.parseOptions, arguments)
+    test.assertEqual(error.code, 1)
+    return err.getvalue().splitlines()
 
 
 def write_config(test, text, name="milter-manager.conf"):
@@ -107,23 +115,20 @@ class OptionsTests(SynchronousTestCase):
                                            "fallback_status": "--fallback-status"})
 
     def test_bad_config(self):
-        """A bad configuration stops start-up with a usage error naming each FILE:LINE."""
+        """A bad configuration stops start-up (exit 1), one line per error with its FILE:LINE."""
         path = write_config(self, '\nwith define_milter("clamav") as milter:\n'
                                   '    milter.fallback_status = "maybe"\n')
-        options = isolated_options(self)
-        error = self.assertRaises(usage.UsageError, options.parseOptions, ["--config", path])
-        self.assertEqual(str(error).split("\n"), [
-            f'{path}:3: milter "clamav": fallback_status must be one of accept, '
+        self.assertEqual(refused(self, isolated_options(self), ["--config", path]), [
+            f'milter-manager: {path}:3: milter "clamav": fallback_status must be one of accept, '
             "temporary-failure, reject, discard; got 'maybe'",
-            f'{path}:2: milter "clamav": connection_spec is required (where the child milter '
-            'listens, e.g. "inet:8891@[127.0.0.1]")'])
+            f'milter-manager: {path}:2: milter "clamav": connection_spec is required (where the '
+            'child milter listens, e.g. "inet:8891@[127.0.0.1]")'])
 
     def test_missing_config(self):
-        """A --config file that does not exist is a usage error."""
+        """A --config file that does not exist stops start-up with one line."""
         path = os.path.abspath(self.mktemp())
-        options = isolated_options(self)
-        error = self.assertRaises(usage.UsageError, options.parseOptions, ["--config", path])
-        self.assertEqual(str(error), f"cannot read {path}: No such file or directory")
+        self.assertEqual(refused(self, isolated_options(self), ["--config", path]),
+                         [f"milter-manager: cannot read {path}: No such file or directory"])
 
     def test_config_and_config_dir(self):
         """--config and --config-dir together are refused."""
@@ -133,17 +138,16 @@ class OptionsTests(SynchronousTestCase):
 
     def test_bad_connection_spec(self):
         """A connection spec that is no milter or endpoint form is a usage error."""
-        options = isolated_options(self)
-        error = self.assertRaises(
-            usage.UsageError, options.parseOptions, ["--connection-spec", "bogus:1"])
-        self.assertIn("bogus:1", str(error))
-        self.assertTrue(str(error).startswith("--connection-spec: manager.connection_spec: "))
+        [line] = refused(self, isolated_options(self), ["--connection-spec", "bogus:1"])
+        self.assertIn("bogus:1", line)
+        self.assertTrue(line.startswith(
+            "milter-manager: --connection-spec: manager.connection_spec: "), line)
 
     def test_bad_fallback_status(self):
         """An unknown fallback status is refused at start-up."""
-        options = isolated_options(self)
-        self.assertRaises(
-            usage.UsageError, options.parseOptions, ["--fallback-status", "maybe"])
+        [line] = refused(self, isolated_options(self), ["--fallback-status", "maybe"])
+        self.assertTrue(line.startswith(
+            "milter-manager: --fallback-status: manager.fallback_status must be"), line)
 
     def test_show_config(self):
         """--show-config prints the resolved configuration with origins and exits 0."""
@@ -202,15 +206,35 @@ class UNIXSocketServiceTests(TestCase):
         self.addCleanup(made.stopService)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o660)
 
-    def test_cannot_listen_stops_start(self):
-        """A socket that cannot be listened on raises at start, so twistd exits with the error."""
-        with open(self.path, "w") as file:
-            file.write("precious")
+    def test_cannot_listen_stops_twistd(self):
+        """The socket path taken after the checks: one line, exit 1, twistd's pid file gone.
+
+        The line goes to the original standard error and to twistd's status
+        pipe (which the process that daemonized prints); the file stays.
+        """
         options = isolated_options(self)
         options.parseOptions(["-s", f"unix:{self.path}"])
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        pidfile = os.path.join(self.directory, "twistd.pid")
+        with open(pidfile, "w") as file:
+            file.write(str(os.getpid()))
+        options.parent = {"statusPipe": write_end, "pidfile": pidfile}
         made = tap.makeService(options)
-        self.assertRaises(CannotListenError, made.privilegedStartService)
+        with open(self.path, "w") as file:
+            file.write("precious")
+        err = io.StringIO()
+        self.patch(sys, "__stderr__", err)
+        error = self.assertRaises(SystemExit, made.privilegedStartService)
+        self.assertEqual(error.code, 1)
+        line = f"manager.connection_spec unix:{self.path}: address already in use"
+        self.assertEqual(err.getvalue(), f"milter-manager: {line}\n")
+        self.assertEqual(os.read(read_end, 200), f"1 {line}".encode())
+        self.assertIsNone(options.parent["statusPipe"])
+        self.assertFalse(os.path.exists(pidfile))
         self.assertIsNone(made.port)
+        with open(self.path) as file:
+            self.assertEqual(file.read(), "precious")
 
 
 class OverrideTests(SynchronousTestCase):
@@ -262,17 +286,15 @@ class OverrideTests(SynchronousTestCase):
                 ("--log-level", "loud", "--log-level: log.level has no level 'loud'"),
                 ("--unix-socket-mode", "999", "--unix-socket-mode: manager.unix_socket_mode"),
                 ("--syslog-facility", "mailx", "--syslog-facility: log.syslog_facility")):
-            options = isolated_options(self)
-            error = self.assertRaises(usage.UsageError, options.parseOptions, [option, value])
-            self.assertTrue(str(error).startswith(expected), str(error))
+            [line] = refused(self, isolated_options(self), [option, value])
+            self.assertTrue(line.startswith(f"milter-manager: {expected}"), line)
 
     def test_unknown_user(self):
         """An unknown --user-name is refused at start-up, not after listening."""
-        options = isolated_options(self)
-        error = self.assertRaises(usage.UsageError, options.parseOptions,
-                                  ["--user-name", "no-such-user-here"])
-        self.assertEqual(str(error), "--user-name: security.effective_user: no such user "
-                                     "'no-such-user-here'")
+        self.assertEqual(
+            refused(self, isolated_options(self), ["--user-name", "no-such-user-here"]),
+            ["milter-manager: --user-name: security.effective_user: no such user "
+             "'no-such-user-here'"])
 
     def test_contradicting_flags(self):
         """--syslog with --no-syslog, or --daemon with --no-daemon, is refused."""
