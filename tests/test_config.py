@@ -657,8 +657,12 @@ class LoadTests(ConfigTestCase):
         self.assertEqual([milter.name for milter in configuration.milters], ["a", "b"])
 
     def test_load_glob_without_match(self):
-        """A glob that matches nothing loads nothing, as upstream's applicable-conditions/*.conf."""
-        self.assertEqual(self.load('load("applicable-conditions/*.conf")\n'), config.default())
+        """A glob that matches nothing loads nothing, and says so with its FILE:LINE."""
+        path = self.write("milter-manager.conf", '\nload("conf.d/*.conf")\n')
+        configuration = config.load(path)
+        self.assertEqual(configuration, config.default())
+        self.assertEqual(configuration.warnings, [
+            f"{path}:2: load('conf.d/*.conf') matched no file (looked in {self.directory})"])
 
     def test_load_missing_file(self):
         """load of a missing file names the including line."""

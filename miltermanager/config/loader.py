@@ -62,6 +62,10 @@ WITHOUT_EFFECT = {
     ("manager", "event_loop_backend"):
         "accepted for upstream's files; milter-manager runs on Twisted's reactor whatever "
         "the value",
+    ("manager", "max_pending_finished_sessions"):
+        "accepted for upstream's files; a finished session is freed at once here, and "
+        "maintenance runs every maintenance_interval finished sessions even under constant "
+        "load, so nothing waits for a cleanup",
 }
 
 
@@ -567,12 +571,19 @@ class Loader:
             """Load the files matching pattern (a glob), relative to this file's directory.
 
             Then the load paths are tried (--config-dir, $MILTER_MANAGER_CONFIG_DIR, the
-            default directory). A pattern without wildcards must name an existing file; a
-            glob may match nothing.
+            default directory, the package's own copy). A pattern without wildcards must
+            name an existing file; a glob that matches nothing is a warning (what it was
+            meant to define is missing: an error under --strict).
             """
             matches = self._resolve(pattern, directory)
             if not matches and not _has_wildcards(pattern):
                 matches = [os.path.join(directory, pattern)]  # fails, naming the file
+            if not matches:
+                where = self.location()
+                searched = ", ".join(dict.fromkeys([directory, *self.load_paths]))
+                self.configuration.warnings.append(
+                    f"{where + ': ' if where else ''}load({pattern!r}) matched no file "
+                    f"(looked in {searched})")
             for match in matches:
                 self.load_file(match)
 
