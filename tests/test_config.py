@@ -816,6 +816,31 @@ class DumpTests(ConfigTestCase):
         dumped = self.write("dumped.conf", config.dump(configuration))
         self.assertEqual(config.load(dumped), configuration)
 
+    def test_helper_lists_in_effect(self):
+        """dump shows each helper's lists, defaults included: what is matched and asked."""
+        dumped = config.dump(self.load("""\
+            dnsbl.add_service("bl.example.net", "127.0.0.2/32")
+            trust.clear()
+            trust.add_envelope_from_domain("example.org")
+            remote_network.add_local_address("192.0.2.0/24")
+            """))
+        self.assertIn(
+            "# dnsbl.services in effect (zones asked about each client, through "
+            "dnsbl.name_servers only):\n"
+            "#     'zen.spamhaus.org' listed by 127.0.0.10/31  # default\n"
+            "#     'dnsbl.sorbs.net' listed by 127.0.0.10/32  # default\n"
+            "#     'bl.spamcop.net' listed by 127.0.0.2/32  # default\n"
+            "#     'b.barracudacentral.org' listed by 127.0.0.2/32  # default\n"
+            "#     'bl.example.net' listed by 127.0.0.2/32  # added above\n", dumped)
+        self.assertIn(
+            "# trust.domains in effect (envelope-from domains marked {trusted_domain}=yes):\n"
+            "#     'example.org'  # added above\n", dumped)
+        self.assertIn("#     '.google.com'  # default\n", dumped)
+        self.assertIn("#     re.compile(r'\\A[^.]*[0-9]{5}', re.IGNORECASE)  # default\n", dumped)
+        self.assertIn("#     192.0.2.0/24  # added above\n"
+                      "# remote_network.remote_networks in effect (remote even inside the local "
+                      "ones):\n#     (none)\n", dumped)
+
     EVERY_ITEM = textwrap.dedent("""\
         package.platform = "redhat"
         package.options = "prefix=/usr/local"

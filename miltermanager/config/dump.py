@@ -8,8 +8,11 @@ comment. Secret settings are never written: they show as `<hidden>` in a
 comment.
 """
 
+import ipaddress
+import re
 import textwrap
 
+from miltermanager.conditions.dnsbl import DNSBLService
 from miltermanager.merge import Status
 
 from .model import settings_of
@@ -26,7 +29,8 @@ def dump(configuration):
             lines.extend(_manager_hooks(section))
         lines.extend(section_lines(section.SECTION, section))
     for helper in configuration.helpers():
-        helper_lines = [*section_lines(helper.SECTION, helper), *_calls(helper)]
+        helper_lines = [*section_lines(helper.SECTION, helper), *_calls(helper),
+                        *_effective(helper)]
         if helper_lines:
             lines.append("\n")
             lines.extend(helper_lines)
@@ -92,6 +96,33 @@ def _calls(helper):
         if call.source is not None:
             yield call.source + "\n"
         yield f"{helper.SECTION}.{call.verb}({call.arguments})  # {where}\n"
+
+
+def _effective(helper):
+    # The lists a helper uses, defaults included, as comments: what will be
+    # matched or asked, which the calls replayed above do not show.
+    for attribute, defaults, meaning in helper.EFFECTIVE:
+        entries = getattr(helper, attribute)
+        yield f"# {helper.SECTION}.{attribute} in effect ({meaning}):\n"
+        if not entries:
+            yield "#     (none)\n"
+        for entry in entries:
+            where = "default" if entry in defaults else "added above"
+            yield f"#     {_entry(entry)}  # {where}\n"
+
+
+def _entry(entry):
+    """A helper list's entry as text: a name, a regular expression, a network, a DNSBL zone."""
+    if isinstance(entry, re.Pattern):
+        flags = ", re.IGNORECASE" if entry.flags & re.IGNORECASE else ""
+        pattern = f"r'{entry.pattern}'" if "'" not in entry.pattern else repr(entry.pattern)
+        return f"re.compile({pattern}{flags})"
+    if isinstance(entry, DNSBLService):
+        answers = ", ".join(str(network) for network in entry.expected or ())
+        return f"{entry.domain!r} listed by {answers or 'any 127.0.0.0/8 answer'}"
+    if isinstance(entry, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return str(entry)
+    return repr(entry)
 
 
 def _helper_condition(condition):

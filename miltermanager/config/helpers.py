@@ -16,9 +16,9 @@ from twisted.internet.defer import succeed
 
 from miltermanager.conditions.dnsbl import DNSBL, DNSBLService, default_services
 from miltermanager.conditions.network import RemoteNetwork
-from miltermanager.conditions.s25r import S25R
+from miltermanager.conditions.s25r import DEFAULT_BLACKLIST, DEFAULT_WHITELIST, S25R
 from miltermanager.conditions.stress import Stress
-from miltermanager.conditions.trust import Trust
+from miltermanager.conditions.trust import DEFAULT_DOMAINS, Trust
 
 from .model import InvalidValue, _boolean, _positive_seconds, setting
 
@@ -52,6 +52,11 @@ class S25RConfig(S25R):
 
     SECTION: ClassVar[str] = "s25r"
     VERBS: ClassVar[tuple] = ("add_whitelist", "add_blacklist")
+    # The lists in effect, shown by dump: (attribute, its defaults, what it means).
+    EFFECTIVE: ClassVar[tuple] = (
+        ("whitelist", DEFAULT_WHITELIST, "host names never counted as dynamic, checked first"),
+        ("blacklist", DEFAULT_BLACKLIST, "host names counted as dynamic: S25R's rules"),
+    )
     check_only_ipv4: bool = setting(
         True, check=_boolean,
         doc="apply S25R to IPv4 clients only (others never look dynamic); "
@@ -66,6 +71,11 @@ class RemoteNetworkConfig(RemoteNetwork):
 
     SECTION: ClassVar[str] = "remote_network"
     VERBS: ClassVar[tuple] = ("add_local_address", "add_remote_address")
+    EFFECTIVE: ClassVar[tuple] = (
+        ("local_networks", (), "local besides loopback, private and link-local addresses "
+                               "and UNIX sockets"),
+        ("remote_networks", (), "remote even inside the local ones"),
+    )
     calls: list = _calls()
     origins: dict = _origins()
 
@@ -85,6 +95,7 @@ class StressConfig(Stress):
 
     SECTION: ClassVar[str] = "stress"
     VERBS: ClassVar[tuple] = ()
+    EFFECTIVE: ClassVar[tuple] = ()
     threshold_n_connections: int | None = setting(
         None, check=_threshold,
         doc="stressed from this many MTA connections; 0: never; None: 0.75 × Postfix's "
@@ -99,6 +110,9 @@ class TrustConfig(Trust):
 
     SECTION: ClassVar[str] = "trust"
     VERBS: ClassVar[tuple] = ("add_envelope_from_domain", "clear", "load_envelope_from_domains")
+    EFFECTIVE: ClassVar[tuple] = (
+        ("domains", DEFAULT_DOMAINS, "envelope-from domains marked {trusted_domain}=yes"),
+    )
     calls: list = _calls()
     origins: dict = _origins()
 
@@ -150,6 +164,10 @@ class DNSBLConfig:
 
     SECTION: ClassVar[str] = "dnsbl"
     VERBS: ClassVar[tuple] = ("add_service", "clear_services")
+    EFFECTIVE: ClassVar[tuple] = (
+        ("services", tuple(default_services()),
+         "zones asked about each client, through dnsbl.name_servers only"),
+    )
     services: list = field(default_factory=default_services)
     name_servers: list = setting(
         check=_name_servers, factory=lambda: ["127.0.0.1:53"],
