@@ -97,6 +97,9 @@ class MessageEnded:
     aborted: bool
     elapsed: float
     queue_id: str | None  # the MTA's {i} macro, when it sent one
+    # The connection checker that found the SMTP client gone (status is then
+    # manager.fallback_status_at_disconnect); None when none did.
+    client_gone: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +112,7 @@ class SessionEnded:
     decided_by: str | None
     messages: int  # transactions started
     elapsed: float
+    client_gone: str | None = None  # the connection checker that found the client gone
 
 
 @dataclass(frozen=True, slots=True)

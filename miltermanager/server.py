@@ -215,6 +215,7 @@ class MilterServerProtocol(Protocol):
         self._decoder = None
         self._queue = deque()
         self._waiting = None  # the milter's pending Deferred
+        self._waiting_code = None  # the command it answers
         self._handling = False
         self._milter_closed = False
         self._write = None  # writes a packet: see sockets.writer
@@ -286,6 +287,29 @@ class MilterServerProtocol(Protocol):
         if self.stage is not stages.END_OF_MESSAGE:
             return False
         self._write(_PROGRESS_PACKET)
+        return True
+
+    @property
+    def waiting(self):
+        """Whether the MTA waits for the milter's answer to a command now."""
+        return self._waiting is not None and self.stage is not stages.CLOSED
+
+    def answer_now(self, reply):
+        """Answer the command the milter is still working on with reply, at once.
+
+        The milter's own answer is not waited for: its Deferred is cancelled
+        and whatever it fires with is dropped. Commands that queued behind
+        it are handled next. Returns False when nothing was waiting.
+        """
+        waiting = self._waiting
+        if not self.waiting:
+            return False
+        self._waiting = None
+        if self._seconds is not None:
+            self._active_at = self._seconds()
+        self._answer(self._waiting_code, reply)
+        waiting.cancel()
+        self._resume()
         return True
 
     # ------------------------------------------------------------ commands
@@ -397,11 +421,14 @@ class MilterServerProtocol(Protocol):
 
     def _wait(self, deferred, code):
         self._waiting = deferred
+        self._waiting_code = code
         deferred.addCallbacks(self._answered_later, self._failed_later,
-                              callbackArgs=(code,), errbackArgs=(code,))
+                              callbackArgs=(code, deferred), errbackArgs=(code, deferred))
         deferred.addErrback(self._bug)
 
-    def _answered_later(self, result, code):
+    def _answered_later(self, result, code, deferred):
+        if deferred is not self._waiting:
+            return  # closed, or answered already (answer_now)
         self._waiting = None
         if self.stage is stages.CLOSED:
             return
@@ -410,13 +437,15 @@ class MilterServerProtocol(Protocol):
         self._answer(code, result)
         self._resume()
 
-    def _failed_later(self, failure, code):
-        self._waiting = None
-        if self.stage is stages.CLOSED:
+    def _failed_later(self, failure, code, deferred):
+        if deferred is not self._waiting:
+            # Closed, or answered already (answer_now): a cancellation is no news.
             if not failure.check(CancelledError):
-                self.log.failure("[server][{command}][error] the milter failed after close",
-                                 failure, command=_command_name(code))
+                self.log.failure("[server][{command}][error] the milter failed after its "
+                                 "answer was no longer awaited", failure,
+                                 command=_command_name(code))
             return
+        self._waiting = None
         if self._seconds is not None:
             self._active_at = self._seconds()
         if code == c.NEGOTIATE:
@@ -472,7 +501,28 @@ class MilterServerProtocol(Protocol):
         if not isinstance(result, (list, tuple)):
             result = (result,)
         packets = self._packets(code, result, mode)
-        self._write(packets[0] if len(packets) == 1 else b"".join(packets))
+        if len(packets) == 1:
+            self._write(packets[0])
+        elif code == c.END_OF_MESSAGE and self.factory.packet_buffer_size:
+            self._write_buffered(packets, self.factory.packet_buffer_size)
+        else:
+            self._write(b"".join(packets))
+
+    def _write_buffered(self, packets, limit):
+        """Write packets in writes of limit bytes or more (the last one may be less).
+
+        A replaced body of many megabytes then goes out as it is joined,
+        never as one more copy of the whole.
+        """
+        buffered, size = [], 0
+        for packet in packets:
+            buffered.append(packet)
+            size += len(packet)
+            if size >= limit:
+                self._write(b"".join(buffered))
+                buffered, size = [], 0
+        if buffered:
+            self._write(b"".join(buffered))
 
     def _may_skip(self, code):
         return code == c.BODY and self.options.protocol & c.SMFIP_SKIP
@@ -686,12 +736,15 @@ class MilterServerFactory(Factory):
     nothing pending. A connection over either is closed. None or 0 turns
     each off (the default). Each is read when a connection reaches that
     point, so a subclass may compute them; the timers run on clock.
+    packet_buffer_size: an end-of-message answer of several packets is
+    written in writes of at least that many bytes; 0 writes it in one.
     """
 
     protocol = MilterServerProtocol
     error_reply = messages.TEMPFAIL
     negotiation_timeout = None
     idle_timeout = None
+    packet_buffer_size = 0
 
     def __init__(self, milter_factory, max_packet_size=DEFAULT_MAX_PACKET_SIZE, clock=None):
         self.milter_factory = milter_factory

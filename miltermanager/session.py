@@ -62,6 +62,7 @@ class ManagerSession:
         configuration = factory.configuration
         manager = configuration.manager
         self.fallback_status = manager.fallback_status
+        self.fallback_at_disconnect = manager.fallback_status_at_disconnect
         self.chunk_size = manager.chunk_size
         self.max_body_memory = manager.max_body_memory
         self.progress_interval = manager.progress_interval
@@ -70,6 +71,9 @@ class ManagerSession:
         self.observer = factory.observer
         self.health = factory.health
         self.number = factory.new_session_number()
+        self._started = clock.seconds()
+        self.smtp_client = None  # the Connect command, for the connection checkers
+        self.gone_by = None  # the connection checker that found the SMTP client gone
         self.children = [Child(milter, reactor, clock)
                          for milter in configuration.milters if milter.enabled]
         self.version = c.MAX_VERSION
@@ -92,7 +96,7 @@ class ManagerSession:
         self._decided_by = None
         self._messages = 0
         if self.observer is not None:
-            self._started = self._message_started = clock.seconds()
+            self._message_started = self._started
             self.observer.session_started(SessionStarted(
                 self.number, tuple(child.name for child in self.children)))
 
@@ -157,6 +161,7 @@ class ManagerSession:
 
     def connect(self, command, macros):
         self.stage = stages.CONNECT
+        self.smtp_client = command
         if self.stoppers is not None:
             self.stoppers.note(stages.CONNECT, command)
         if self._pending >= Status.TEMPORARY_FAILURE and self._pending is not Status.DISCARD:
@@ -435,9 +440,32 @@ class ManagerSession:
             self.observer.message_ended(MessageEnded(
                 self.number, stage, status, self._decider(status, decided_by), aborted,
                 self.clock.seconds() - self._message_started,
-                None if queue_id is None else bytes(queue_id).decode("utf-8", "replace")))
+                None if queue_id is None else bytes(queue_id).decode("utf-8", "replace"),
+                self.gone_by))
 
     # ------------------------------------------------------------ endings
+
+    def client_gone(self, checker, client):
+        """A connection checker found the SMTP client gone while the MTA waits for a reply.
+
+        The MTA is answered fallback_status_at_disconnect at once instead of
+        after the children's work, which nobody will read; children in the
+        message get ABORT (a child whose answer was awaited, QUIT only) and
+        every child QUIT. Later commands find no child: manager.fallback_status.
+        """
+        status = self.fallback_at_disconnect
+        self.gone_by = checker
+        self.log.info("[session][disconnected][{elapsed:.3f}]({number}): {checker} found the "
+                      "SMTP client {client} gone at {stage}; answering {status}",
+                      elapsed=self.clock.seconds() - self._started, number=self.number,
+                      checker=checker, client=client, stage=self.stage.nick,
+                      status=status.label, milter_log_level="statistics")
+        self.end_message(self.stage, status, None)
+        self.server.answer_now(reply_for(status))
+        for child in self.children:
+            child.quit()
+        self._pending, self._pending_by = Status.NOT_CHANGE, None
+        self._verdict, self._decided_by = status, None
 
     def abort(self, macros):
         self.end_message(self.stage, None, None, aborted=True)
@@ -454,4 +482,4 @@ class ManagerSession:
             self.observer.session_ended(SessionEnded(
                 self.number, self.stage, self._verdict,
                 self._decider(self._verdict, self._decided_by), self._messages,
-                self.clock.seconds() - self._started))
+                self.clock.seconds() - self._started, self.gone_by))

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import Milter
 
@@ -137,6 +138,9 @@ class LoggingMilter(Milter.Base):
         """Log end of message; reject by subject, or add/change headers and the body."""
         self.log_event("eom")
         opts = self.options
+        if opts.eom_delay:
+            time.sleep(opts.eom_delay)  # a slow scanner: libmilter runs each connection in a thread
+            self.log_event("eom-done", with_macros=False)
         subject = self.subject or ""
         if opts.reject_subject is not None and opts.reject_subject in subject:
             self.setreply("554", "5.7.1", f"{opts.name} rejected subject")
@@ -187,6 +191,8 @@ def parse_args(argv):
     parser.add_argument("--noreply-connect-helo", action="store_true", help="negotiate NR for connect and helo")
     parser.add_argument("--no-add-header", action="store_true", help="do not add X-Libmilter at EOM")
     parser.add_argument("--no-rcpt-rules", action="store_true", help="accept reject@ and tempfail@ recipients")
+    parser.add_argument("--eom-delay", type=float, default=0.0, metavar="SECONDS",
+                        help="work SECONDS at end of message before answering")
     return parser.parse_args(argv)
 
 
