@@ -684,6 +684,40 @@ with define_milter("a") as milter:
     milter.applicable_conditions = []
 ''', python)
 
+    LOCAL = '''
+        define_milter("spamass-milter") do |milter|
+          milter.connection_spec = "unix:/run/spamass.sock"
+          milter.applicable_conditions = ["Remote Network", "Unauthenticated", "Nope"]
+        end
+        '''
+
+    def test_kept_in_the_local_file(self):
+        """milter-manager.local.conf keeps built-in names: the shipped main file loads them first."""
+        code, summary, _ = self.run_tool(self.source(self.LOCAL, "milter-manager.local.conf"))
+        self.assertEqual(code, 2, summary)
+        python = self.written("milter-manager.local.conf")
+        self.assertIn('    milter.applicable_conditions = ["Remote Network", "Unauthenticated"]\n',
+                      python)
+        self.assertIn('left out ("Nope": not defined by the translated files)', python)
+        # Loaded as the shipped main file loads it, the conditions are the built-in ones.
+        self.install_builtins()
+        with open(os.path.join(self.output, "milter-manager.conf"), "w") as main:
+            main.write('load("applicable-conditions/*.conf")\nload("milter-manager.local.conf")\n')
+        self.assertEqual(self.load().milter("spamass-milter").applicable_conditions,
+                         ["Remote Network", "Unauthenticated"])
+
+    def test_local_file_checked_without_the_shipped_files(self):
+        """No shipped files found: the local file is still checked, and one item says so."""
+        self.patch(import_config, "builtin_directories",
+                   lambda: [os.path.abspath(self.mktemp())])
+        code, summary, _ = self.run_tool(self.source(self.LOCAL, "milter-manager.local.conf"))
+        self.assertEqual(code, 2)
+        text = "\n".join(summary)
+        self.assertIn('needs milter-manager\'s applicable-conditions files', text)
+        self.assertNotIn("does not load", text)
+        self.assertIn('    milter.applicable_conditions = ["Remote Network", "Unauthenticated"]\n',
+                      self.written("milter-manager.local.conf"))
+
     def test_helpers_translate(self):
         """The helpers of the built-ins (s25r, dnsbl, ...) are part of the language now."""
         code, summary, python = self.translate('''

@@ -51,6 +51,10 @@ BUILTIN_CONDITION_FILES = {
     "trust.conf": ("Trust",),
 }
 CONDITIONS_DIRECTORY = "applicable-conditions"
+# The main file's name: any other file (milter-manager.local.conf, the one upstream
+# tells its users to edit) is loaded by the shipped main file after the built-in
+# conditions, so it may name them without loading them.
+MAIN_FILE = "milter-manager.conf"
 BUILTIN_CONDITIONS = frozenset(
     name for names in BUILTIN_CONDITION_FILES.values() for name in names)
 # Where milter-manager's own condition files are looked for, to check the
@@ -1344,9 +1348,16 @@ def verify(result, output_directory, builtin_directory=None, search=True):
     scratch = tempfile.mkdtemp(prefix="milter-manager-import-config-")
     try:
         originals = _stage(result, output, scratch, builtin_directory)
+        loaded = result.files[0].name
+        if loaded != MAIN_FILE:
+            # As the shipped main file loads it: after the built-in conditions.
+            loaded = os.path.join(scratch, MAIN_FILE)
+            with open(loaded, "w", encoding="utf-8") as file:
+                file.write(f'load("{CONDITIONS_DIRECTORY}/*.conf")\n'
+                           f"load({python_string(result.files[0].name)})\n")
         try:
             # Not strict: the files' owners and modes are for the admin who installs them.
-            config.load(os.path.join(scratch, result.files[0].name),
+            config.load(os.path.join(scratch, loaded),
                         load_paths=(builtin_directory,) if builtin_directory else (),
                         strict=False)
         except config.ConfigurationError as failure:
@@ -1382,9 +1393,13 @@ def _stage(result, output, scratch, builtin_directory):
                 shutil.copyfile(os.path.join(shipped, name), os.path.join(conditions, name))
                 originals[os.path.join(conditions, name)] = os.path.join(shipped, name)
     else:
-        # Stand-ins of the built-ins the output loads, so that the rest is checked.
-        for name in result.builtin_files:
-            defined = BUILTIN_CONDITION_FILES[os.path.basename(name)]
+        # Stand-ins of the built-ins the output loads or names, so that the rest is checked.
+        stand_ins = {name: BUILTIN_CONDITION_FILES[os.path.basename(name)]
+                     for name in result.builtin_files}
+        if result.files[0].name != MAIN_FILE:
+            stand_ins[os.path.join(CONDITIONS_DIRECTORY, "stand-ins.conf")] = sorted(
+                result.builtin_conditions)
+        for name, defined in stand_ins.items():
             with open(os.path.join(scratch, name), "w", encoding="utf-8") as file:
                 file.writelines(f"define_applicable_condition({python_string(condition)})\n"
                                 for condition in defined)
@@ -1438,9 +1453,11 @@ def translate(path):
     it, and the names the output will not define must be known to keep them
     out of the milter (where they would stop the output from loading).
     """
+    builtin = BUILTIN_CONDITIONS if os.path.basename(path) != MAIN_FILE else frozenset()
     first = Translator(path)
     first.run()
-    return Translator(path, first.defined_conditions, first.loaded_builtin_conditions).run()
+    return Translator(path, first.defined_conditions,
+                      first.loaded_builtin_conditions | builtin).run()
 
 
 class _Parser(argparse.ArgumentParser):
