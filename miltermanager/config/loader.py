@@ -66,6 +66,10 @@ WITHOUT_EFFECT = {
         "accepted for upstream's files; a finished session is freed at once here, and "
         "maintenance runs every maintenance_interval finished sessions even under constant "
         "load, so nothing waits for a cleanup",
+    **{("controller", name): "the controller socket is not implemented yet: nothing listens "
+                             "for it" for name in (
+        "connection_spec", "unix_socket_mode", "unix_socket_group",
+        "remove_unix_socket_on_create", "remove_unix_socket_on_close")},
 }
 
 
@@ -613,6 +617,8 @@ class Loader:
             "load": load,
             "load_if_exist": load_if_exist,
             "load_default": load_default,
+            "detect_milters": lambda platform=None, options=None: _detect_milters(
+                self, platform, options),
         }
 
     def _resolve(self, pattern, directory):
@@ -856,6 +862,13 @@ def _stopping_error(error, path):
         stopping = ConfigurationError(_describe(error), _traceback_location(error, path))
     stopping.__cause__ = error
     return stopping
+
+
+def _detect_milters(loader, platform, options):
+    """detect_milters(): define the installed milters (miltermanager.detect.apply)."""
+    from miltermanager.detect.apply import detect_milters
+
+    return detect_milters(loader, platform, options)
 
 
 def _describe(error):
