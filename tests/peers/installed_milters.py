@@ -20,6 +20,8 @@ class InstalledMilter:
 
     written is the socket as the admin writes it into file (under key); spec is the
     connection spec detection must report for it, written out here rather than derived.
+    shipped is the package's own active value (None: no active line), the only one that is
+    ever replaced.
     """
 
     name: str
@@ -27,6 +29,7 @@ class InstalledMilter:
     key: str
     written: str
     spec: str
+    shipped: str | None
     shell: bool = False  # file is a shell fragment (KEY="value"), not "Key value" lines
 
     @property
@@ -44,15 +47,34 @@ class InstalledMilter:
 # Loopback ports nothing on the test machines uses, and a socket directory of our own;
 # four spellings an admin really writes: a name, an address, a bare path.
 OPENDKIM = InstalledMilter("opendkim", "/etc/opendkim.conf", "Socket",
-                           "inet:12891@localhost", "inet:12891@[127.0.0.1]")
+                           "inet:12891@localhost", "inet:12891@[127.0.0.1]",
+                           "local:/run/opendkim/opendkim.sock")
 OPENDMARC = InstalledMilter("opendmarc", "/etc/opendmarc.conf", "Socket",
-                            "inet:12893@127.0.0.1", "inet:12893@[127.0.0.1]")
+                            "inet:12893@127.0.0.1", "inet:12893@[127.0.0.1]",
+                            "local:/run/opendmarc/opendmarc.sock")
 SPAMASS_MILTER = InstalledMilter("spamass-milter", "/etc/default/spamass-milter", "SOCKET",
                                  "/run/milter-manager-test/spamass.sock",
-                                 "unix:/run/milter-manager-test/spamass.sock", shell=True)
+                                 "unix:/run/milter-manager-test/spamass.sock", None, shell=True)
 CLAMAV_MILTER = InstalledMilter("clamav-milter", "/etc/clamav/clamav-milter.conf", "MilterSocket",
-                                "inet:12894@127.0.0.1", "inet:12894@[127.0.0.1]")
+                                "inet:12894@127.0.0.1", "inet:12894@[127.0.0.1]",
+                                "/var/run/clamav/clamav-milter.ctl")
 MILTERS = (OPENDKIM, OPENDMARC, SPAMASS_MILTER, CLAMAV_MILTER)
+
+
+def _active(key, shell):
+    """A pattern for an active (uncommented) line setting key; group 1 is its value."""
+    separator = r"=" if shell else r"[ \t]+"
+    return re.compile(rf"^[ \t]*{re.escape(key)}{separator}(.*?)[ \t]*$")
+
+
+def current_value(text, key, shell=False):
+    """The value of the first active line setting key (shell quotes removed), or None."""
+    for line in text.splitlines():
+        match = _active(key, shell).match(line)
+        if match:
+            value = match.group(1)
+            return value[1:-1] if shell and value[:1] == value[-1:] and value[:1] in "\"'" else value
+    return None
 
 
 def set_option(text, key, value, shell=False):
@@ -61,11 +83,9 @@ def set_option(text, key, value, shell=False):
     Comments stay as they are; a key with no active line is appended.
     """
     line = f'{key}="{value}"' if shell else f"{key} {value}"
-    pattern = re.compile(rf"^[ \t]*{re.escape(key)}" + (r"=" if shell else r"[ \t]") + r".*$",
-                         re.MULTILINE)
-    lines = text.splitlines(keepends=True)
+    pattern = _active(key, shell)
     result, done = [], False
-    for original in lines:
+    for original in text.splitlines(keepends=True):
         if pattern.match(original.rstrip("\n")):
             if not done:
                 result.append(line + "\n")
@@ -85,11 +105,23 @@ def drop_example(text):
                    if not re.match(r"^[ \t]*Example\b", line))
 
 
+class Foreign(Exception):
+    """The file holds a socket that is neither the package's nor ours: an admin's, left alone."""
+
+
 def configure(milter, root="/"):
-    """Write milter's socket into its file under root; return True if the file changed."""
+    """Write milter's socket into its file under root; return True if the file changed.
+
+    Only the package's shipped socket is replaced, so that running the tests on a mail host
+    never moves a socket its admin chose (Foreign is raised instead).
+    """
     path = os.path.join(root, milter.file.lstrip("/"))
     with open(path) as source:
         before = source.read()
+    value = current_value(before, milter.key, milter.shell)
+    if value not in (milter.shipped, milter.written):
+        raise Foreign(f"{milter.file}: {milter.key} is {value!r}, neither the package's "
+                      f"{milter.shipped!r} nor the tests' {milter.written!r}: left as it is")
     after = set_option(before, milter.key, milter.written, milter.shell)
     if milter is CLAMAV_MILTER:
         after = drop_example(after)
@@ -127,8 +159,14 @@ def enable(name, root="/"):
 
 
 def main():
+    """Configure and enable each milter; one warning for a file that holds an admin's socket."""
     for milter in MILTERS:
-        if configure(milter):
+        try:
+            changed = configure(milter)
+        except Foreign as error:
+            print(f"installed_milters: warning: {error}", file=sys.stderr)
+            continue
+        if changed:
             print(f"installed_milters: {milter.file}: {milter.key} {milter.written}", file=sys.stderr)
         if enable(milter.name):
             print(f"installed_milters: enabled {milter.name} at boot", file=sys.stderr)
