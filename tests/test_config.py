@@ -727,7 +727,8 @@ class ShippedFilesTests(SynchronousTestCase):
     def test_milter_manager_conf(self):
         """etc/milter-manager.conf loads the conditions, debian defaults, and is the defaults."""
         path = os.path.join(ROOT, "etc", "milter-manager.conf")
-        configuration = config.load(path, strict=False)
+        # An empty tree for milter detection: this machine's own milters stay out.
+        configuration = config.load(path, strict=False, detect_root=self.mktemp())
         conditions = os.path.join(ROOT, "etc", "applicable-conditions")
         self.assertEqual(sorted(configuration.conditions), sorted(BUILTIN_CONDITIONS))
         configuration.conditions = {}
@@ -782,9 +783,13 @@ class ShippedFilesTests(SynchronousTestCase):
             self.assertIn(f"| `define_{kind}_stopper` |", text)
 
     def test_debian_defaults(self):
-        """etc/defaults/debian.conf loads and sets nothing yet."""
+        """etc/defaults/debian.conf sets nothing but the milters detected (none in an empty tree).
+
+        Detection itself is pinned in test_detect.
+        """
         configuration = config.load(
-            os.path.join(ROOT, "etc", "defaults", "debian.conf"), strict=False)
+            os.path.join(ROOT, "etc", "defaults", "debian.conf"), strict=False,
+            detect_root=self.mktemp())
         self.assertEqual(configuration, config.default())
 
     def test_postfix_two_children(self):
@@ -1024,6 +1029,47 @@ class LocateTests(SynchronousTestCase):
 
 class UpstreamItemTests(ConfigTestCase):
     """The items of upstream's language beyond the first cut: defaults and stored values."""
+
+    def test_custom_configuration_directory(self):
+        """milter-manager.custom.conf there is loaded after the main file; absent, nothing."""
+        custom = self.write("custom/milter-manager.custom.conf", "manager.chunk_size = 9\n")
+        directory = os.path.dirname(custom)
+        configuration = self.load(
+            f"manager.custom_configuration_directory = {directory!r}\nmanager.chunk_size = 7\n")
+        self.assertEqual(configuration.manager.chunk_size, 9)
+        self.assertEqual(configuration.manager.origins["chunk_size"], f"{custom}:1")
+        self.assertEqual(configuration.files[-1], custom)
+        os.remove(custom)
+        configuration = self.load(
+            f"manager.custom_configuration_directory = {directory!r}\nmanager.chunk_size = 7\n")
+        self.assertEqual(configuration.manager.chunk_size, 7)
+
+    def test_custom_file_is_trust_checked(self):
+        """A custom file others may write is refused like any file that runs as root."""
+        custom = self.write("custom/milter-manager.custom.conf", "manager.chunk_size = 9\n")
+        os.chmod(custom, 0o664)
+        path = self.write("milter-manager.conf", f"manager.custom_configuration_directory = "
+                                                 f"{os.path.dirname(custom)!r}\n")
+        error = self.assertRaises(ConfigurationError, config.load, path)
+        self.assertEqual(str(error), f"{custom}: refusing to load: mode 0664 lets others "
+                                     f"change code that runs as root")
+
+    def test_custom_file_default_directory(self):
+        """None means ~EFFECTIVE_USER/.milter-manager: the effective user's home."""
+        configuration = self.load('security.effective_user = "root"\n')
+        self.assertEqual(config.loader.custom_file(configuration),
+                         "/root/.milter-manager/milter-manager.custom.conf")
+        configuration = self.load('security.effective_user = "nobody"\n')
+        self.assertEqual(config.loader.custom_file(configuration),
+                         "/nonexistent/.milter-manager/milter-manager.custom.conf")
+
+    def test_controller_settings_warn(self):
+        """controller.* is accepted and warned about: nothing listens for it yet."""
+        path = self.write("milter-manager.conf",
+                          'controller.connection_spec = "inet:10026@[127.0.0.1]"\n')
+        self.assertEqual(config.load(path).warnings, [
+            f"{path}:1: controller.connection_spec = 'inet:10026@[127.0.0.1]': the controller "
+            "socket is not implemented yet: nothing listens for it"])
 
     def test_new_defaults(self):
         """package, security, manager and controller items default as upstream."""

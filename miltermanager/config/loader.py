@@ -461,6 +461,14 @@ class Loader:
             self._loading.pop()
         self.configuration.files.append(path)
 
+    def load_custom(self):
+        """Load milter-manager.custom.conf (see `custom_file`) if it exists."""
+        if self._stopped:
+            return  # the main file stopped early: its custom_configuration_directory is unknown
+        path = custom_file(self.configuration)
+        if path is not None and os.path.exists(path):
+            self.load_file(path)
+
     def report(self, error, section=None, name=None):
         """Keep error and go on while a file is being loaded; otherwise raise it.
 
@@ -877,10 +885,37 @@ def _describe(error):
     return f"{type(error).__name__}: {error}"
 
 
+CUSTOM_FILE = "milter-manager.custom.conf"
+
+
+def custom_file(configuration):
+    """milter-manager.custom.conf in manager.custom_configuration_directory, as upstream.
+
+    None (the default) means ~EFFECTIVE_USER/.milter-manager: the effective
+    user's home, or the running user's without one; None when that user has no
+    home we can find.
+    """
+    directory = configuration.manager.custom_configuration_directory
+    if directory is None:
+        user = configuration.security.effective_user
+        try:
+            entry = pwd.getpwnam(user) if user is not None else pwd.getpwuid(os.geteuid())
+        except KeyError:
+            return None  # an unknown effective user is a start-up error of its own
+        directory = os.path.join(entry.pw_dir, ".milter-manager")
+    return os.path.join(directory, CUSTOM_FILE)
+
+
 def load(path, load_paths=(), strict=True, detect_root="/"):
-    """Load the configuration file at path (and the files it loads)."""
+    """Load the configuration file at path (and the files it loads), then the custom file.
+
+    The custom file (`custom_file`), where upstream's controller saves the
+    changes made through it, is loaded last if it exists, under the same
+    trust check as every other file.
+    """
     loader = Loader(load_paths=load_paths, strict=strict, detect_root=detect_root)
     loader.load_file(path)
+    loader.load_custom()
     return loader.finish()
 
 
@@ -915,4 +950,5 @@ def embedded(load_paths=(), detect_root="/"):
             "reinstall milter-manager or give --config")
     loader = Loader(load_paths=load_paths, detect_root=detect_root)
     loader.load_file(os.path.join(directory, "milter-manager.conf"))
+    loader.load_custom()
     return loader.finish()

@@ -361,7 +361,7 @@ class ManagerConfig:
         0, check=_integer(0, zero="keeps the system's"), doc="limit of open files (RLIMIT_NOFILE)")
     custom_configuration_directory: str | None = setting(
         check=_optional_text,
-        doc="where the controller saves milter-manager.custom.conf; None: "
+        doc="directory whose milter-manager.custom.conf is loaded last, if it exists; None: "
             "~EFFECTIVE_USER/.milter-manager")
     fallback_status: Status = setting(
         Status.ACCEPT, check=_status, doc="answer to the MTA when no child milter can answer")
