@@ -1030,6 +1030,47 @@ class LocateTests(SynchronousTestCase):
 class UpstreamItemTests(ConfigTestCase):
     """The items of upstream's language beyond the first cut: defaults and stored values."""
 
+    def test_custom_configuration_directory(self):
+        """milter-manager.custom.conf there is loaded after the main file; absent, nothing."""
+        custom = self.write("custom/milter-manager.custom.conf", "manager.chunk_size = 9\n")
+        directory = os.path.dirname(custom)
+        configuration = self.load(
+            f"manager.custom_configuration_directory = {directory!r}\nmanager.chunk_size = 7\n")
+        self.assertEqual(configuration.manager.chunk_size, 9)
+        self.assertEqual(configuration.manager.origins["chunk_size"], f"{custom}:1")
+        self.assertEqual(configuration.files[-1], custom)
+        os.remove(custom)
+        configuration = self.load(
+            f"manager.custom_configuration_directory = {directory!r}\nmanager.chunk_size = 7\n")
+        self.assertEqual(configuration.manager.chunk_size, 7)
+
+    def test_custom_file_is_trust_checked(self):
+        """A custom file others may write is refused like any file that runs as root."""
+        custom = self.write("custom/milter-manager.custom.conf", "manager.chunk_size = 9\n")
+        os.chmod(custom, 0o664)
+        path = self.write("milter-manager.conf", f"manager.custom_configuration_directory = "
+                                                 f"{os.path.dirname(custom)!r}\n")
+        error = self.assertRaises(ConfigurationError, config.load, path)
+        self.assertEqual(str(error), f"{custom}: refusing to load: mode 0664 lets others "
+                                     f"change code that runs as root")
+
+    def test_custom_file_default_directory(self):
+        """None means ~EFFECTIVE_USER/.milter-manager: the effective user's home."""
+        configuration = self.load('security.effective_user = "root"\n')
+        self.assertEqual(config.loader.custom_file(configuration),
+                         "/root/.milter-manager/milter-manager.custom.conf")
+        configuration = self.load('security.effective_user = "nobody"\n')
+        self.assertEqual(config.loader.custom_file(configuration),
+                         "/nonexistent/.milter-manager/milter-manager.custom.conf")
+
+    def test_controller_settings_warn(self):
+        """controller.* is accepted and warned about: nothing listens for it yet."""
+        path = self.write("milter-manager.conf",
+                          'controller.connection_spec = "inet:10026@[127.0.0.1]"\n')
+        self.assertEqual(config.load(path).warnings, [
+            f"{path}:1: controller.connection_spec = 'inet:10026@[127.0.0.1]': the controller "
+            "socket is not implemented yet: nothing listens for it"])
+
     def test_new_defaults(self):
         """package, security, manager and controller items default as upstream."""
         configuration = config.default()
