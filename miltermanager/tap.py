@@ -107,7 +107,7 @@ class Options(usage.Options):
         ["unix-socket-group", None, None, "manager.unix_socket_group"],
         ["pid-file", None, None,
          "manager.pid_file, written after listening and removed at stop (twistd's own "
-         "--pidfile is another file: give --pidfile= to have only this one)"],
+         "--pidfile, before milter-manager, is another file, none unless given)"],
         ["n-workers", None, None, "manager.n_workers"],
     ]
     optFlags = [
@@ -308,11 +308,11 @@ def makeService(options):
     """The manager service: listens for the MTA, reloads on SIGHUP (miltermanager.service)."""
     from twisted.internet import reactor
 
-    return _TwistdService(reactor, options.configuration, load=options.load_configuration,
+    return TwistdService(reactor, options.configuration, load=options.load_configuration,
                           twistd_options=options.parent)
 
 
-class _TwistdService(ManagerService):
+class TwistdService(ManagerService):
     """ManagerService that turns a failure to start into one line and exit 1 under twistd.
 
     The checks in postOptions catch what can be known before; what is left

@@ -26,7 +26,15 @@ class PluginTests(SynchronousTestCase):
 
 
 def isolated_options(test, default_directory=None):
-    """Options that see neither /etc/milter-manager nor $MILTER_MANAGER_CONFIG_DIR."""
+    """Options that see neither /etc/milter-manager nor $MILTER_MANAGER_CONFIG_DIR.
+
+    Nor whether the default address (port 10025) is free on this machine: the
+    checks before start bind it for a moment, and these tests listen on
+    nothing (test_startup_errors runs that check on free ports).
+    """
+    from miltermanager import service
+
+    test.patch(service, "listen_problem", lambda settings: None)
     environ = dict(os.environ)
     environ.pop(config.DIRECTORY_VARIABLE, None)
     test.patch(os, "environ", environ)
@@ -330,6 +338,61 @@ class OverrideTests(SynchronousTestCase):
         self.patch(sys, "stdout", output)
         self.assertRaises(SystemExit, isolated_options(self).parseOptions, ["--version"])
         self.assertEqual(output.getvalue(), f"milter-manager {miltermanager.__version__}\n")
+
+
+class TwistdPidFileTests(SynchronousTestCase):
+    """twistd's --pidfile as twistd's own option parser leaves it after ours ran."""
+
+    def twistd(self, *arguments):
+        """Parse `twistd ARGUMENTS` (sys.argv too, as twistd does); return twistd's options."""
+        from twisted.scripts.twistd import ServerOptions
+
+        isolated_options(self)
+        directory = os.path.abspath(self.mktemp())
+        self.patch(tap.Options, "default_config_directory", directory)
+        self.patch(sys, "argv", ["twistd", *arguments])
+        options = ServerOptions()
+        options.parseOptions(list(arguments))
+        return options
+
+    def test_foreground(self):
+        """In the foreground there is no pid file unless --pidfile is given, even as its default."""
+        self.assertEqual(self.twistd("-n", "milter-manager")["pidfile"], "")
+        self.assertEqual(self.twistd("-n", "--pidfile", "twistd.pid", "milter-manager")["pidfile"],
+                         os.path.abspath("twistd.pid"))
+        self.assertEqual(self.twistd("-n", "--pidf=/tmp/m.pid", "milter-manager")["pidfile"],
+                         "/tmp/m.pid")
+
+    def test_daemon(self):
+        """Daemonized: DAEMON_PID_FILE if its directory is writable and manager.pid_file unset."""
+        directory = os.path.abspath(self.mktemp())
+        self.patch(tap, "DAEMON_PID_FILE", os.path.join(directory, "m.pid"))
+        self.assertEqual(self.twistd("milter-manager")["pidfile"], "")
+        os.mkdir(directory)
+        self.assertEqual(self.twistd("milter-manager")["pidfile"], tap.DAEMON_PID_FILE)
+        self.assertEqual(self.twistd("milter-manager", "--pid-file", "/tmp/m.pid")["pidfile"], "")
+
+
+class LogFileAtStartTests(SynchronousTestCase):
+    """A log file that cannot be opened when twistd sets up logging stops it with one line."""
+
+    def test_log_file_gone(self):
+        from twisted.application.service import Application
+
+        directory = os.path.abspath(self.mktemp())
+        os.mkdir(directory)
+        log_path = os.path.join(directory, "m.log")
+        options = isolated_options(self)
+        options.parseOptions(["--log-path", log_path])
+        options.parent = {"nodaemon": True}
+        os.rmdir(directory)  # after the checks, before twistd opens it
+        made = tap.makeService(options)
+        err = io.StringIO()
+        self.patch(sys, "__stderr__", err)
+        error = self.assertRaises(SystemExit, made.setServiceParent, Application("m"))
+        self.assertEqual(error.code, 1)
+        self.assertEqual(err.getvalue(), f"milter-manager: log.path {log_path}: directory "
+                                         f"{directory} does not exist\n")
 
 
 class DaemonTests(SynchronousTestCase):
