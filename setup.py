@@ -53,6 +53,7 @@ setup(
             "milter-test-client = miltermanager.tools.test_client:main",
             "milter-manager-import-config = miltermanager.tools.import_config:main",
             "milter-manager-greylist = miltermanager.greylist.main:main",
+            "milter-manager-detect = miltermanager.detect.main:main",
         ],
     },
 )
