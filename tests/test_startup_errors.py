@@ -332,3 +332,47 @@ def _kill(pid, timeout=10.0):
     deadline = time.monotonic() + timeout
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+class WarningLogTests(SynchronousTestCase):
+    """A configuration warning reaches the running manager's log once per load."""
+
+    def test_once_at_start_and_once_per_reload(self):
+        import time
+
+        directory = tempfile.mkdtemp(prefix="mm-warn-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, directory, True)
+        port = free_port()
+        path = os.path.join(directory, "milter-manager.conf")
+        with open(path, "w") as file:
+            file.write(f'manager.connection_spec = "inet:{port}@[{HOST}]"\n'
+                       'manager.event_loop_backend = "glib"\n')
+        log_path = os.path.join(directory, "out.log")
+        env = dict(os.environ, PYTHONPATH=REPO)
+        env.pop(config.DIRECTORY_VARIABLE, None)
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-c", TWISTD, "-n", "milter-manager", "-c", path],
+                cwd=directory, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        self.addCleanup(_stop_process, process)
+        wait_for_port(port, 30, process)
+
+        def lines():
+            with open(log_path) as file:
+                return file.read().splitlines()
+
+        def wait_for(text):
+            deadline = time.monotonic() + 30
+            while not any(text in line for line in lines()):
+                self.assertLess(time.monotonic(), deadline, lines())
+                time.sleep(0.05)
+
+        wait_for("[manager][start]")  # SIGHUP is ours from here on
+        warning = f"[configuration][warning] {path}:2: manager.event_loop_backend = 'glib'"
+        self.assertEqual(sum(warning in line for line in lines()), 1, lines())
+        process.send_signal(signal.SIGHUP)
+        wait_for("[reload][success]")
+        reload_start = next(i for i, line in enumerate(lines()) if "[reload][start]" in line)
+        self.assertEqual([i > reload_start for i, line in enumerate(lines()) if warning in line],
+                         [False, True], lines())
