@@ -172,12 +172,14 @@ class Options(usage.Options):
     def problems(self, configuration):
         """Why configuration cannot start (--check-reload: cannot be reloaded), as errors.
 
-        With --strict, each of its warnings is one too.
+        --show-config shows a configuration a start would refuse for what it
+        finds on this system now (e.g. the running manager's address in use),
+        as a reload would load it. With --strict, each warning is one too.
         """
         from miltermanager.config import ConfigurationError
         from miltermanager.service import start_problems, startup_problems
 
-        if self["check-reload"]:
+        if self["check-reload"] or (self["show-config"] and not self["check-config"]):
             problems = startup_problems(configuration)
         else:
             problems = start_problems(configuration) + self._twistd_problems()

@@ -241,7 +241,10 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertEqual(err, f"{warning[len('warning: '):]} (an error with --strict)\n")
 
     def test_check_reload(self):
-        """--check-reload passes the address the running manager holds; --check-config does not."""
+        """--check-reload and --show-config pass the address a running manager holds.
+
+        --check-config does not: it is the check before a start.
+        """
         taken = socket.socket()
         self.addCleanup(taken.close)
         taken.bind((HOST, 0))
@@ -252,6 +255,9 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertEqual(finish(twistd(["-c", path, "--check-reload"], self.dir)),
                          (0, f"configuration OK: {path}\n", ""))
         self.assertEqual(finish(twistd(["-c", path, "--check-config"], self.dir))[0], 1)
+        code, out, err = finish(twistd(["-c", path, "--show-config"], self.dir))
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn(f"manager.connection_spec = \"inet:{taken.getsockname()[1]}", out)
         with open(path, "a") as file:
             file.write('security.effective_user = "no-such-user-mm"\n')
         self.assertEqual(finish(twistd(["-c", path, "--check-reload"], self.dir)), (
