@@ -42,7 +42,7 @@ from twisted.python import usage
 
 import miltermanager
 from miltermanager.process import StartError, directory_problem, remove_pid_file
-from miltermanager.service import ManagerService, error_lines
+from miltermanager.service import ManagerService, error_lines, start_problems, startup_problems
 
 # twistd's --pidfile when daemonized and neither --pidfile nor manager.pid_file is given.
 DAEMON_PID_FILE = "/run/milter-manager/milter-manager.pid"
@@ -177,7 +177,6 @@ class Options(usage.Options):
         as a reload would load it. With --strict, each warning is one too.
         """
         from miltermanager.config import ConfigurationError
-        from miltermanager.service import start_problems, startup_problems
 
         if self["check-reload"] or (self["show-config"] and not self["check-config"]):
             problems = startup_problems(configuration)

@@ -24,7 +24,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from miltermanager import config
 
-from .peers.fixtures import DEBIAN_PYTHON, HOST, REPO, TWISTD, _stop_process, free_port, wait_for_port
+from .peers.fixtures import (
+    DEBIAN_PYTHON, HOST, REPO, TWISTD, _stop_process, free_port, wait_for_port,
+)
 
 AS_ROOT = os.getuid() == 0
 
