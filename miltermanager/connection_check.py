@@ -242,7 +242,8 @@ class ConnectionChecks:
                                    server_address(connection.transport), connection.macros)
             gone = self._gone(checkers, context, connection.transport)
             if gone is not None:
-                session.client_gone(gone, context.smtp_client_address)
+                session.client_gone(gone, context.smtp_client_address,
+                                    manager.fallback_status_at_disconnect)
 
     def _gone(self, checkers, context, transport):
         """The name of the first checker that finds the client gone; None if none does."""

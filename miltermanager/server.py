@@ -297,18 +297,27 @@ class MilterServerProtocol(Protocol):
     def answer_now(self, reply):
         """Answer the command the milter is still working on with reply, at once.
 
-        The milter's own answer is not waited for: its Deferred is cancelled
-        and whatever it fires with is dropped. Commands that queued behind
-        it are handled next. Returns False when nothing was waiting.
+        The milter's own answer is not waited for: its Deferred is cancelled,
+        so that the work behind it stops, and what it fires with is dropped
+        as after close (the stage reads CLOSED meanwhile: no check for this
+        on the way of every answer). Should it still be pending after
+        cancel() it is paused for good. Commands that queued behind it are
+        handled next. Returns False when nothing was waiting.
         """
         waiting = self._waiting
         if not self.waiting:
             return False
+        stage, self.stage = self.stage, stages.CLOSED
+        try:
+            waiting.cancel()
+        finally:
+            self.stage = stage
+        if self._waiting is waiting:
+            waiting.pause()
         self._waiting = None
         if self._seconds is not None:
             self._active_at = self._seconds()
         self._answer(self._waiting_code, reply)
-        waiting.cancel()
         self._resume()
         return True
 
@@ -423,12 +432,10 @@ class MilterServerProtocol(Protocol):
         self._waiting = deferred
         self._waiting_code = code
         deferred.addCallbacks(self._answered_later, self._failed_later,
-                              callbackArgs=(code, deferred), errbackArgs=(code, deferred))
+                              callbackArgs=(code,), errbackArgs=(code,))
         deferred.addErrback(self._bug)
 
-    def _answered_later(self, result, code, deferred):
-        if deferred is not self._waiting:
-            return  # closed, or answered already (answer_now)
+    def _answered_later(self, result, code):
         self._waiting = None
         if self.stage is stages.CLOSED:
             return
@@ -437,15 +444,13 @@ class MilterServerProtocol(Protocol):
         self._answer(code, result)
         self._resume()
 
-    def _failed_later(self, failure, code, deferred):
-        if deferred is not self._waiting:
-            # Closed, or answered already (answer_now): a cancellation is no news.
-            if not failure.check(CancelledError):
-                self.log.failure("[server][{command}][error] the milter failed after its "
-                                 "answer was no longer awaited", failure,
-                                 command=_command_name(code))
-            return
+    def _failed_later(self, failure, code):
         self._waiting = None
+        if self.stage is stages.CLOSED:
+            if not failure.check(CancelledError):
+                self.log.failure("[server][{command}][error] the milter failed after close",
+                                 failure, command=_command_name(code))
+            return
         if self._seconds is not None:
             self._active_at = self._seconds()
         if code == c.NEGOTIATE:

@@ -56,13 +56,14 @@ class ManagerSession:
     """
 
     log = Logger()
+    smtp_client = None  # the Connect command, for the connection checkers
+    gone_by = None  # the name of the connection checker that found the SMTP client gone
 
     def __init__(self, server, factory):
         self.server = server
         configuration = factory.configuration
         manager = configuration.manager
         self.fallback_status = manager.fallback_status
-        self.fallback_at_disconnect = manager.fallback_status_at_disconnect
         self.chunk_size = manager.chunk_size
         self.max_body_memory = manager.max_body_memory
         self.progress_interval = manager.progress_interval
@@ -72,8 +73,6 @@ class ManagerSession:
         self.health = factory.health
         self.number = factory.new_session_number()
         self._started = clock.seconds()
-        self.smtp_client = None  # the Connect command, for the connection checkers
-        self.gone_by = None  # the connection checker that found the SMTP client gone
         self.children = [Child(milter, reactor, clock)
                          for milter in configuration.milters if milter.enabled]
         self.version = c.MAX_VERSION
@@ -130,6 +129,21 @@ class ManagerSession:
         return reply
 
     def _child_not_started(self, failure, child, admission):
+        launcher = getattr(getattr(self.server, "factory", None), "launcher", None)
+        if launcher is not None and launcher.can_launch(child.config, failure):
+            # Nothing listens there: the launcher starts the child, then it is tried again.
+            d = launcher.connect_after_launch(child.config, failure,
+                                              lambda: self._start_again(child))
+            return d.addCallbacks(self._child_started, self._child_failed,
+                                  callbackArgs=(child,), errbackArgs=(child, admission))
+        return self._child_failed(failure, child, admission)
+
+    def _start_again(self, child):
+        """Connect to child and negotiate once more, with the offer negotiate() made."""
+        offer = self.server.offer
+        return child.start(Negotiate(self.version, offer.actions, offer.protocol, {}))
+
+    def _child_failed(self, failure, child, admission):
         if failure.check(defer.CancelledError):
             if admission is Admission.PROBE:
                 self.health.abandoned(child.config)
@@ -445,15 +459,14 @@ class ManagerSession:
 
     # ------------------------------------------------------------ endings
 
-    def client_gone(self, checker, client):
+    def client_gone(self, checker, client, status):
         """A connection checker found the SMTP client gone while the MTA waits for a reply.
 
-        The MTA is answered fallback_status_at_disconnect at once instead of
+        The MTA is answered status (manager.fallback_status_at_disconnect) at once instead of
         after the children's work, which nobody will read; children in the
         message get ABORT (a child whose answer was awaited, QUIT only) and
         every child QUIT. Later commands find no child: manager.fallback_status.
         """
-        status = self.fallback_at_disconnect
         self.gone_by = checker
         self.log.info("[session][disconnected][{elapsed:.3f}]({number}): {checker} found the "
                       "SMTP client {client} gone at {stage}; answering {status}",

@@ -35,6 +35,7 @@ from miltermanager.protocol.messages import (
 )
 from miltermanager.testing import ConnectionTracker, RecordingObserver
 from tests.peers.fixtures import LibmilterMilter
+from tests.test_server import Harness
 from tests.test_session import (
     BODY, CONNECT, EOH, EOM, HELO, MAIL, RCPT, SUBJECT, Hang, Kid, Scenario, ScenarioTestCase,
     Send,
@@ -196,6 +197,48 @@ class CheckContextTests(unittest.TestCase):
                          ("192.0.2.1", "192.0.2.1", None))
         self.assertEqual(context.smtp_server_name, "Postfix 3.7.11")
         self.assertEqual(str(context.smtp_client_address), "inet:52258@[192.0.2.10]")
+
+
+class AnswerNowTests(unittest.SynchronousTestCase):
+    """MilterServerProtocol.answer_now: the MTA answered once, the milter's work let go."""
+
+    def pending(self, answer):
+        h = Harness()
+        h.negotiate()
+        h.milter.answers["connect"] = answer
+        h.send(CONNECT, HELO)
+        self.assertEqual(h.take(), b"")
+        return h
+
+    def test_answer_then_queued_commands(self):
+        """The pending command gets the reply, its Deferred is cancelled, HELO is handled next."""
+        cancelled = []
+        h = self.pending(defer.Deferred(cancelled.append))
+        self.assertTrue(h.protocol.answer_now(TEMPFAIL))
+        self.assertEqual(h.take(), TEMPFAIL.encode() + CONTINUE.encode())
+        self.assertEqual(h.names(), ["connect", "helo"])
+        self.assertEqual(len(cancelled), 1)
+        self.assertFalse(h.protocol.waiting)
+
+    def test_work_that_answers_after_cancel(self):
+        """Work that goes on after cancel() and answers later: its answer never reaches the MTA."""
+        later = defer.Deferred()
+        work = defer.Deferred()
+        work.addErrback(lambda failure: later)
+        h = self.pending(work)
+        h.protocol.answer_now(TEMPFAIL)
+        self.assertEqual(h.take(), TEMPFAIL.encode() + CONTINUE.encode())
+        later.callback(REJECT)
+        self.assertEqual(h.take(), b"")
+        h.send(MAIL)
+        self.assertEqual(h.take(), CONTINUE.encode())
+
+    def test_nothing_waiting(self):
+        """With no command pending there is nothing to answer."""
+        h = Harness()
+        h.negotiate()
+        self.assertFalse(h.protocol.answer_now(TEMPFAIL))
+        self.assertEqual(h.take(), b"")
 
 
 # ---------------------------------------------------------------- the scenario harness
