@@ -138,10 +138,12 @@ class MailThroughDetectedChildrenTests(SynchronousTestCase):
                                           internal_hosts=f"{HOST}, {REMOTE}"))
         self.dmarc = self.start(OpenDMARC(self.mktemp(), installed_milters.OPENDMARC.written,
                                           dns_address))
-        spamd = self.start(Spamd(self.mktemp()))
+        # Every daemon that might resolve a name asks the test server only (its own resolv.conf).
+        spamd = self.start(Spamd(self.mktemp(), dns_address))
         self.spamass = self.start(SpamassMilter(self.mktemp(), installed_milters.SPAMASS_MILTER.path,
-                                                spamd))
-        self.clamav = self.start(ClamAV(self.mktemp(), installed_milters.CLAMAV_MILTER.written))
+                                                spamd, dns_address))
+        self.clamav = self.start(ClamAV(self.mktemp(), installed_milters.CLAMAV_MILTER.written,
+                                        dns_address))
         self.manager = self.start(EmbeddedDefaultManager(self.mktemp()))
         self.postfix = self.start(Postfix(self.mktemp(), milters=[self.manager.postfix_spec],
                                           extra_main_cf={
@@ -191,6 +193,9 @@ class MailThroughDetectedChildrenTests(SynchronousTestCase):
         self.assertTrue(delivered["X-Spam-Status"].startswith("No, score="), raw)
         self.assertEqual(delivered["X-Virus-Status"], "Clean")
         self.assertIn("clamav-milter", delivered["X-Virus-Scanned"])
+        # Only opendmarc asked anything: the DMARC policy and the SPF record of harness.test.
+        self.assertEqual(set(self.dns.queries()),
+                         {("_dmarc.harness.test", "TXT"), ("harness.test", "TXT")})
 
     def test_running_milters_shown_reachable(self):
         """With the daemons up, detection shows each of the four reachable on its socket."""

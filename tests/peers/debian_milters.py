@@ -67,18 +67,33 @@ def _read(path):
 
 
 class _Daemon:
-    """A foreground daemon under DIR whose output goes to DIR/NAME.log."""
+    """A foreground daemon under DIR whose output goes to DIR/NAME.log.
 
-    def __init__(self, tmpdir, name):
+    With name_server (an address), it resolves through that server only (DIR/resolv.conf in
+    a private mount namespace), so a lookup it makes shows up in the test server's log and
+    never reaches the system's resolver.
+    """
+
+    def __init__(self, tmpdir, name, name_server=None):
         self.dir = os.path.realpath(tmpdir)
         self.name = name
+        self.name_server = name_server
         self.log_path = os.path.join(self.dir, f"{name}.log")
         self.process = None
 
-    def _spawn(self, command):
+    def _popen(self, command):
+        """Start command (in the resolver namespace if there is a name server); return the Popen."""
+        if self.name_server is not None:
+            resolv_conf = os.path.join(self.dir, "resolv.conf")
+            with open(resolv_conf, "w") as out:
+                out.write(f"nameserver {self.name_server}\noptions timeout:1 attempts:1\n")
+            command = in_resolver_namespace(resolv_conf, command)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _spawn(self, command):
+        self.process = self._popen(command)
 
     def log(self):
         """Return what the daemon wrote to its log file and its output."""
@@ -111,24 +126,21 @@ class OpenDMARC(_Daemon):
     """
 
     def __init__(self, tmpdir, spec, name_server):
-        super().__init__(tmpdir, "opendmarc")
+        super().__init__(tmpdir, "opendmarc", name_server)
         self.spec = spec
         self.port = _spec_port(spec)
-        self.name_server = name_server
 
     def start(self):
         _port_free(self.port)
         _make_reachable(self.dir)
         os.makedirs(self.dir, exist_ok=True)
         files = {"opendmarc.conf": OPENDMARC_CONF.format(spec=self.spec, dir=self.dir),
-                 "ignore.hosts": "203.0.113.250\n",
-                 "resolv.conf": f"nameserver {self.name_server}\noptions timeout:1 attempts:1\n"}
+                 "ignore.hosts": "203.0.113.250\n"}
         for name, text in files.items():
             with open(os.path.join(self.dir, name), "w") as out:
                 out.write(text)
         shutil.chown(self.dir, "opendmarc", "opendmarc")
-        self._spawn(in_resolver_namespace(os.path.join(self.dir, "resolv.conf"),
-                                          ["opendmarc", "-f", "-c", os.path.join(self.dir, "opendmarc.conf")]))
+        self._spawn(["opendmarc", "-f", "-c", os.path.join(self.dir, "opendmarc.conf")])
         try:
             wait_for_port(self.port, 10, self.process)
         except (RuntimeError, TimeoutError) as error:
@@ -142,8 +154,8 @@ class OpenDMARC(_Daemon):
 class Spamd(_Daemon):
     """SpamAssassin's spamd on a free loopback port: local tests only, no Bayes, no DNS."""
 
-    def __init__(self, tmpdir):
-        super().__init__(tmpdir, "spamd")
+    def __init__(self, tmpdir, name_server=None):
+        super().__init__(tmpdir, "spamd", name_server)
         self.port = free_port()
 
     def start(self):
@@ -175,8 +187,8 @@ class Spamd(_Daemon):
 class SpamassMilter(_Daemon):
     """Debian's spamass-milter on a UNIX socket path, asking spamd; rejects at score 15."""
 
-    def __init__(self, tmpdir, path, spamd):
-        super().__init__(tmpdir, "spamass-milter")
+    def __init__(self, tmpdir, path, spamd, name_server=None):
+        super().__init__(tmpdir, "spamass-milter", name_server)
         self.path = path
         self.spamd = spamd
         self.made_socket_dir = False
@@ -250,8 +262,8 @@ class ClamAV(_Daemon):
     one signature file, here DIR/db/harness.ndb.
     """
 
-    def __init__(self, tmpdir, spec):
-        super().__init__(tmpdir, "clamav")
+    def __init__(self, tmpdir, spec, name_server=None):
+        super().__init__(tmpdir, "clamav", name_server)
         self.spec = spec
         self.port = _spec_port(spec)
         self.clamd_port = free_port()
@@ -273,10 +285,7 @@ class ClamAV(_Daemon):
         for parent, directories, names in os.walk(self.dir):
             for name in [parent, *(os.path.join(parent, n) for n in directories + names)]:
                 shutil.chown(name, "clamav", "clamav")
-        with open(self.log_path, "ab") as log:
-            self.clamd = subprocess.Popen(["clamd", "-c", os.path.join(self.dir, "clamd.conf")],
-                                          stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+        self.clamd = self._popen(["clamd", "-c", os.path.join(self.dir, "clamd.conf")])
         try:
             wait_for_port(self.clamd_port, 30, self.clamd)
             self._spawn(["clamav-milter", "-c", os.path.join(self.dir, "clamav-milter.conf")])
