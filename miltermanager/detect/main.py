@@ -7,6 +7,7 @@ not anything is found; 2 for a usage error.
 import argparse
 import json
 import os
+import shlex
 import sys
 
 from . import PLATFORMS, check_reachable, detect
@@ -55,8 +56,9 @@ def main(argv=None, stdout=None):
     stdout = sys.stdout if stdout is None else stdout
     if not os.path.isdir(arguments.root):
         parser.error(f"--root {arguments.root}: no such directory")
+    postconf = shlex.split(arguments.postconf) if arguments.postconf else None
     report = detect(arguments.platform, arguments.root,
-                    _options(parser, arguments.package_options), arguments.postconf)
+                    _options(parser, arguments.package_options), postconf)
     if not arguments.no_check:
         check_reachable(report)
     if arguments.json:
