@@ -88,12 +88,17 @@ class MilterConnectionLost(error.ConnectionLost):
 
 
 class MilterConnectError(error.ConnectError):
-    """Connecting to a child failed; the message names its connection spec."""
+    """Connecting to a child failed; the message names its connection spec.
 
-    def __init__(self, spec, reason):
+    os_error: the errno when the system refused (ECONNREFUSED, ENOENT: nothing
+    listens there, which starting the child may cure), else None.
+    """
+
+    def __init__(self, spec, reason, os_error=None):
         super().__init__(string=f"cannot connect to the milter at {spec}: {reason}")
         self.spec = spec
         self.reason = reason
+        self.os_error = os_error
 
     def __str__(self):
         return self.args[0]
@@ -468,7 +473,8 @@ def connect(reactor, spec, timeouts=None, clock=None):
         # Twisted's endpoints report a cancelled attempt as ConnectingCancelledError.
         if failure.check(defer.CancelledError, error.ConnectingCancelledError):
             raise defer.CancelledError(f"connecting to the milter at {spec} was cancelled")
-        raise MilterConnectError(spec, failure.getErrorMessage())
+        raise MilterConnectError(spec, failure.getErrorMessage(),
+                                 getattr(failure.value, "osError", None))
 
     d = endpoint.connect(_ClientFactory(clock or reactor, timeouts))
     return d.addErrback(failed)

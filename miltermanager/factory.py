@@ -49,6 +49,8 @@ class ManagerFactory(MilterServerFactory):
     # The sessions' event stream goes to these (None while there is none: it then costs
     # one attribute test per report).
     observer = None
+    # The process launcher's manager side (launcher.Launcher) when privilege mode runs one.
+    launcher = None
 
     def __init__(self, configuration, reactor, clock=None):
         super().__init__(self._session, clock=clock or reactor)

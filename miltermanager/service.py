@@ -35,6 +35,7 @@ from twisted.logger import ILogObserver, Logger
 from . import connection_spec
 from .config import ConfigurationError
 from .factory import ManagerFactory
+from .launcher import configuration_problems, reconfigured, start_launcher
 from .listening import cannot_listen_reason, listen_endpoint, listen_problem
 from .logs import LogRouter
 from .process import (
@@ -164,6 +165,8 @@ class ManagerService(service.Service):
                     manager, "pid_file", directory_problem(pid_file)
                     or f"cannot write it: {error.strerror}", pid_file)) from None
             self.pid_file = pid_file
+        # Forked while still root: it starts child milters (milter.command) later on.
+        self.factory.launcher = start_launcher(self.configuration, self.reactor)
         if security.effective_user is not None or security.effective_group is not None:
             socket_path = getattr(self.port, "path", None)
             if not getattr(self.port, "remove_on_close", False):
@@ -348,6 +351,7 @@ class ManagerService(service.Service):
         self.factory.configuration = configuration
         self.factory.update_accepting()
         self._configure_log(configuration, "reload")
+        reconfigured(self.factory.launcher, configuration)
         for section, name in RESTART_SETTINGS:
             before = getattr(getattr(old, section), name)
             after = getattr(getattr(configuration, section), name)
@@ -399,6 +403,12 @@ def startup_problems(configuration):
             kind = "user" if name.endswith("user") else "group"
             problems.append(ConfigurationError(
                 f"{section.SECTION}.{name}: no such {kind} {value!r}", section.origins.get(name)))
+    errors, warnings = configuration_problems(configuration)
+    problems.extend(errors)
+    for text in warnings:  # the loader logged its own already; these are the launcher's
+        if text not in configuration.warnings:
+            configuration.warnings.append(text)
+            ManagerService.log.warn("[configuration][warning] {text}", text=text)
     return problems
 
 
