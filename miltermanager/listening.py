@@ -192,8 +192,8 @@ def listen_problem(settings):
             alive = _socket_alive(spec.path)
         except FileNotFoundError:
             return None
-        if alive is None:
-            return None if not os.path.lexists(spec.path) else _in_use()
+        if alive is None:  # not a socket: left alone, and in the way
+            return _in_use()
         if alive:
             return ANOTHER_LISTENER
         return None if settings.remove_unix_socket_on_create else _in_use()

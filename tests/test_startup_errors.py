@@ -125,6 +125,17 @@ class StartupErrorTests(SynchronousTestCase):
             f"manager.connection_spec {self.spec}: another process is listening on this socket"))
         self.assertTrue(os.path.exists(socket_path))
 
+    def test_file_in_the_way(self):
+        """A file that is no socket where the socket goes is kept, and the address is in use."""
+        socket_path = os.path.join(self.dir, "m.sock")
+        with open(socket_path, "w") as file:
+            file.write("precious")
+        self.spec = f"unix:{socket_path}"
+        self.assertTrue(self.refused("").endswith(
+            f"manager.connection_spec {self.spec}: address already in use"))
+        with open(socket_path) as file:
+            self.assertEqual(file.read(), "precious")
+
     def test_unknown_user_and_group(self):
         """security.effective_user, effective_group and manager.unix_socket_group name nobody."""
         for setting, kind in (("security.effective_user", "user"),
