@@ -135,12 +135,16 @@ def parse_tcp_table(lines, table=None):
 
 
 def read_tcp_tables(paths=TCP_TABLES):
-    """parse_tcp_table of every file in paths; a file that cannot be read counts as empty."""
-    table = {}
+    """parse_tcp_table of every file in paths that can be read; None if none can.
+
+    (/proc/net/tcp6 is missing where IPv6 is off; all of them where there is
+    no Linux /proc.)
+    """
+    table = None
     for path in paths:
         try:
             with open(path, encoding="ascii", errors="replace") as file:
-                parse_tcp_table(file, table)
+                table = parse_tcp_table(file, table)
         except OSError:
             continue
     return table
@@ -152,17 +156,22 @@ class NetstatChecker:
     The client is gone when the SMTP server has no socket to its address
     and port, or only sockets in CLOSE_WAIT (the client closed, the server
     did not yet). Asked only when the MTA runs on this machine (same_host):
-    elsewhere our tables do not hold its connections.
+    elsewhere our tables do not hold its connections. Without readable
+    tables (no Linux /proc) every client counts as connected, said once.
     """
 
     name = "netstat"
+    log = Logger()
 
     def __init__(self, paths=TCP_TABLES):
         self.paths = paths
         self.table = None  # read when first needed in a round
+        self._read = False
+        self._unreadable_told = False
 
     def new_round(self):
         self.table = None
+        self._read = False
 
     def connected(self, context, transport):
         if not same_host(transport):
@@ -174,8 +183,16 @@ class NetstatChecker:
             key = (_ip(client.address), client.port)
         except ValueError:
             return True
-        if self.table is None:
+        if not self._read:
             self.table = read_tcp_tables(self.paths)
+            self._read = True
+            if self.table is None and not self._unreadable_told:
+                self._unreadable_told = True
+                self.log.warn("[connection-check][netstat] cannot read {paths}: the netstat "
+                              "checker takes every SMTP client as connected",
+                              paths=" or ".join(self.paths))
+        if self.table is None:
+            return True
         states = self.table.get(key)
         return bool(states) and states != {"CLOSE_WAIT"}
 

@@ -15,6 +15,7 @@ import time
 from twisted.internet import defer, reactor, task
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.testing import StringTransport
+from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
 
 from miltermanager import client
@@ -98,8 +99,14 @@ class TcpTableTests(unittest.TestCase):
         self.assertEqual(table, {(LOOPBACK, 60186): {"CLOSE_WAIT"}})
 
     def test_missing_file(self):
-        """A table that cannot be read counts as empty."""
-        self.assertEqual(read_tcp_tables([os.path.join(self.mktemp(), "none")]), {})
+        """A table that cannot be read is left out; with none readable there is no table."""
+        missing = os.path.join(self.mktemp(), "none")
+        self.assertIsNone(read_tcp_tables([missing]))
+        path = self.mktemp()
+        with open(path, "w") as file:
+            file.writelines(TCP_LINES[:2])
+        self.assertEqual(read_tcp_tables([missing, path]),
+                         {(ipaddress.ip_address("0.0.0.0"), 0): {"LISTEN"}})
 
     def test_live_socket(self):
         """A real connection is ESTABLISHED on the server's side, CLOSE_WAIT once the client closes."""
@@ -168,6 +175,18 @@ class NetstatCheckerTests(unittest.TestCase):
                                                        Macros()), mta))
         self.assertTrue(checker.connected(_context("not-an-ip", 25), mta))
 
+    def test_without_tables(self):
+        """No readable table (no Linux /proc): every client is connected, and that is said once."""
+        checker = NetstatChecker(paths=(os.path.join(self.mktemp(), "tcp"),))
+        mta = self.local_mta()
+        logged = []
+        checker.log = Logger(observer=logged.append)
+        for _ in range(2):
+            checker.new_round()
+            self.assertTrue(checker.connected(_context("127.0.0.1", 60186), mta))
+        self.assertEqual(len(logged), 1)
+        self.assertIn("takes every SMTP client as connected", formatEvent(logged[0]))
+
     def test_one_read_per_round(self):
         """The table is read once per round, whatever the number of sessions asked about."""
         path = self.mktemp()
@@ -175,13 +194,11 @@ class NetstatCheckerTests(unittest.TestCase):
             file.writelines(TCP_LINES)
         checker = NetstatChecker(paths=(path,))
         mta = self.local_mta()
-        self.assertFalse(checker.connected(_context("127.0.0.1", 60186), mta))
-        os.remove(path)
-        self.assertFalse(checker.connected(_context("127.0.0.1", 60186), mta))
-        checker.new_round()
-        self.assertFalse(checker.connected(_context("127.0.0.1", 37869), mta))  # now empty
+        self.assertTrue(checker.connected(_context("127.0.0.1", 37869), mta))
         with open(path, "w") as file:
-            file.writelines(TCP_LINES)
+            file.writelines(TCP_LINES[:2])  # only the listener is left
+        self.assertTrue(checker.connected(_context("127.0.0.1", 37869), mta))  # same round
+        checker.new_round()
         self.assertFalse(checker.connected(_context("127.0.0.1", 37869), mta))
 
 
