@@ -41,7 +41,8 @@ def wait_for_unix_socket(path, timeout=10.0, process=None):
                 if len(fields) == 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
                     return
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before {path} listened")
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}"
+                               f" before {path} listened")
         if time.monotonic() > deadline:
             raise TimeoutError(f"nothing listens on {path} after {timeout} s")
         time.sleep(0.02)

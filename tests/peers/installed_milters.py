@@ -1,4 +1,4 @@
-"""Where CI configures the installed Debian milters to listen, and the edit of their files that does it.
+"""Where CI has the installed Debian milters listen, and the edit of their files that does it.
 
 scripts/install-test-deps runs this file (``python3 tests/peers/installed_milters.py``) after
 installing opendkim, opendmarc, spamass-milter and clamav-milter: it edits each package's own
@@ -73,7 +73,8 @@ def current_value(text, key, shell=False):
         match = _active(key, shell).match(line)
         if match:
             value = match.group(1)
-            return value[1:-1] if shell and value[:1] == value[-1:] and value[:1] in "\"'" else value
+            quoted = shell and len(value) > 1 and value[0] == value[-1] and value[0] in "\"'"
+            return value[1:-1] if quoted else value
     return None
 
 
@@ -167,7 +168,8 @@ def main():
             print(f"installed_milters: warning: {error}", file=sys.stderr)
             continue
         if changed:
-            print(f"installed_milters: {milter.file}: {milter.key} {milter.written}", file=sys.stderr)
+            print(f"installed_milters: {milter.file}: {milter.key} {milter.written}",
+                  file=sys.stderr)
         if enable(milter.name):
             print(f"installed_milters: enabled {milter.name} at boot", file=sys.stderr)
 
