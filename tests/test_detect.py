@@ -745,11 +745,19 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertEqual(len(loader.configuration.milters), 2)
 
 
+def closed_port():
+    """A loopback port nothing listens on (it was free a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class CommandTests(SynchronousTestCase):
     def setUp(self):
         self.tree = Tree(self)
+        self.port = closed_port()
         self.tree.write("/lib/systemd/system/opendkim.service", OPENDKIM_UNIT)
-        self.tree.write("/etc/opendkim.conf", "Socket inet:8891@localhost\n")
+        self.tree.write("/etc/opendkim.conf", f"Socket inet:{self.port}@localhost\n")
         self.tree.enable("opendkim")
         self.tree.write("/etc/init.d/clamav-milter", CLAMAV_INIT)
         self.tree.write("/etc/clamav/clamav-milter.conf", "Example\n")
@@ -767,7 +775,7 @@ class CommandTests(SynchronousTestCase):
             milter detection for debian under {self.tree.root}
 
             found (1):
-              opendkim: inet:8891@[127.0.0.1] (enabled)
+              opendkim: inet:{self.port}@[127.0.0.1] (enabled)
                 from /etc/opendkim.conf
                 applicable conditions: none
 
@@ -776,7 +784,7 @@ class CommandTests(SynchronousTestCase):
 
             as configuration (detect_milters() in defaults/debian.conf defines these; to pin them instead):
             with define_milter("opendkim") as milter:
-                milter.connection_spec = "inet:8891@[127.0.0.1]"
+                milter.connection_spec = "inet:{self.port}@[127.0.0.1]"
                 milter.enabled = True
                 milter.applicable_conditions = []
             """))
@@ -787,7 +795,7 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(status, 0)
         self.assertEqual(json.loads(output), {
             "platform": "debian", "root": self.tree.root, "direct": [],
-            "found": [{"name": "opendkim", "connection_spec": "inet:8891@[127.0.0.1]",
+            "found": [{"name": "opendkim", "connection_spec": f"inet:{self.port}@[127.0.0.1]",
                        "enabled": True, "source": "/etc/opendkim.conf",
                        "description": "OpenDKIM Milter", "applicable_conditions": [],
                        "reachable": False, "reach_error": "Connection refused",
@@ -826,6 +834,7 @@ class CommandTests(SynchronousTestCase):
                        "default_action=accept } local:relative\n"
                        "non_smtpd_milters = $smtpd_milters\n")
         postconf = ["/usr/sbin/postconf", "-c", directory]
+        self.tree.write("/etc/opendkim.conf", "Socket inet:8891@localhost\n")
         report = detect.detect("debian", self.tree.root, postconf=postconf)
         self.assertEqual(report.direct[:3], [
             detect.Direct("smtpd_milters", "inet:localhost:8891", "inet:8891@[127.0.0.1]"),
