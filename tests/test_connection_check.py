@@ -35,7 +35,7 @@ from miltermanager.protocol.messages import (
     Header, Helo, Macro, Mail, Negotiate, Rcpt,
 )
 from miltermanager.testing import ConnectionTracker, RecordingObserver
-from tests.peers.fixtures import LibmilterMilter
+from tests.peers.fixtures import HOST, LibmilterMilter, MiltermanagerProcess, Postfix
 from tests.test_server import Harness
 from tests.test_session import (
     BODY, CONNECT, EOH, EOM, HELO, MAIL, RCPT, SUBJECT, Hang, Kid, Scenario, ScenarioTestCase,
@@ -476,3 +476,60 @@ class RealDisconnectTests(unittest.TestCase):
                       "end-of-message; answering temporary-failure", disconnected[0])
         self.assertEqual([line for line in lines if "[children][error]" in line], [])
         self.assertIsNone(factory.connection_checks._loop)
+
+
+class PostfixDisconnectTests(unittest.TestCase):
+    """Behind a real Postfix: the SMTP client hangs up after its message, the child is slow."""
+
+    timeout = 90
+
+    def test_postfix_client_hangs_up(self):
+        """Postfix's cleanup gets temporary-failure within a second or so; nothing is delivered."""
+        slow = LibmilterMilter(self.mktemp(), "slow", "--eom-delay", "8", "--no-add-header")
+        slow.start()
+        self.addCleanup(slow.stop)
+        manager = MiltermanagerProcess(self.mktemp(), (
+            'manager.connection_spec = "{spec}"\n'
+            "manager.use_netstat_connection_checker(0.3)\n"
+            'with define_milter("slow") as milter:\n'
+            f'    milter.connection_spec = "{slow.spec}"\n'))
+        manager.start()
+        self.addCleanup(manager.stop)
+        postfix = Postfix(self.mktemp(), milters=[manager.postfix_spec])
+        postfix.start()
+        self.addCleanup(postfix.stop)
+
+        smtp = socket.create_connection((HOST, postfix.smtp_port), timeout=30)
+        self.addCleanup(smtp.close)
+        replies = smtp.makefile("rb")
+
+        def say(line, expect):
+            if line is not None:
+                smtp.sendall(line + b"\r\n")
+            while True:
+                reply = replies.readline()
+                if reply[3:4] != b"-":
+                    break
+            self.assertTrue(reply.startswith(expect), reply)
+
+        say(None, b"220")
+        say(b"EHLO client.harness.test", b"250")
+        say(b"MAIL FROM:<alice@harness.test>", b"250")
+        say(b"RCPT TO:<bob@example.com>", b"250")
+        say(b"DATA", b"354")
+        smtp.sendall(b"Subject: slow\r\n\r\nHello.\r\n.\r\n")
+        deadline = time.monotonic() + 30
+        while not any(event["event"] == "eom" for event in slow.events()):
+            self.assertLess(time.monotonic(), deadline, postfix.maillog())
+            time.sleep(0.05)
+        started = time.monotonic()
+        replies.close()  # (the socket stays open while its file object does)
+        smtp.close()  # the SMTP client gives up while the child works
+        postfix.wait_maillog("milter-reject: END-OF-MESSAGE", timeout=6)
+        self.assertLess(time.monotonic() - started, 6.0)  # the child works 8 s
+        self.assertIn("4.7.1", postfix.maillog())
+        log = manager.log()
+        self.assertEqual(log.count("[session][disconnected]"), 1, log)
+        self.assertIn("netstat found the SMTP client inet:", log)
+        self.assertIn("gone at end-of-message; answering temporary-failure", log)
+        self.assertEqual(postfix._delivered_paths(), [])
