@@ -12,11 +12,13 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import shutil
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -162,6 +164,79 @@ class ConfigurationProblemsTests(SynchronousTestCase):
                          ['milter "m1": user_name: no such user \'no-such-user-here\''])
         self.assertEqual(configuration.warnings,
                          ['milter "m2": user_name has no effect without milter.command'])
+
+
+class CheckConfigTests(SynchronousTestCase):
+    """`--check-config` refuses what start-up refuses and prints the warnings."""
+
+    def test_unknown_user_refused(self):
+        """An unknown user_name: --check-config exits 1 with one line naming milter and user."""
+        from .peers.fixtures import REPO, TWISTD
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "milter-manager.conf")
+        with open(path, "w") as file:
+            file.write('security.privilege_mode = True\n'
+                       'with define_milter("m1") as milter:\n'
+                       '    milter.connection_spec = "inet:1@[127.0.0.1]"\n'
+                       '    milter.command = "/usr/sbin/m1"\n'
+                       '    milter.user_name = "no-such-user-here"\n')
+        os.chmod(path, 0o644)
+        result = subprocess.run(
+            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "milter-manager", "-c", path,
+             "--check-config"], capture_output=True, text=True, timeout=60, cwd=directory,
+            env=dict(os.environ, PYTHONPATH=REPO))
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn(f'{path}:5: milter "m1": user_name: no such user \'no-such-user-here\'',
+                      result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
+
+class StartAndReloadTests(SynchronousTestCase):
+    """What the service is told about the launcher at start and at reload."""
+
+    def setUp(self):
+        self.events = []
+        self.patch(launcher, "log", Logger(namespace="test", observer=self.events.append))
+        self.configuration = config.default()
+        self.configuration.security.privilege_mode = True
+        self.configuration.milters.append(_milter(command="run-m1"))
+
+    def texts(self):
+        return [formatEvent(event) for event in self.events]
+
+    def test_not_root_said(self):
+        """Privilege mode without root: no launcher, and a warning naming the children."""
+        self.patch(launcher.os, "geteuid", lambda: 1000)
+        self.assertIsNone(launcher.start_launcher(self.configuration, None))
+        self.assertEqual(len(self.texts()), 1)
+        self.assertIn("[launcher][disabled] security.privilege_mode is True but milter-manager "
+                      "did not start as root: m1 will not be started", self.texts()[0])
+
+    def test_nothing_to_start(self):
+        """No command, or privilege mode off: no launcher, no word."""
+        self.configuration.security.privilege_mode = False
+        self.assertIsNone(launcher.start_launcher(self.configuration, None))
+        self.assertEqual(self.texts(), [])
+
+    def test_reload_with_a_new_command_needs_a_restart(self):
+        """A command changed by a reload is not run: the reload says a restart is needed."""
+        running = launcher.Launcher(self.configuration, None, Clock())
+        new = config.default()
+        new.security.privilege_mode = True
+        new.milters.append(_milter(command="run-m1 --other"))
+        launcher.reconfigured(running, new)
+        self.assertEqual(len(self.texts()), 1)
+        self.assertIn("[reload][restart-needed] milter m1", self.texts()[0])
+        self.assertIn("'run-m1 --other'", self.texts()[0])
+        launcher.reconfigured(running, self.configuration)
+        self.assertEqual(len(self.texts()), 1)
+
+    def test_reload_turning_privilege_mode_on_needs_a_restart(self):
+        """Without a launcher from the start, a reload cannot start one: it says so."""
+        launcher.reconfigured(None, self.configuration)
+        self.assertIn("[reload][restart-needed] security.privilege_mode", self.texts()[0])
 
 
 # ------------------------------------------------------------ the launcher process
