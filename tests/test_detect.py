@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import random
 import socket
 import textwrap
 
@@ -614,6 +615,33 @@ class PkgsrcTests(SynchronousTestCase):
             conditions=FILTER, note="not enabled: spamass_milter='NO' (the default)")])
 
 
+class GarbageTests(SynchronousTestCase):
+    def test_random_bytes_everywhere(self):
+        """Every file detection reads, filled with random bytes: no exception, valid results."""
+        paths = ["/etc/default/{}", "/etc/sysconfig/{}", "/etc/init.d/{}",
+                 "/lib/systemd/system/{}.service", "/usr/local/etc/rc.d/{}",
+                 "/usr/pkg/etc/rc.d/{}", "/etc/rc.conf", "/etc/opendkim.conf",
+                 "/etc/opendmarc.conf", "/etc/clamav/clamav-milter.conf",
+                 "/etc/milter-greylist/greylist.conf", "/etc/rspamd/worker-proxy.inc",
+                 "/usr/local/etc/mail/opendkim.conf", "/usr/local/etc/clamav-milter.conf"]
+        generator = random.Random(9)
+        alphabet = "SOCKET=-p:/$@{}\"' \n\t#=;local:inet:8891@localhost\x00\xff"
+        for round_ in range(4):
+            tree = Tree(self)
+            for platform in detect.PLATFORMS:
+                for candidate in detect.candidates(platform):
+                    for path in paths:
+                        text = "".join(generator.choice(alphabet)
+                                       for _ in range(generator.randrange(200)))
+                        tree.write(path.format(candidate.name), text)
+            for platform in detect.PLATFORMS:
+                report = tree.detect(platform)
+                for result in report.found:
+                    self.assertIsInstance(result.connection_spec, str)
+                for skipped in report.skipped:
+                    self.assertNotIn("could not be read", skipped.reason, (round_, skipped))
+
+
 class ConfigurationTests(SynchronousTestCase):
     """detect_milters() in a configuration file, and the embedded configuration."""
 
@@ -771,6 +799,11 @@ class CommandTests(SynchronousTestCase):
         """Found, skipped and the lines to paste, without connecting (--no-check)."""
         status, output = self.run_main("--no-check")
         self.assertEqual(status, 0)
+        skipped = ("  clamav-milter: /etc/clamav/clamav-milter.conf: still the example "
+                   "configuration (an Example line, no MilterSocket): clamav-milter is not "
+                   "configured")
+        pasted = ("as configuration (detect_milters() in defaults/debian.conf defines these; "
+                  "to pin them instead):")
         self.assertEqual(output, textwrap.dedent(f"""\
             milter detection for debian under {self.tree.root}
 
@@ -780,9 +813,9 @@ class CommandTests(SynchronousTestCase):
                 applicable conditions: none
 
             skipped (1):
-              clamav-milter: /etc/clamav/clamav-milter.conf: still the example configuration (an Example line, no MilterSocket): clamav-milter is not configured
+            {skipped}
 
-            as configuration (detect_milters() in defaults/debian.conf defines these; to pin them instead):
+            {pasted}
             with define_milter("opendkim") as milter:
                 milter.connection_spec = "inet:{self.port}@[127.0.0.1]"
                 milter.enabled = True

@@ -52,6 +52,9 @@ def detect(platform="debian", root="/", options=None, postconf=None):
             report.found.extend(_detect_one(tree, candidate, platform, options))
         except Skip as skip:
             report.skipped.append(Skipped(candidate.name, skip.path, skip.reason))
+        except Exception as error:  # a file odder than the readers foresaw: still one line
+            report.skipped.append(Skipped(candidate.name, tree.root, (
+                f"its files could not be read: {type(error).__name__}: {error}")))
     if postconf is None and tree.root == "/":
         postconf = "postconf"
     if postconf:

@@ -113,7 +113,10 @@ def _read_unit_file(tree, unit, path):
             elif unit.command is None:
                 unit.command, unit.command_origin = value.lstrip("-@:+!"), path
         elif key == "Environment":
-            unit.environment.append((value, path)) if value else unit.environment.clear()
+            if value:
+                unit.environment.append((value, path))
+            else:
+                unit.environment.clear()
         elif key == "EnvironmentFile":
             if not value:
                 unit.environment_files.clear()

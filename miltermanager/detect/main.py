@@ -1,4 +1,4 @@
-"""milter-manager-detect: show the milters installed here, as the platform defaults would define them.
+"""milter-manager-detect: the milters installed here, as the platform defaults define them.
 
 Text by default, one JSON document with --json. Exit status 0 whether or
 not anything is found; 2 for a usage error.

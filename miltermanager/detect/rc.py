@@ -40,7 +40,7 @@ def detect(tree, candidate, platform, rc_d):
     rcvar = variables.expand(rcvar)
     profiles = variables.get(f"{name}_profiles", "").split() if platform == "freebsd" else []
     if not profiles:
-        return [_one(tree, candidate, name, name, rcvar, variables, command_args, script,
+        return [_one(tree, candidate, name, rcvar, variables, command_args, script,
                      candidate.name)]
     results = []
     for profile in profiles:
@@ -52,7 +52,7 @@ def detect(tree, candidate, platform, rc_d):
             if variable.startswith(prefix):
                 own.set(f"{name}_{variable[len(prefix):]}", variables.get(variable),
                         variables.origin(variable))
-        results.append(_one(tree, candidate, name, name, rcvar, own, command_args, script,
+        results.append(_one(tree, candidate, name, rcvar, own, command_args, script,
                             f"{candidate.name}-{profile}"))
     return results
 
@@ -90,7 +90,9 @@ def _read_script(text, name, variables, script, platform):
     return rcvar, defaults, command_args
 
 
-def _one(tree, candidate, name, prefix, rcvar, variables, command_args, script, milter):
+def _one(tree, candidate, prefix, rcvar, variables, command_args, script, milter):
+    """The Found of one service (prefix: its rc.conf name), or Skip."""
+
     def get(suffix):
         return variables.get(f"{prefix}_{suffix}")
 

@@ -16,8 +16,10 @@ import shlex
 from .report import Skip
 
 ASSIGNMENT = re.compile(r"\s*(?:export\s+|readonly\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)")
+# $NAME, ${NAME}, ${NAME:-default} (also -, :=, =); a backslash before $ escapes it.
 _REFERENCE = re.compile(
-    r"(?<!\\)\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-=])((?:[^{}]|\{[^{}]*\})*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+    r"(?<!\\)\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-=])((?:[^{}]|\{[^{}]*\})*))?\}"
+    r"|([A-Za-z_][A-Za-z0-9_]*))")
 _POSITIONAL = re.compile(r"\$\{?[0-9@*#?]")
 
 
