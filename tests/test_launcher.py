@@ -494,6 +494,7 @@ class LaunchedChildTests(ManagerProcess, SynchronousTestCase):
         options = [LIBMILTER_MILTER, "--socket", f"unix:{self.child_socket}", "--name",
                    "launched", "--log", os.path.join(self.child_dir, "events")]
         manager = self.manager(DEBIAN_PYTHON, options)
+        wait_until(lambda: "[manager][start]" in self.log())
         launcher_pid = self.launcher_pid()
         self.assertEqual(_status(launcher_pid, "Uid"), ["0"] * 4)
         wait_until(lambda: _status(manager.pid, "Uid") == ["65534"] * 4, timeout=5)
@@ -535,6 +536,7 @@ class LaunchedChildTests(ManagerProcess, SynchronousTestCase):
 
     def check_fallback(self, command, cause):
         self.manager(command)
+        wait_until(lambda: "[manager][start]" in self.log())
         before = len(self.log())
         output = self.session()
         self.assertTrue(output.startswith("status: reject"), output + self.log())
