@@ -24,7 +24,7 @@ from tests.peers import installed_milters
 from tests.peers.debian_milters import EICAR, ClamAV, OpenDMARC, SpamassMilter, Spamd
 from tests.peers.fixtures import (
     HOST, REPO, TWISTD, DNSServerProcess, MiltermanagerProcess, OpenDKIM, Postfix, SendResult,
-    _reply, sink_message, verify_dkim,
+    _repo_env, _reply, sink_message, verify_dkim,
 )
 
 MILTERS = installed_milters.MILTERS
@@ -127,6 +127,23 @@ class DetectionTests(SynchronousTestCase):
         for milter in MILTERS:
             self.assertEqual(printed[milter.name], expected[milter.name])
             self.assertEqual(printed[milter.name]["connection_spec"], milter.spec)
+
+
+    def test_embedded_default_defines_them(self):
+        """`twistd -n milter-manager --show-config` with no configuration file defines the four
+        on their sockets, each marked as detected from its file."""
+        manager = EmbeddedDefaultManager(self.mktemp())
+        manager.args = ["--show-config"]
+        output = subprocess.run(manager.command, cwd=REPO, env=_repo_env(), capture_output=True,
+                                text=True, timeout=60)
+        self.assertEqual(output.returncode, 0, output.stderr)
+        blocks = {block.split('"', 1)[0]: block
+                  for block in output.stdout.split('with define_milter("')[1:]}
+        for milter in MILTERS:
+            block = blocks[milter.name]
+            spec_line = f'milter.connection_spec = "{milter.spec}"  # detected from {milter.file}\n'
+            self.assertIn(spec_line, block)
+            self.assertIn("milter.enabled = True", block)
 
 
 class MailThroughDetectedChildrenTests(SynchronousTestCase):
