@@ -358,8 +358,13 @@ def start_launcher(configuration, reactor, clock=None):
                  "reached", names=", ".join(wanted))
         return None
     launcher = Launcher(configuration, reactor, clock)
-    ours, pid = spawn(launcher.commands)
-    launcher.attach(ours, pid)
+    try:
+        ours, pid = spawn(launcher.commands)
+        launcher.attach(ours, pid)
+    except OSError as problem:
+        log.error("[launcher][error] cannot start the process launcher: {problem}; {names} "
+                  "will not be started", problem=problem, names=", ".join(wanted))
+        return None
     log.info("[launcher][start] process launcher running as pid {pid} for {names}",
              pid=pid, names=", ".join(wanted))
     return launcher
@@ -423,6 +428,7 @@ class Launcher:
         self.clock = clock or reactor
         self.pid = None
         self.connection = None  # a _Connection while the process runs
+        self.stopping = False  # the manager is stopping
         self._next_id = 0
         self._requests = {}  # request id -> _Launch
         self._launches = {}  # milter name -> its last _Launch
@@ -433,6 +439,11 @@ class Launcher:
         factory = Factory.forProtocol(lambda: _Connection(self))
         self.reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, factory)
         sock.close()
+        # The reactor closes every connection as it stops: that loss is no news.
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._stopping)
+
+    def _stopping(self):
+        self.stopping = True
 
     def reconfigure(self, configuration):
         """Sessions from now on run on configuration; say which commands need a restart."""
@@ -462,15 +473,16 @@ class Launcher:
         failure: the connect that failed; attempt() connects and negotiates
         again. Fires as attempt does once the child listens, or with a
         LaunchError naming the command and why it did not help. After a
-        failed start, sessions get failure as it is until the next start is
-        due.
+        failed start, sessions fail at once until the next start is due.
         """
         now = self.clock.seconds()
         launch = self._launches.get(milter.name)
         interval = self.configuration.manager.down_retry_interval
         if launch is not None and launch.cause is not None:
             if now < launch.retry_at:
-                return defer.fail(failure)
+                return defer.fail(LaunchError(failure.value, (
+                    f"the start of {launch.what} {now - launch.asked:.0f} s ago did not help; "
+                    f"the next one in {launch.retry_at - now:.0f} s")))
             interval = min(launch.interval * 2, self.configuration.manager.down_retry_limit)
             launch = None
         if launch is None:
@@ -506,8 +518,9 @@ class Launcher:
     def lost(self):
         """The launcher process ended: no more starts; sessions waiting give up."""
         self.connection = None
-        log.error("[launcher][error] the process launcher (pid {pid}) ended: child milters "
-                  "are no longer started when they cannot be reached", pid=self.pid)
+        if not self.stopping:
+            log.error("[launcher][error] the process launcher (pid {pid}) ended: child "
+                      "milters are no longer started when they cannot be reached", pid=self.pid)
         for launch in list(self._launches.values()):
             launch.failed(f"cannot start {launch.what}: the process launcher ended")
         self._requests.clear()

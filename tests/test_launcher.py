@@ -403,10 +403,13 @@ class ManagerSideTests(SynchronousTestCase):
             'directory; started "run-m1" as root (pid 99): it exited with status 127 '
             "(command not found)"))
         # Until down_retry_interval passes, sessions get their own failure, no new start.
+        self.clock.advance(1)
         again = self.launcher.connect_after_launch(self.milter, _refused(), self.attempt)
-        self.failureResultOf(again, MilterConnectError)
+        self.assertTrue(str(self.failureResultOf(again, launcher.LaunchError).value).endswith(
+            'No such file or directory; the start of "run-m1" as root 1 s ago did not help; '
+            "the next one in 4 s"))
         self.assertEqual(len(self.sent.messages), 1)
-        self.clock.advance(self.configuration.manager.down_retry_interval)
+        self.clock.advance(self.configuration.manager.down_retry_interval - 1)
         self.launcher.connect_after_launch(self.milter, _refused(), self.attempt)
         self.assertEqual(len(self.sent.messages), 2)
 
@@ -525,6 +528,19 @@ class LaunchedChildTests(ManagerProcess, SynchronousTestCase):
         wait_until(lambda: not _alive(launcher_pid), timeout=10)
         self.assertTrue(_group(group))  # a started child is a service: it stays
         self.assertNotIn("Traceback", self.log())
+        self.assertNotIn("[launcher][error]", self.log())  # its end at stop is no news
+
+    def test_launcher_killed_said(self):
+        """The launcher process ending under the manager is one error line; sessions go on."""
+        manager = self.manager("/bin/false")
+        wait_until(lambda: "[manager][start]" in self.log())
+        os.kill(self.launcher_pid(), signal.SIGKILL)
+        wait_until(lambda: "[launcher][error]" in self.log())
+        self.assertIn("the process launcher (pid", self.log())
+        output = self.session()
+        self.assertTrue(output.startswith("status: reject"), output)
+        self.assertIn("[children][error][negotiate][reject] launched: cannot connect", self.log())
+        self.assertIsNone(manager.poll())
 
     def _stop_child(self, group):
         if not _group(group):
