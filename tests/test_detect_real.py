@@ -152,6 +152,9 @@ class MailThroughDetectedChildrenTests(SynchronousTestCase):
     def setUp(self):
         dns_address = f"127.53.{secrets.randbelow(250) + 1}.{secrets.randbelow(250) + 1}"
         self.dns = self.start(DNSServerProcess(self.mktemp(), ZONE, address=dns_address, port=53))
+        # The manager starts before the milters, as it may at boot: detection reads their files
+        # and needs none of them running.
+        self.manager = self.start(EmbeddedDefaultManager(self.mktemp()))
         self.signer = self.start(OpenDKIM(self.mktemp(), port=installed_milters.OPENDKIM.port,
                                           internal_hosts=f"{HOST}, {REMOTE}"))
         self.dmarc = self.start(OpenDMARC(self.mktemp(), installed_milters.OPENDMARC.written,
@@ -162,7 +165,6 @@ class MailThroughDetectedChildrenTests(SynchronousTestCase):
             self.mktemp(), installed_milters.SPAMASS_MILTER.path, spamd, dns_address))
         self.clamav = self.start(ClamAV(self.mktemp(), installed_milters.CLAMAV_MILTER.written,
                                         dns_address))
-        self.manager = self.start(EmbeddedDefaultManager(self.mktemp()))
         self.postfix = self.start(Postfix(self.mktemp(), milters=[self.manager.postfix_spec],
                                           extra_main_cf={
             "smtpd_authorized_xclient_hosts": HOST,
