@@ -169,24 +169,36 @@ class ConfigurationProblemsTests(SynchronousTestCase):
 class CheckConfigTests(SynchronousTestCase):
     """`--check-config` refuses what start-up refuses and prints the warnings."""
 
-    def test_unknown_user_refused(self):
-        """An unknown user_name: --check-config exits 1 with one line naming milter and user."""
+    def check(self, text):
+        """(path, result) of --check-config on a file holding text."""
         from .peers.fixtures import REPO, TWISTD
 
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         path = os.path.join(directory, "milter-manager.conf")
         with open(path, "w") as file:
-            file.write('security.privilege_mode = True\n'
+            file.write('manager.connection_spec = "inet:0@[127.0.0.1]"\n'
                        'with define_milter("m1") as milter:\n'
                        '    milter.connection_spec = "inet:1@[127.0.0.1]"\n'
-                       '    milter.command = "/usr/sbin/m1"\n'
-                       '    milter.user_name = "no-such-user-here"\n')
+                       '    milter.command = "/usr/sbin/m1"\n' + text)
         os.chmod(path, 0o644)
-        result = subprocess.run(
+        return path, subprocess.run(
             [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "milter-manager", "-c", path,
              "--check-config"], capture_output=True, text=True, timeout=60, cwd=directory,
             env=dict(os.environ, PYTHONPATH=REPO))
+
+    def test_command_without_privilege_mode_warned(self):
+        """A command that will never run: --check-config passes and prints why."""
+        path, result = self.check("")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertEqual(result.stderr, f'warning: {path}:4: milter "m1": command is never run: '
+                         "security.privilege_mode is False (True starts it when it cannot be "
+                         "reached)\n")
+
+    def test_unknown_user_refused(self):
+        """An unknown user_name: --check-config exits 1 with one line naming milter and user."""
+        path, result = self.check('    milter.user_name = "no-such-user-here"\n'
+                                  'security.privilege_mode = True\n')
         self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
         self.assertIn(f'{path}:5: milter "m1": user_name: no such user \'no-such-user-here\'',
                       result.stderr)
