@@ -349,7 +349,7 @@ def start_launcher(configuration, reactor, clock=None):
     Called as root before privileges drop. Privilege mode without root is
     said once here (upstream turns it off without a word).
     """
-    wanted = [milter.name for milter in configuration.enabled_milters if milter.command]
+    wanted = _wanted(configuration)
     if not configuration.security.privilege_mode or not wanted:
         return None
     if os.geteuid() != 0:
@@ -375,11 +375,16 @@ def reconfigured(launcher, configuration):
     if launcher is not None:
         launcher.reconfigure(configuration)
         return
-    wanted = [milter.name for milter in configuration.enabled_milters if milter.command]
+    wanted = _wanted(configuration)
     if configuration.security.privilege_mode and wanted:
         log.warn("[reload][restart-needed] security.privilege_mode: the process launcher "
                  "is forked only at start, as root, and is not running: {names} will not "
                  "be started", names=", ".join(wanted))
+
+
+def _wanted(configuration):
+    """The names of the children the launcher is for: enabled, with a command."""
+    return [milter.name for milter in configuration.enabled_milters if milter.command]
 
 
 class _Connection(Protocol):

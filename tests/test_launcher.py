@@ -1,4 +1,4 @@
-"""Tests for the process launcher: its framing, what it agrees to run, and children started on demand.
+"""Tests for the process launcher: framing, what it agrees to run, children started on demand.
 
 The launcher process and the manager are the real ones (a forked launcher; `twistd -n
 milter-manager` started as root with privilege mode); the child is a real libmilter milter
@@ -471,7 +471,7 @@ class LaunchedChildTests(ManagerProcess, SynchronousTestCase):
     def setUp(self):
         super().setUp()
         if os.getuid() != 0:
-            self.fail("needs root: the manager starts as root and drops to nobody (CI runs as root)")
+            self.fail("needs root: the manager starts as root, then drops to nobody (as CI runs)")
         # Where the child (as nobody) makes its socket and writes its log.
         self.child_dir = os.path.join(self.directory, "child")
         os.mkdir(self.child_dir)
