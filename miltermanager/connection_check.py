@@ -202,7 +202,11 @@ class ConnectionChecks:
 
     Started when a connection arrives while manager.connection_check_interval
     and a checker are configured; it stops when no connection is left, or
-    when a reload turned checking off.
+    when a reload turned checking off. Checkers, interval and
+    fallback_status_at_disconnect are the current configuration's, reloads
+    included, as upstream's one global checker. Upstream asks 30 sessions
+    per tick; here every waiting session is asked each round: the netstat
+    table is read once per round, so a session costs a dict lookup.
     """
 
     log = Logger()
@@ -259,8 +263,13 @@ class ConnectionChecks:
                                    server_address(connection.transport), connection.macros)
             gone = self._gone(checkers, context, connection.transport)
             if gone is not None:
-                session.client_gone(gone, context.smtp_client_address,
-                                    manager.fallback_status_at_disconnect)
+                try:
+                    session.client_gone(gone, context.smtp_client_address,
+                                        manager.fallback_status_at_disconnect)
+                except Exception:
+                    # One session's trouble must not stop the checks of the others.
+                    self.log.failure("[connection-check][error] letting session {number} go "
+                                     "failed", number=getattr(session, "number", None))
 
     def _gone(self, checkers, context, transport):
         """The name of the first checker that finds the client gone; None if none does."""
