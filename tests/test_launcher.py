@@ -478,6 +478,14 @@ class LaunchedChildTests(ManagerProcess, SynchronousTestCase):
         nobody = pwd.getpwnam("nobody")
         os.chown(self.child_dir, nobody.pw_uid, nobody.pw_gid)
         self.child_socket = os.path.join(self.child_dir, "launched.sock")
+        self.addCleanup(self._stop_children)
+
+    def _stop_children(self):
+        """Stop every command the launcher started (its log names their process groups)."""
+        if not os.path.exists(self.output):
+            return
+        for group in re.findall(r"\[launcher\]\[started\] .* pid (\d+)", self.log()):
+            self._stop_child(int(group))
 
     def manager(self, command, options=None, fallback="reject"):
         """Start the manager with one child, "launched", whose socket nothing listens on."""
@@ -523,7 +531,6 @@ class LaunchedChildTests(ManagerProcess, SynchronousTestCase):
         self.assertEqual(len(started), 1, self.log())
         # The command's shell, leader of the command's own process group.
         group = int(started[0])
-        self.addCleanup(self._stop_child, group)
         for output in outputs:
             self.assertIn("+ X-Libmilter: launched saw", output, output + self.log())
         members = _group(group)
