@@ -283,6 +283,7 @@ class PidFileTests(SynchronousTestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="mm-pid-", dir="/tmp")
         self.addCleanup(shutil.rmtree, self.dir, True)
+        self.ports = set()
 
     def config(self):
         """An empty configuration file, outside self.dir."""
@@ -293,8 +294,14 @@ class PidFileTests(SynchronousTestCase):
         return path
 
     def run_manager(self, *twistd_options):
-        """`twistd -n [twistd_options] milter-manager` in self.dir on a free port, until stopped."""
+        """`twistd -n [twistd_options] milter-manager` in self.dir on a free port, until stopped.
+
+        Each on a port of its own: free_port may give the same port twice.
+        """
         port = free_port()
+        while port in self.ports:
+            port = free_port()
+        self.ports.add(port)
         env = dict(os.environ, PYTHONPATH=REPO)
         env.pop(config.DIRECTORY_VARIABLE, None)
         process = subprocess.Popen(
