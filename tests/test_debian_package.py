@@ -327,7 +327,8 @@ class UnitTests(SynchronousTestCase):
         check = f"/usr/bin/twistd3 --nodaemon --pidfile= milter-manager {config} --check-config " \
                 "$MILTER_MANAGER_OPTS"
         self.assertEqual(self.service["ExecStartPre"], [check])
-        self.assertEqual(self.service["ExecReload"], [check, "/bin/kill -HUP $MAINPID"])
+        self.assertEqual(self.service["ExecReload"], [
+            check.replace("--check-config", "--check-reload"), "/bin/kill -HUP $MAINPID"])
         self.assertEqual(self.service["Restart"], ["on-failure"])
         self.assertIn("etc/milter-manager/milter-manager.conf", self.package["files"])
 
@@ -728,6 +729,23 @@ class InstalledPackageTests(SynchronousTestCase):
                                       timeout=60)
             self.assertEqual(session.returncode, 0, session.stdout)
             self.assertRegex(session.stdout, r"^status: \w")
+            # systemctl reload: the check passes while the manager holds its address,
+            # then SIGHUP to $MAINPID reloads.
+            reload_check, reload_signal = service["ExecReload"]
+            result = self.system.run(*exec_line(reload_check, variables), user=user,
+                                     environ=environ)
+            self.assertEqual(result.returncode, 0, result.stdout)
+            self.system.check(*exec_line(reload_signal, {"MAINPID": str(manager.pid)}),
+                              user=user)
+            deadline = time.monotonic() + 30
+            while "[reload][start]" not in read(log) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            self.assertIn("[reload][start]", read(log))
+            self.assertNotIn("[reload][error]", read(log))
+            self.assertIsNone(manager.poll())
+            session = self.system.run("milter-test-server", "-s", f"inet:{port}@[127.0.0.1]",
+                                      timeout=60)
+            self.assertEqual(session.returncode, 0, session.stdout)
         finally:
             manager.send_signal(signal.SIGTERM)
             manager.wait(timeout=30)
