@@ -150,12 +150,18 @@ def read_tcp_tables(paths=TCP_TABLES):
     return table
 
 
+# The states of a socket whose peer is still there (the handshake counts).
+_LIVE = frozenset({"ESTABLISHED", "SYN_RECV", "NEW_SYN_RECV"})
+
+
 class NetstatChecker:
     """Upstream's netstat checker on the kernel's TCP tables, read at most once per round.
 
-    The client is gone when the SMTP server has no socket to its address
-    and port, or only sockets in CLOSE_WAIT (the client closed, the server
-    did not yet). Asked only when the MTA runs on this machine (same_host):
+    The client is gone when no socket has its address and port as the
+    remote end, or only sockets in CLOSE_WAIT (the client closed, the server
+    did not yet) or in another closing state: a TIME_WAIT left for a minute
+    by an earlier connection from the same port must not keep a client
+    "there" (upstream's netstat parse keeps whichever line came last). Asked only when the MTA runs on this machine (same_host):
     elsewhere our tables do not hold its connections. Without readable
     tables (no Linux /proc) every client counts as connected, said once.
     """
@@ -194,7 +200,7 @@ class NetstatChecker:
         if self.table is None:
             return True
         states = self.table.get(key)
-        return bool(states) and states != {"CLOSE_WAIT"}
+        return states is not None and not states.isdisjoint(_LIVE)
 
 
 class ConnectionChecks:

@@ -55,6 +55,9 @@ TCP_LINES = [
     "  76: 0100007F:EB1A 0100007F:93ED 05 00000000:00000000 03:0000175C 00000000     0        0 "
     "0 3 0000000091a1926c\n",
 ]
+# A server that closed first: its socket for the client 127.0.0.1:35210 in TIME_WAIT.
+TIME_WAIT_LINE = ("  11: 0100007F:E321 0100007F:898A 06 00000000:00000000 03:0000175C 00000000     "
+                  "0        0 0 3 000000002596fa12\n")
 # From /proc/net/tcp6: a dual-stack listener on [::]:54129 with an IPv4 client
 # (127.0.0.1:53866, shown IPv4-mapped) and an IPv6 one ([::1]:50302).
 TCP6_LINES = [
@@ -140,10 +143,11 @@ class NetstatCheckerTests(unittest.TestCase):
                                IPv4Address("TCP", "127.0.0.1", 41000))
 
     def test_states(self):
-        """CLOSE_WAIT and no socket at all are gone; ESTABLISHED is there."""
-        checker = self.checker(TCP_LINES + TCP6_LINES)
+        """CLOSE_WAIT, TIME_WAIT and no socket at all are gone; ESTABLISHED is there."""
+        checker = self.checker(TCP_LINES + TCP6_LINES + [TIME_WAIT_LINE])
         mta = self.local_mta()
         self.assertFalse(checker.connected(_context("127.0.0.1", 60186), mta))
+        self.assertFalse(checker.connected(_context("127.0.0.1", 35210), mta))
         self.assertFalse(checker.connected(_context("127.0.0.1", 1), mta))
         self.assertTrue(checker.connected(_context("127.0.0.1", 53866), mta))
         self.assertTrue(checker.connected(_context("0:0::1", 50302, "inet6"), mta))
@@ -191,15 +195,15 @@ class NetstatCheckerTests(unittest.TestCase):
         """The table is read once per round, whatever the number of sessions asked about."""
         path = self.mktemp()
         with open(path, "w") as file:
-            file.writelines(TCP_LINES)
+            file.writelines(TCP6_LINES)
         checker = NetstatChecker(paths=(path,))
         mta = self.local_mta()
-        self.assertTrue(checker.connected(_context("127.0.0.1", 37869), mta))
+        self.assertTrue(checker.connected(_context("127.0.0.1", 53866), mta))
         with open(path, "w") as file:
-            file.writelines(TCP_LINES[:2])  # only the listener is left
-        self.assertTrue(checker.connected(_context("127.0.0.1", 37869), mta))  # same round
+            file.writelines(TCP6_LINES[:1])  # only the listener is left
+        self.assertTrue(checker.connected(_context("127.0.0.1", 53866), mta))  # same round
         checker.new_round()
-        self.assertFalse(checker.connected(_context("127.0.0.1", 37869), mta))
+        self.assertFalse(checker.connected(_context("127.0.0.1", 53866), mta))
 
 
 class CheckContextTests(unittest.TestCase):
