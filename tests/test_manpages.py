@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from miltermanager.config import model
