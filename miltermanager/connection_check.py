@@ -68,7 +68,8 @@ def server_address(transport):
     if isinstance(peer, IPv6Address):
         return SocketAddress("inet6", peer.host, peer.port)
     if isinstance(peer, UNIXAddress):
-        return SocketAddress("unix", path=peer.name and text(peer.name))
+        name = peer.name  # bytes, str or None, as the platform gave it
+        return SocketAddress("unix", path=text(name) if isinstance(name, bytes) else name)
     return SocketAddress("unknown")
 
 
@@ -161,9 +162,10 @@ class NetstatChecker:
     remote end, or only sockets in CLOSE_WAIT (the client closed, the server
     did not yet) or in another closing state: a TIME_WAIT left for a minute
     by an earlier connection from the same port must not keep a client
-    "there" (upstream's netstat parse keeps whichever line came last). Asked only when the MTA runs on this machine (same_host):
-    elsewhere our tables do not hold its connections. Without readable
-    tables (no Linux /proc) every client counts as connected, said once.
+    "there" (upstream's netstat parse keeps whichever line came last).
+    Asked only when the MTA runs on this machine (same_host): elsewhere our
+    tables do not hold its connections. Without readable tables (no Linux
+    /proc) every client counts as connected, said once.
     """
 
     name = "netstat"

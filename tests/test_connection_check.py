@@ -13,7 +13,7 @@ import socket
 import time
 
 from twisted.internet import defer, reactor, task
-from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
@@ -23,7 +23,7 @@ from miltermanager.client import Timeouts
 from miltermanager.conditions.context import SocketAddress
 from miltermanager.config import Configuration, Hook, ManagerConfig, MilterConfig
 from miltermanager.connection_check import (
-    CheckContext, NetstatChecker, parse_tcp_table, read_tcp_tables, same_host,
+    CheckContext, NetstatChecker, parse_tcp_table, read_tcp_tables, same_host, server_address,
 )
 from miltermanager.events import MessageEnded, SessionEnded
 from miltermanager.factory import ManagerFactory
@@ -62,11 +62,14 @@ TIME_WAIT_LINE = ("  11: 0100007F:E321 0100007F:898A 06 00000000:00000000 03:000
 # (127.0.0.1:53866, shown IPv4-mapped) and an IPv6 one ([::1]:50302).
 TCP6_LINES = [
     "   0: 00000000000000000000000000000000:D371 00000000000000000000000000000000:0000 0A "
-    "00000000:00000000 00:00000000 00000000     0        0 3700844 1 000000007f0cb6ce 100 0 0 10 0\n",
+    "00000000:00000000 00:00000000 00000000     0        0 3700844 1 000000007f0cb6ce "
+    "100 0 0 10 0\n",
     "   1: 0000000000000000FFFF00000100007F:D371 0000000000000000FFFF00000100007F:D26A 01 "
-    "00000000:00000000 00:00000000 00000000     0        0 3700846 1 00000000e2e263c9 20 0 0 10 -1\n",
+    "00000000:00000000 00:00000000 00000000     0        0 3700846 1 00000000e2e263c9 "
+    "20 0 0 10 -1\n",
     "   2: 00000000000000000000000001000000:D371 00000000000000000000000001000000:C47E 01 "
-    "00000000:00000000 00:00000000 00000000     0        0 3700848 1 000000001110cbed 20 0 0 10 -1\n",
+    "00000000:00000000 00:00000000 00000000     0        0 3700848 1 000000001110cbed "
+    "20 0 0 10 -1\n",
 ]
 
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
@@ -112,7 +115,7 @@ class TcpTableTests(unittest.TestCase):
                          {(ipaddress.ip_address("0.0.0.0"), 0): {"LISTEN"}})
 
     def test_live_socket(self):
-        """A real connection is ESTABLISHED on the server's side, CLOSE_WAIT once the client closes."""
+        """A real connection: ESTABLISHED on the server side, CLOSE_WAIT once the client closed."""
         listener = socket.socket()
         self.addCleanup(listener.close)
         listener.bind(("127.0.0.1", 0))
@@ -208,6 +211,17 @@ class NetstatCheckerTests(unittest.TestCase):
 
 class CheckContextTests(unittest.TestCase):
     """What a custom checker is given."""
+
+    def test_server_address(self):
+        """The MTA's end of its connection: inet, inet6 or a UNIX socket, as SocketAddress."""
+        for peer, expected in (
+                (IPv4Address("TCP", "127.0.0.1", 41000), "inet:41000@[127.0.0.1]"),
+                (IPv6Address("TCP", "::1", 41000), "inet6:41000@[::1]"),
+                (UNIXAddress(b"/run/postfix.sock"), "unix:/run/postfix.sock"),
+                (UNIXAddress(None), "unix:None")):
+            address = server_address(StringTransport(peerAddress=peer))
+            self.assertEqual(str(address), expected)
+            self.assertTrue(address.local)
 
     def test_macros(self):
         """context[name] is an MTA macro as str, braces optional; smtp_server_name is v."""

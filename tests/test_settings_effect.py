@@ -145,7 +145,7 @@ class FromConfigurationTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_max_pending_finished_sessions_warns(self):
-        """max_pending_finished_sessions is accepted with a warning that says why it does nothing."""
+        """max_pending_finished_sessions is accepted with a warning saying why it does nothing."""
         path, configuration = self.load("\nmanager.max_pending_finished_sessions = 3\n")
         self.assertEqual(configuration.warnings, [
             f"{path}:2: manager.max_pending_finished_sessions = 3: accepted for upstream's "
