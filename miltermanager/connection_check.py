@@ -225,6 +225,7 @@ class ConnectionChecks:
         self.interval = 0
         self._loop = None
         self._netstat = None
+        self._failing = set()  # names of checkers whose last call raised (logged once)
 
     def connection_made(self):
         if self._loop is not None:
@@ -290,10 +291,13 @@ class ConnectionChecks:
                 else:
                     connected = hook.function(context)
             except Exception as error:
-                self.log.error("[connection-check][error] checker {name} ({origin}) failed: "
-                               "{error!r}; taken as still connected",
-                               name=hook.name, origin=hook.origin, error=error)
+                if hook.name not in self._failing:  # once until it works again
+                    self._failing.add(hook.name)
+                    self.log.error("[connection-check][error] checker {name} ({origin}) "
+                                   "failed: {error!r}; taken as still connected until it works",
+                                   name=hook.name, origin=hook.origin, error=error)
                 continue
+            self._failing.discard(hook.name)
             if not connected:
                 return hook.name
         return None

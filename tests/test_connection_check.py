@@ -348,16 +348,17 @@ class DisconnectScenarioTests(ScenarioTestCase):
     @defer.inlineCallbacks
     def test_checker_that_raises(self):
         """A checker that raises is one log line and counts as connected: the child answers."""
-        self.configure_checks(broken=lambda context: 1 / 0)
+        calls = []
+        self.configure_checks(broken=lambda context: calls.append(context) or 1 / 0)
         lines = self.logged()
         yield self.run_scenario(Scenario(
-            children=[Kid("slow", {"end_of_message": Hang(CONTINUE, after=5.5)})],
+            children=[Kid("slow", {"end_of_message": Hang(CONTINUE, after=10.5)})],
             steps=[*_continue(CONNECT, HELO, MAIL, RCPT, DATA),
-                   Send(EOM, CONTINUE, advance=5.5)],
+                   Send(EOM, CONTINUE, advance=10.5)],
             seen={"slow": "connect helo mail rcpt data eom close"},
         ))
         errors = [line for line in lines if "[connection-check][error]" in line]
-        self.assertEqual(len(errors), 1, lines)
+        self.assertEqual((len(calls), len(errors)), (2, 1), lines)  # asked twice, told once
         self.assertIn("checker broken (test:broken) failed: ZeroDivisionError", errors[0])
         self.assertEqual([line for line in lines if "[session][disconnected]" in line], [])
 
