@@ -462,12 +462,15 @@ class ManagerSession:
     def client_gone(self, checker, client, status):
         """A connection checker found the SMTP client gone while the MTA waits for a reply.
 
-        The MTA is answered status (manager.fallback_status_at_disconnect) at once instead of
-        after the children's work, which nobody will read; children in the
-        message get ABORT (a child whose answer was awaited, QUIT only) and
-        every child QUIT. Later commands find no child: manager.fallback_status.
+        The MTA is answered status (manager.fallback_status_at_disconnect)
+        at once instead of after the children's work, which nobody will read;
+        children in the message get ABORT (a child whose answer was awaited,
+        QUIT only) and every child QUIT. Later commands find no child:
+        manager.fallback_status.
         """
         self.gone_by = checker
+        if status is Status.DISCARD and self.stage in stages.CONNECTION:
+            status = Status.TEMPORARY_FAILURE  # the MTAs refuse a discard at connect or HELO
         self.log.info("[session][disconnected][{elapsed:.3f}]({number}): {checker} found the "
                       "SMTP client {client} gone at {stage}; answering {status}",
                       elapsed=self.clock.seconds() - self._started, number=self.number,

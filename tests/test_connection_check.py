@@ -345,6 +345,15 @@ class DisconnectScenarioTests(ScenarioTestCase):
             seen={"one": "connect helo mail rcpt close", "two": "connect helo mail rcpt close"},
         ))
 
+    def test_discard_at_helo(self):
+        """A discard at HELO, which the MTAs refuse, is answered as a temporary failure."""
+        self.configure_checks(gone=self.gone, at_disconnect=Status.DISCARD)
+        return self.run_scenario(Scenario(
+            children=[Kid("one", {"helo": Hang()})],
+            steps=[Send(CONNECT), Send(HELO, TEMPFAIL, advance=5), Send(MAIL, ACCEPT)],
+            seen={"one": "connect helo close"},
+        ))
+
     @defer.inlineCallbacks
     def test_checker_that_raises(self):
         """A checker that raises is one log line and counts as connected: the child answers."""
