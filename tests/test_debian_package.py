@@ -757,6 +757,8 @@ class InstalledPackageTests(SynchronousTestCase):
         # twistd ends itself with the signal it got, which systemd counts as a clean stop.
         self.assertIn(manager.returncode, (0, -signal.SIGTERM), read(log))
         self.assertIn("Server Shut Down.", read(log))
+        # Standard output is the journal's; each line is on it once.
+        self.assertEqual(read(log).count("[manager][start]"), 1, read(log))
 
     def test_greylist_unit(self):
         """The greylist unit's command as milter-manager opens its database in StateDirectory=."""
