@@ -4,7 +4,9 @@ import io
 import json
 import os
 import random
+import shutil
 import socket
+import tempfile
 import textwrap
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -12,8 +14,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from miltermanager import config, detect, tap
 from miltermanager.detect import main as detect_main
 from miltermanager.detect.apply import detect_milters
-from miltermanager.detect.shell import Variables
-from miltermanager.detect.specs import BadSpec, normalise
+from miltermanager.detect.shell import Tree as ShellTree
+from miltermanager.detect.shell import Variables, condition_holds, running_lines
+from miltermanager.detect.specs import BadSpec, host_port, normalise
+from tests import detect_trees
 
 GREYLIST = ["Sendmail Compatible", "Stress Notify", "Trust", "Remote Network", "S25R",
             "Unauthenticated"]
@@ -34,26 +38,8 @@ Restart=on-failure
 WantedBy=multi-user.target
 """
 
-# The parts of Debian 12's /etc/init.d/spamass-milter that detection reads.
-SPAMASS_INIT = """\
-#!/bin/sh
-### BEGIN INIT INFO
-# Provides:          spamass-milter
-# Default-Start:     2 3 4 5
-# Short-Description: milter for spamassassin
-# Description:       Calls spamassassin to allow filtering out
-#                    spam from ham in libmilter compatible MTAs.
-### END INIT INFO
-
-NAME=spamass-milter
-DAEMON=/usr/sbin/spamass-milter
-SOCKET=/var/run/spamass/spamass.sock
-OPTIONS=""
-if [ -x /usr/sbin/postfix ]; then
-    SOCKET="/var/spool/postfix/spamass/spamass.sock"
-fi;
-[ -e /etc/default/spamass-milter ] && . /etc/default/spamass-milter
-"""
+# Debian 12's own /etc/init.d/spamass-milter (package 0.4.0-2), as installed.
+SPAMASS_INIT = detect_trees.fixture("debian-spamass-milter.init")
 
 CLAMAV_INIT = """\
 #!/bin/sh
@@ -146,6 +132,21 @@ class SpecTests(SynchronousTestCase):
                 ('  "inet:8891@localhost" ', "inet:8891@[127.0.0.1]")]:
             self.assertEqual(normalise(written), expected, written)
 
+    def test_ipv6_loopback(self):
+        """IPv6 loopback and any-address stay IPv6: the milter may listen on IPv6 only."""
+        for written, expected in [
+                ("inet:25@[::1]", "inet6:25@[::1]"),
+                ("inet:25@::1", "inet6:25@[::1]"),
+                ("inet:25@[::]", "inet6:25@[::1]"),
+                ("inet6:25@localhost", "inet6:25@[::1]"),
+                ("inet:25@ip6-localhost", "inet6:25@[::1]"),
+                ("inet:[::]:25", "inet6:25@[::1]"),
+                ("inet6:25@0.0.0.0", "inet:25@[127.0.0.1]"),
+                ("inet:25@127.0.0.1", "inet:25@[127.0.0.1]")]:
+            self.assertEqual(normalise(written), expected, written)
+        self.assertEqual(host_port("[::]:11332"), "inet6:11332@[::1]")
+        self.assertEqual(host_port("*:11332"), "inet:11332@[127.0.0.1]")
+
     def test_bad(self):
         """What is no socket says why."""
         for written, reason in [
@@ -176,6 +177,194 @@ class ShellTests(SynchronousTestCase):
         self.assertEqual(variables.values, {"RUNDIR": "/run/x", "SOCKET": "local:/run/x/x.sock",
                                             "OTHER": "/d/y", "LITERAL": "$RUNDIR"})
         self.assertEqual(variables.origin("SOCKET"), "/etc/default/x")
+
+
+class ConditionTests(SynchronousTestCase):
+    """`if` branches decided by file tests against the tree, as the shell would decide them."""
+
+    def setUp(self):
+        self.tree = Tree(self)
+        self.tree.write("/usr/sbin/postfix", "#!/bin/sh\n")
+        os.chmod(os.path.join(self.tree.root, "usr/sbin/postfix"), 0o755)
+        self.tree.write("/etc/plain", "x\n")
+        self.tree.write("/etc/empty", "")
+        self.tree.directory("/var/spool/postfix")
+        self.shell = ShellTree(self.tree.root)
+
+    def holds(self, text, **values):
+        variables = Variables()
+        for name, value in values.items():
+            variables.set(name, value, "/x")
+        return condition_holds(text, self.shell, variables)
+
+    def test_file_tests(self):
+        """-x -f -d -e -r -s -L, `!` and `test` against the tree; not the host's files."""
+        for text, expected in [
+                ("[ -x /usr/sbin/postfix ]", True), ("[ -x /etc/plain ]", False),
+                ("[ -f /etc/plain ]", True), ("[ -f /var/spool/postfix ]", False),
+                ("[ -d /var/spool/postfix ]", True), ("[ -e /etc/absent ]", False),
+                ("[ -e /bin/sh ]", False), ("[ -r /etc/plain ]", True),
+                ("[ -s /etc/empty ]", False), ("[ -s /etc/plain ]", True),
+                ("[ -L /etc/plain ]", False), ("[ ! -x /usr/sbin/postfix ]", False),
+                ("! [ -e /etc/absent ]", True), ("test -f /etc/plain", True),
+                ('[ -r "$DEFAULT" ]', True), ("[ -r $UNSET ]", None),
+                ("[ -x usr/sbin/postfix ]", None), ('[ -n "$X" ]', None),
+                ("grep -q x /etc/plain", None)]:
+            self.assertEqual(self.holds(text, DEFAULT="/etc/plain"), expected, text)
+
+    def test_and_or(self):
+        """&& and || left to right; an unknown part decides nothing unless the other does."""
+        for text, expected in [
+                ("[ -e /etc/absent ] && egrep -q x /etc/absent", False),
+                ("[ -e /etc/plain ] && egrep -q x /etc/plain", None),
+                ("[ -e /etc/plain ] && [ -d /var/spool/postfix ]", True),
+                ("[ -e /etc/absent ] || [ -f /etc/plain ]", True),
+                ("egrep -q x /etc/plain || [ -f /etc/plain ]", True),
+                ("[ -e /etc/absent ] || egrep -q x /etc/plain", None),
+                ("[ -e /etc/absent ] && [ -f /etc/plain ] || [ -d /etc/plain ]", False),
+                ("[ -e /etc/plain ] | cat", None)]:
+            self.assertEqual(self.holds(text), expected, text)
+
+    def test_branches(self):
+        """Only the lines of branches that run (or may run) are read."""
+        text = textwrap.dedent("""\
+            A=1
+            if [ -x /usr/sbin/postfix ]; then
+                B=postfix
+                if [ -e /etc/absent ]
+                then
+                    C=never
+                else
+                    C=else
+                fi
+            elif [ -e /etc/plain ]; then
+                B=elif
+            else
+                B=else
+            fi;
+            if [ -e /etc/absent ]; then D=never; fi
+            if [ -e /etc/plain ]; then E=one-line; fi
+            if grep -q x /etc/plain; then
+                F=unknown
+            else
+                F=unknown-else
+            fi
+            if [ -e /etc/absent ]; then
+                G=no
+            elif [ -f /etc/plain ]; then
+                G=elif
+            fi
+            """)
+        self.assertEqual(list(running_lines(text, self.shell, Variables())), [
+            "A=1", "    B=postfix", "        C=else", "E=one-line", "    F=unknown",
+            "    F=unknown-else", "    G=elif"])
+        variables = Variables()
+        variables.read_assignments(text, "/x", tree=self.shell)
+        self.assertEqual(variables.values, {"A": "1", "B": "postfix", "C": "else",
+                                            "E": "one-line", "F": "unknown-else", "G": "elif"})
+
+
+class MatrixTests(SynchronousTestCase):
+    """The detection matrix of docs/detection.md: every platform and milter, broken cases."""
+
+    def setUp(self):
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+
+    def test_platforms(self):
+        """Each platform's tree with all six milters: the socket each is found on, from where."""
+        self.assertEqual(detect_trees.matrix(self.directory), MATRIX)
+
+    def test_cases(self):
+        """Variants and broken files: the socket, or the skip with its file and reason."""
+        self.assertEqual(detect_trees.cases(self.directory), CASES)
+
+    def test_docs(self):
+        """docs/detection.md holds the matrix as scripts/detection-matrix prints it."""
+        docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "docs", "detection.md")
+        with open(docs, encoding="utf-8") as file:
+            self.assertIn(detect_trees.markdown(self.directory), file.read())
+
+
+MATRIX = {
+    ("debian", "opendkim"): "`unix:/run/opendkim/opendkim.sock` from `/etc/opendkim.conf`",
+    ("debian", "opendmarc"): "`unix:/run/opendmarc/opendmarc.sock` from `/etc/opendmarc.conf`",
+    ("debian", "clamav-milter"):
+        "`unix:/var/run/clamav/clamav-milter.ctl` from `/etc/clamav/clamav-milter.conf`",
+    ("debian", "spamass-milter"):
+        "`unix:/var/spool/postfix/spamass/spamass.sock` from `/etc/init.d/spamass-milter`",
+    ("debian", "milter-greylist"): "`unix:/var/run/milter-greylist/milter-greylist.sock` "
+                                   "from `/etc/milter-greylist/greylist.conf`",
+    ("debian", "rspamd"): "`inet:11332@[127.0.0.1]` from `/etc/rspamd/worker-proxy.inc`",
+    ("redhat", "opendkim"): "`inet:8891@[127.0.0.1]` from `/etc/opendkim.conf`",
+    ("redhat", "opendmarc"): "`inet:8893@[127.0.0.1]` from `/etc/opendmarc.conf`",
+    ("redhat", "clamav-milter"):
+        "`unix:/run/clamav-milter/clamav-milter.socket` from `/etc/mail/clamav-milter.conf`",
+    ("redhat", "spamass-milter"):
+        "`unix:/run/spamass-milter/spamass-milter.sock` from `/etc/sysconfig/spamass-milter`",
+    ("redhat", "milter-greylist"):
+        "`unix:/run/milter-greylist/milter-greylist.sock` from `/etc/mail/greylist.conf`",
+    ("redhat", "rspamd"):
+        "`unix:/run/rspamd/milter.sock` from `/etc/rspamd/local.d/worker-proxy.inc`",
+    ("freebsd", "opendkim"):
+        "milter-opendkim: `inet:8891@[127.0.0.1]` from `/usr/local/etc/rc.d/milter-opendkim`",
+    ("freebsd", "opendmarc"): "`inet:8893@[127.0.0.1]` from `/usr/local/etc/rc.d/opendmarc`",
+    ("freebsd", "clamav-milter"):
+        "`unix:/var/run/clamav/clmilter.sock` from `/usr/local/etc/clamav-milter.conf`",
+    ("freebsd", "spamass-milter"):
+        "`unix:/var/run/spamass-milter.sock` from `/usr/local/etc/rc.d/spamass-milter`",
+    ("freebsd", "milter-greylist"): "`unix:/var/milter-greylist/milter-greylist.sock` from "
+                                    "`/usr/local/etc/mail/greylist.conf`",
+    ("freebsd", "rspamd"):
+        "`inet:11332@[127.0.0.1]` from `/usr/local/etc/rspamd/worker-proxy.inc`",
+    ("pkgsrc", "opendkim"): "dkim-filter: `unix:/var/run/dkim-filter/dkim-filter.sock` from "
+                            "`/usr/pkg/etc/rc.d/dkim-filter`",
+    ("pkgsrc", "opendmarc"): "`inet:8893@[127.0.0.1]` from `/usr/pkg/etc/opendmarc.conf`",
+    ("pkgsrc", "clamav-milter"): "not a candidate",
+    ("pkgsrc", "spamass-milter"):
+        "`unix:/var/run/spamass.sock` from `/usr/pkg/etc/rc.d/spamass-milter`",
+    ("pkgsrc", "milter-greylist"):
+        "`unix:/var/run/milter-greylist.sock` from `/usr/pkg/etc/mail/greylist.conf`",
+    ("pkgsrc", "rspamd"): "not a candidate",
+}
+
+CASES = [
+    ("debian", "spamass-milter", "Debian's own files, Postfix not installed",
+     "`unix:/var/run/spamass/spamass.sock` from `/etc/init.d/spamass-milter`"),
+    ("debian", "opendkim", "Socket written twice with different values",
+     ("skipped: `/etc/opendkim.conf`: Socket is set more than once with different values "
+      "(line 1: 'inet:8891@localhost', line 2: 'local:/run/o.sock'); which one the milter "
+      "uses is unclear")),
+    ("debian", "opendkim", "the unit's -x names a file that is not there",
+     ("skipped: `/etc/opendkim/opendkim.conf`: missing, yet "
+      "/lib/systemd/system/opendkim.service names it as opendkim's configuration")),
+    ("debian", "opendkim", "init script, SOCKET uses $RUNDIR, which nothing sets",
+     ("skipped: `/etc/default/opendkim`: SOCKET: socket 'local:$RUNDIR/opendkim.sock' uses a "
+      "shell variable or command that is not set where it is read")),
+    ("debian", "opendmarc", "unit, but no opendmarc.conf",
+     ("skipped: `/lib/systemd/system/opendmarc.service`: no socket found (looked for -p in "
+      "ExecStart; a socket in /etc/opendmarc.conf; the variables SOCKET, SOCKFILE, "
+      "CONNECTION_SPEC)")),
+    ("debian", "clamav-milter", "clamav-milter.conf still the example",
+     ("skipped: `/etc/clamav/clamav-milter.conf`: still the example configuration (an "
+      "Example line, no MilterSocket): clamav-milter is not configured")),
+    ("debian", "rspamd", "proxy worker not in milter mode",
+     ("skipped: `/etc/rspamd/override.d/worker-proxy.inc`: rspamd's proxy worker is not in "
+      "milter mode (milter = yes)")),
+    ("redhat", "spamass-milter", "the unit's EnvironmentFile= (no '-') is missing",
+     ("skipped: `/etc/sysconfig/spamass-milter`: missing, and "
+      "/usr/lib/systemd/system/spamass-milter.service needs it (EnvironmentFile= without "
+      "'-'): the service cannot start")),
+    ("redhat", "opendkim", "unit masked (linked to /dev/null)",
+     "`inet:8891@[127.0.0.1]` (disabled) from `/etc/opendkim.conf`"),
+    ("freebsd", "spamass-milter", "rc.d script without name=",
+     ("skipped: `/usr/local/etc/rc.d/spamass-milter`: no name= line: the rc.d script's "
+      "variables cannot be known")),
+    ("pkgsrc", "milter-greylist", "greylist.conf socket is a relative path",
+     ("skipped: `/usr/pkg/etc/mail/greylist.conf`: socket: socket 'var/run/greylist.sock' has "
+      "no type and is not a path")),
+]
 
 
 class DebianSystemdTests(SynchronousTestCase):
@@ -392,13 +581,38 @@ class DebianInitTests(SynchronousTestCase):
             "Calls spamassassin to allow filtering out spam from ham in libmilter compatible "
             "MTAs.", FILTER)])
 
-    def test_script_default(self):
-        """Without /etc/default, the script's own last SOCKET= is taken, as upstream."""
+    def test_script_default_postfix_branch(self):
+        """Debian's own script and /etc/default: the socket of the branch that runs in the tree.
+
+        The script sets /var/run/spamass/spamass.sock, then, inside
+        `if [ -x /usr/sbin/postfix ]`, /var/spool/postfix/spamass/spamass.sock.
+        """
         self.tree.write("/etc/init.d/spamass-milter", SPAMASS_INIT)
-        [result] = self.tree.detect().found
-        self.assertEqual((result.connection_spec, result.source, result.enabled),
-                         ("unix:/var/spool/postfix/spamass/spamass.sock",
-                          "/etc/init.d/spamass-milter", True))
+        self.tree.write("/etc/default/spamass-milter",
+                        detect_trees.fixture("debian-spamass-milter.default"))
+
+        def result():
+            [found_] = self.tree.detect().found
+            return found_.connection_spec, found_.source, found_.enabled
+
+        self.assertEqual(result(), ("unix:/var/run/spamass/spamass.sock",
+                                    "/etc/init.d/spamass-milter", True))
+        self.tree.write("/usr/sbin/postfix", "not executable\n")
+        self.assertEqual(result()[0], "unix:/var/run/spamass/spamass.sock")
+        os.chmod(os.path.join(self.tree.root, "usr/sbin/postfix"), 0o755)
+        self.assertEqual(result(), ("unix:/var/spool/postfix/spamass/spamass.sock",
+                                    "/etc/init.d/spamass-milter", True))
+
+    def test_postfix_link_inside_root(self):
+        """/usr/sbin/postfix as an absolute link is followed inside the tree, not on this host."""
+        self.tree.write("/etc/init.d/spamass-milter", SPAMASS_INIT)
+        self.tree.link("/usr/sbin/postfix", "/bin/sh")  # exists on this host, not in the tree
+        self.assertEqual(self.tree.detect().found[0].connection_spec,
+                         "unix:/var/run/spamass/spamass.sock")
+        self.tree.write("/bin/sh", "#!/bin/true\n")
+        os.chmod(os.path.join(self.tree.root, "bin/sh"), 0o755)
+        self.assertEqual(self.tree.detect().found[0].connection_spec,
+                         "unix:/var/spool/postfix/spamass/spamass.sock")
 
     def test_enabled_zero(self):
         """ENABLED=0 in /etc/default disables it."""
@@ -823,7 +1037,7 @@ class CommandTests(SynchronousTestCase):
             """))
 
     def test_json(self):
-        """--json: the same report as one document, reachability checked."""
+        """--json: the same report as one document; another tree's inet socket not checked."""
         status, output = self.run_main("--json")
         self.assertEqual(status, 0)
         self.assertEqual(json.loads(output), {
@@ -831,7 +1045,9 @@ class CommandTests(SynchronousTestCase):
             "found": [{"name": "opendkim", "connection_spec": f"inet:{self.port}@[127.0.0.1]",
                        "enabled": True, "source": "/etc/opendkim.conf",
                        "description": "OpenDKIM Milter", "applicable_conditions": [],
-                       "reachable": False, "reach_error": "Connection refused",
+                       "reachable": None, "reach_error":
+                           f"not checked: an inet socket of the tree under {self.tree.root}, "
+                           "not of this host",
                        "tarpit": None, "note": None}],
             "skipped": [{"name": "clamav-milter", "path": "/etc/clamav/clamav-milter.conf",
                          "reason": "still the example configuration (an Example line, no "
@@ -926,3 +1142,35 @@ class ReachableTests(SynchronousTestCase):
         detect.check_reachable(report, timeout=2)
         self.assertEqual([(result.reachable, result.reach_error) for result in report.found],
                          [(True, None), (False, "No such file or directory")])
+
+    def test_under_root(self):
+        """Under another root, UNIX paths are that tree's; inet sockets are not this host's."""
+        root = tempfile.mkdtemp(prefix="mm-")  # short: a UNIX socket path holds 107 bytes
+        self.addCleanup(shutil.rmtree, root)
+        os.makedirs(os.path.join(root, "run"))
+        os.symlink("/run", os.path.join(root, "var-run"))  # followed inside the root
+        listener = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listener.close)
+        listener.bind(os.path.join(root, "run", "m.sock"))
+        listener.listen(1)
+        host = socket.socket(socket.AF_UNIX)  # a socket of this host, at a path not in root
+        self.addCleanup(host.close)
+        host.bind(os.path.join(root, "host.sock"))
+        host.listen(1)
+        tcp = socket.socket()
+        self.addCleanup(tcp.close)
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(1)
+        report = detect.Report("debian", root, [
+            found("tree", "unix:/run/m.sock", True, "/x"),
+            found("linked", "unix:/var-run/m.sock", True, "/x"),
+            found("host", f"unix:{root}/host.sock", True, "/x"),
+            found("tcp", f"inet:{tcp.getsockname()[1]}@[127.0.0.1]", True, "/x")])
+        detect.check_reachable(report, timeout=2)
+        self.assertEqual([(result.reachable, result.reach_error) for result in report.found], [
+            (True, None), (True, None), (False, "No such file or directory"),
+            (None, f"not checked: an inet socket of the tree under {root}, not of this host")])
+        report.found = report.found[3:]
+        self.assertIn(f"  tcp: {report.found[0].connection_spec} (enabled, not checked: an "
+                      f"inet socket of the tree under {root}, not of this host)\n",
+                      detect_main.text(report))

@@ -6,7 +6,7 @@
                     #        applicable_conditions, reachable=None, ...)], candidate order
     report.skipped  # [Skipped(name, path, reason)]: installed, but files missing or odd
     report.direct   # [Direct(parameter, written, spec, reason)]: Postfix's own milter lists
-    detect.check_reachable(report, timeout=1.0)   # fills Found.reachable
+    detect.check_reachable(report, timeout=1.0)   # fills Found.reachable, under report.root
 
 Nothing here raises for what it reads: a candidate whose files are broken
 is skipped with the file and the reason. Detection never sets a command to

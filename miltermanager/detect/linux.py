@@ -191,10 +191,10 @@ def _no_socket(candidate, flavour, where):
 def _from_init(tree, candidate, flavour, script):
     text = tree.read(script)
     variables = Variables()
-    variables.read_assignments(text, script)
+    variables.read_assignments(text, script, tree=tree)
     environment = f"{flavour.environment}/{candidate.name}"
     if tree.exists(environment):
-        variables.read_assignments(tree.read(environment), environment)
+        variables.read_assignments(tree.read(environment), environment, tree=tree)
     flags = " ".join(f"${name}" for name in flavour.flags if name in variables)
     named = None
     for name in flavour.files.get(candidate.kind, ()):

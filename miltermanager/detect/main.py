@@ -76,7 +76,9 @@ def text(report, checked=True):
     lines.append(f"found ({len(report.found)}):" if report.found else "found: none")
     for found in report.found:
         state = "enabled" if found.enabled else "disabled"
-        if checked:
+        if checked and found.reachable is None:
+            state += f", {found.reach_error}"
+        elif checked:
             reach = "reachable" if found.reachable else f"NOT reachable ({found.reach_error})"
             state += f", {reach}"
         lines.append(f"  {found.name}: {found.connection_spec} ({state})")

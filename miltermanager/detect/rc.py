@@ -12,7 +12,7 @@ import re
 
 from .common import checked, found, own_file, socket_option
 from .report import Skip
-from .shell import ASSIGNMENT, Variables, logical_lines, shell_word
+from .shell import ASSIGNMENT, Variables, logical_lines, running_lines, shell_word
 
 _YES = ("yes", "true", "on", "1")
 
@@ -27,13 +27,13 @@ def detect(tree, candidate, platform, rc_d):
     name = _script_name(text, variables, script)
     if not name:
         raise Skip(script, "no name= line: the rc.d script's variables cannot be known")
-    rcvar, defaults, command_args = _read_script(text, name, variables, script, platform)
+    rcvar, defaults, command_args = _read_script(tree, text, name, variables, script, platform)
     conf_files = ["/etc/rc.conf", "/etc/rc.conf.local", f"/etc/rc.conf.d/{name}",
                   f"/usr/local/etc/rc.conf.d/{name}"] if platform == "freebsd" else \
         ["/etc/rc.conf", f"/etc/rc.conf.d/{name}"]
     for path in conf_files:
         if tree.isfile(path):
-            variables.read_assignments(tree.read(path), path)
+            variables.read_assignments(tree.read(path), path, tree=tree)
     for variable, value in defaults:
         if not variables.get(variable):
             variables.set(variable, variables.expand(value), script)
@@ -65,13 +65,13 @@ def _script_name(text, variables, script):
     return None
 
 
-def _read_script(text, name, variables, script, platform):
+def _read_script(tree, text, name, variables, script, platform):
     """(rcvar as written, [(variable, default)], command_args as written)."""
     rcvar = f"{name}_enable" if platform == "freebsd" else name
     defaults, command_args = [], None
     before_load = True
     pattern = re.compile(r"\$\{(" + re.escape(name) + r"_\w+?)(?::?[-=])((?:[^{}]|\{[^{}]*\})*)\}")
-    for line in logical_lines(text):
+    for line in running_lines(text, tree, variables):
         if re.match(r"\s*load_rc_config\b", line):
             before_load = False
         for variable, value in pattern.findall(line):

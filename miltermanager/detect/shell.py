@@ -6,6 +6,15 @@ running them, as upstream did: `VAR=value` lines are taken in order, and
 `$VAR`, `${VAR}`, `${VAR:-default}` are expanded from what was read. A
 reference to something never set stays as written, so that a socket that
 needs it is reported with the unexpanded text instead of a guess.
+
+Unlike upstream, an `if`/`elif` whose condition is a file test (`[ -x PATH ]`,
+`test -f PATH`, `!`, `&&`, `||`) is decided against the tree, so that only
+the branch that runs is read: Debian's spamass-milter script sets its socket
+in `if [ -x /usr/sbin/postfix ]`. A condition that cannot be decided here (a
+command, a string test) leaves its branches read, as before.
+
+Symbolic links under a root other than / are followed inside that root, as
+a chroot would: an absolute link never leads to this host's files.
 """
 
 import glob
@@ -29,16 +38,37 @@ class Tree:
     def __init__(self, root="/"):
         self.root = os.path.abspath(root)
 
-    def real(self, path):
-        """Where path is under the root."""
-        return os.path.join(self.root, path.lstrip("/"))
+    def real(self, path, follow_last=True):
+        """Where path is under the root, its symbolic links followed inside the root."""
+        if self.root == "/":
+            return os.path.join("/", path.lstrip("/"))
+        parts, done, links = [part for part in path.split("/") if part], [], 0
+        while parts:
+            part = parts.pop(0)
+            if part in (".", ".."):
+                if part == ".." and done:
+                    done.pop()
+                continue
+            here = os.path.join(self.root, *done, part)
+            if (parts or follow_last) and os.path.islink(here) and links < 40:
+                links += 1  # past 40 (a loop), the path is left to fail as the system's would
+                try:
+                    target = os.readlink(here)
+                except OSError:
+                    target = part
+                if target.startswith("/"):
+                    done = []
+                parts[:0] = [piece for piece in target.split("/") if piece]
+                continue
+            done.append(part)
+        return os.path.join(self.root, *done)
 
     def exists(self, path):
         return os.path.exists(self.real(path))
 
     def lexists(self, path):
         """path exists, or is a symbolic link (whose target may be outside a test's root)."""
-        return os.path.lexists(self.real(path))
+        return os.path.lexists(self.real(path, follow_last=False))
 
     def isfile(self, path):
         return os.path.isfile(self.real(path))
@@ -46,7 +76,7 @@ class Tree:
     def link_target(self, path):
         """The target of the symbolic link at path, or None."""
         try:
-            return os.readlink(self.real(path))
+            return os.readlink(self.real(path, follow_last=False))
         except OSError:
             return None
 
@@ -109,9 +139,13 @@ class Variables:
         """The names of the variables text refers to, in order."""
         return [match.group(1) or match.group(4) for match in _REFERENCE.finditer(text)]
 
-    def read_assignments(self, text, origin, accept=None):
-        """Take every VAR=value line of the shell text, in order (accept(name) filters)."""
-        for line in logical_lines(text):
+    def read_assignments(self, text, origin, accept=None, tree=None):
+        """Take every VAR=value line of the shell text, in order (accept(name) filters).
+
+        With tree, lines in an `if` branch that does not run there are passed over.
+        """
+        lines = logical_lines(text) if tree is None else running_lines(text, tree, self)
+        for line in lines:
             match = ASSIGNMENT.fullmatch(line)
             if match is None or (accept is not None and not accept(match.group(1))):
                 continue
@@ -133,6 +167,125 @@ def logical_lines(text):
     if pending:
         lines.append(pending)
     return lines
+
+
+_BRANCH = re.compile(r"\s*(if|elif|else|fi|then)(?=$|[\s;])\s*(.*?)\s*$")
+_THEN = re.compile(r"(.*?)(?:^|;|\s)\s*then(?:$|[\s;])\s*(.*)$")
+_FILE_TESTS = {"-e", "-f", "-d", "-x", "-r", "-s", "-L", "-h"}
+
+
+def running_lines(text, tree, variables):
+    """The logical lines of shell text that run, or may run, under tree.
+
+    `if`/`elif`/`else`/`fi` are followed; a branch is passed over only when
+    its condition is decided false (or an earlier branch decided true).
+    Conditions are expanded with variables as read up to that line.
+    """
+    frames = []  # per open `if`: [an earlier branch ran (True/False/None), this one runs]
+    for line in logical_lines(text):
+        match = _BRANCH.match(line)
+        live = all(frame[1] is not False for frame in frames)
+        if match is None:
+            if live:
+                yield line
+            continue
+        keyword, rest = match.groups()
+        body = ""
+        if keyword in ("if", "elif"):
+            then = _THEN.match(rest)
+            condition, body = (then.group(1), then.group(2)) if then else (rest, "")
+            enclosing = frames if keyword == "if" else frames[:-1]
+            decided = condition_holds(condition.rstrip(" ;"), tree, variables) \
+                if all(frame[1] is not False for frame in enclosing) else False
+            if keyword == "if":
+                frames.append([decided, decided])
+            elif frames:
+                earlier = frames[-1][0]
+                runs = False if earlier is True or decided is False else (
+                    decided if earlier is False else None)
+                frames[-1] = [_either(earlier, decided), runs]
+        elif keyword == "else" and frames:
+            earlier = frames[-1][0]
+            frames[-1] = [True, None if earlier is None else not earlier]
+            body = rest.lstrip(";").strip()
+        elif keyword == "fi" and frames:
+            frames.pop()
+        elif keyword == "then":
+            body = rest
+        fi = re.search(r"(?:^|;)\s*fi\s*;?\s*$", body)
+        if fi:
+            body = body[:fi.start()]
+        if body.strip() and all(frame[1] is not False for frame in frames):
+            yield body
+        if fi and frames:
+            frames.pop()
+
+
+def condition_holds(text, tree, variables):
+    """True or False for a condition of file tests decided under tree; None when unknown.
+
+    `A && B` and `A || B` are taken left to right, as the shell does.
+    """
+    try:
+        lexer = shlex.shlex(variables.expand(text), posix=True, punctuation_chars="&|;")
+        lexer.whitespace_split = True
+        tokens = list(lexer)
+    except ValueError:
+        return None
+    result, operator, command = True, "&&", []
+    for token in tokens + ["&&"]:
+        if token not in ("&&", "||"):
+            if token == ";" or token.startswith(("&", "|")):
+                return None  # a list or a pipeline: not a simple test
+            command.append(token)
+            continue
+        value = _test(command, tree)
+        if operator == "&&":
+            result = False if result is False or value is False else (
+                None if result is None or value is None else True)
+        else:
+            result = _either(result, value)
+        operator, command = token, []
+    return result
+
+
+def _either(first, second):
+    """`first || second` where None is unknown."""
+    if first is True or second is True:
+        return True
+    return False if first is False and second is False else None
+
+
+def _test(words, tree):
+    """True/False for `[ -x PATH ]`, `test -f PATH`, with `!`; None for anything else."""
+    negate = False
+    while words and words[0] == "!":
+        negate, words = not negate, words[1:]
+    if words[:1] == ["["] and words[-1:] == ["]"]:
+        words = words[1:-1]
+    elif words[:1] == ["test"]:
+        words = words[1:]
+    else:
+        return None
+    if words[:1] == ["!"]:
+        negate, words = not negate, words[1:]
+    if len(words) != 2 or words[0] not in _FILE_TESTS or not words[1].startswith("/") \
+            or "$" in words[1] or "`" in words[1]:
+        return None
+    test, path = words
+    real = tree.real(path, follow_last=test not in ("-L", "-h"))
+    if test in ("-L", "-h"):
+        holds = os.path.islink(real)
+    elif test == "-f":
+        holds = os.path.isfile(real)
+    elif test == "-d":
+        holds = os.path.isdir(real)
+    elif test == "-s":
+        holds = os.path.exists(real) and os.path.getsize(real) > 0
+    else:
+        holds = os.path.exists(real) and (
+            test == "-e" or os.access(real, os.X_OK if test == "-x" else os.R_OK))
+    return holds != negate
 
 
 def shell_word(text):

@@ -4,8 +4,9 @@ Each milter has its own dialect: libmilter's `local:`/`unix:`/`inet:PORT@HOST`
 with or without a host, bare paths (clamav-milter, spamass-milter),
 Postfix's `inet:HOST:PORT`, rspamd's `HOST:PORT` and `*:PORT`, and
 prefixes written twice. A milter listening on every address (no host,
-`0.0.0.0`, `*`) or on `localhost` is reached on the loopback address, so
-that no name is looked up.
+`0.0.0.0`, `::`, `*`) or on `localhost` is reached on the loopback address
+of its family, so that no name is looked up: IPv6 (`::`, `::1`,
+`ip6-localhost`, `inet6:` without a host) stays IPv6, `inet6:PORT@[::1]`.
 """
 
 import ipaddress
@@ -13,8 +14,10 @@ import re
 
 from miltermanager import connection_spec
 
-_ANY = {"", "*", "0.0.0.0", "localhost", "127.0.0.1", "::", "::1", "ip6-localhost",
-        "localhost6"}
+# Host names meaning the loopback address of the family written (localhost: both exist).
+_LOOPBACK_NAMES = {"": None, "*": None, "localhost": None, "ip6-localhost": "inet6",
+                   "ip6-loopback": "inet6", "localhost6": "inet6"}
+_LOOPBACK = {"inet": "127.0.0.1", "inet6": "::1"}
 _PREFIXES = re.compile(r"((?:unix|local|inet6?):)+", re.IGNORECASE)
 
 
@@ -88,14 +91,17 @@ def _finish(family, host, port, written):
     if not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535:
         raise BadSpec(f"socket {written!r} has no valid port")
     bare = host.strip().strip("[]")
-    if bare.lower() in _ANY:
-        address = "::1" if family == "inet6" else "127.0.0.1"
-        return f"{family}:{int(port)}@[{address}]"
-    version = _version(bare)
-    if version is not None:
-        family = "inet6" if version == 6 else "inet"
-        return f"{family}:{int(port)}@[{bare}]"
-    return f"{family}:{int(port)}@{bare}"
+    if bare.lower() in _LOOPBACK_NAMES:
+        family = _LOOPBACK_NAMES[bare.lower()] or family
+        return f"{family}:{int(port)}@[{_LOOPBACK[family]}]"
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:
+        return f"{family}:{int(port)}@{bare}"
+    family = "inet6" if address.version == 6 else "inet"
+    if address.is_unspecified:  # listening on every address: reached on the loopback one
+        bare = _LOOPBACK[family]
+    return f"{family}:{int(port)}@[{bare}]"
 
 
 def _version(text):
