@@ -211,10 +211,6 @@ class ManagerService(service.Service):
         manager = self.configuration.manager
         self.log.info("[manager][start] listening on {spec}; {children}",
                       spec=manager.connection_spec, children=_children(self.configuration))
-        n_workers = manager.n_workers
-        if n_workers:
-            self.log.warn("[manager][workers] manager.n_workers = {n}: several worker processes "
-                          "are not implemented yet; running one process", n=n_workers)
 
     def _on_sighup(self, number, frame):
         self.reactor.callFromThread(self.reload)
@@ -385,7 +381,12 @@ def _children(configuration):
 
 
 def startup_problems(configuration):
-    """ConfigurationErrors for what only this system can tell: do the users and groups exist?"""
+    """ConfigurationErrors for what only this system can tell: do the users and groups exist?
+
+    Warnings that need the whole configuration, command-line overrides
+    included (the launcher's settings, n_workers), are added to
+    configuration.warnings and logged.
+    """
     import grp
     import pwd
 
@@ -405,7 +406,14 @@ def startup_problems(configuration):
                 f"{section.SECTION}.{name}: no such {kind} {value!r}", section.origins.get(name)))
     errors, warnings = configuration_problems(configuration)
     problems.extend(errors)
-    for text in warnings:  # the loader logged its own already; these are the launcher's
+    n_workers = configuration.manager.n_workers
+    if n_workers:
+        origin = configuration.manager.origins.get("n_workers")
+        warnings.append(f"{origin + ': ' if origin else ''}manager.n_workers = {n_workers}: "
+                        "several worker processes are not implemented yet; one process serves")
+    # The loader logged its own warnings already; these need the whole configuration,
+    # command-line overrides included.
+    for text in warnings:
         if text not in configuration.warnings:
             configuration.warnings.append(text)
             ManagerService.log.warn("[configuration][warning] {text}", text=text)

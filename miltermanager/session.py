@@ -71,6 +71,7 @@ class ManagerSession:
         self.clock = clock = factory.session_clock or reactor
         self.observer = factory.observer
         self.health = factory.health
+        self.launcher = factory.launcher  # starts children nothing listens for, or None
         self.number = factory.new_session_number()
         self._started = clock.seconds()
         self.children = [Child(milter, reactor, clock)
@@ -129,7 +130,7 @@ class ManagerSession:
         return reply
 
     def _child_not_started(self, failure, child, admission):
-        launcher = getattr(getattr(self.server, "factory", None), "launcher", None)
+        launcher = self.launcher
         if launcher is not None and launcher.can_launch(child.config, failure):
             # Nothing listens there: the launcher starts the child, then it is tried again.
             d = launcher.connect_after_launch(child.config, failure,

@@ -253,6 +253,21 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertEqual((code, out), (1, ""))
         self.assertEqual(err, f"{warning[len('warning: '):]} (an error with --strict)\n")
 
+    def test_n_workers_warning(self):
+        """n_workers > 0 from a file or the command line is a warning: one process serves."""
+        path = os.path.join(self.dir, "milter-manager.conf")
+        with open(path, "w") as file:
+            file.write(f'manager.connection_spec = "inet:{free_port()}@[{HOST}]"\n'
+                       'manager.n_workers = 2\n')
+        code, out, err = finish(twistd(["-c", path, "--check-config"], self.dir))
+        self.assertEqual((code, out), (0, f"configuration OK: {path}\n"))
+        self.assertEqual(err, f"warning: {path}:2: manager.n_workers = 2: several worker "
+                              "processes are not implemented yet; one process serves\n")
+        code, out, err = finish(twistd(["-c", path, "--check-config", "--n-workers", "3"],
+                                       self.dir))
+        self.assertEqual(err, "warning: --n-workers: manager.n_workers = 3: several worker "
+                              "processes are not implemented yet; one process serves\n")
+
     def test_check_reload(self):
         """--check-reload and --show-config pass the address a running manager holds.
 
