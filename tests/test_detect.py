@@ -1036,6 +1036,15 @@ class CommandTests(SynchronousTestCase):
                 milter.applicable_conditions = []
             """))
 
+    def test_reader_gone(self):
+        """A reader that leaves early (`| head`) ends the command with status 1, no traceback."""
+        class Closed(io.StringIO):
+            def write(self, text):
+                raise BrokenPipeError(32, "Broken pipe")
+
+        status = detect_main.main(["--root", self.tree.root, "--json"], stdout=Closed())
+        self.assertEqual(status, 1)
+
     def test_json(self):
         """--json: the same report as one document; another tree's inet socket not checked."""
         status, output = self.run_main("--json")

@@ -61,12 +61,16 @@ def main(argv=None, stdout=None):
                     _options(parser, arguments.package_options), postconf)
     if not arguments.no_check:
         check_reachable(report)
-    if arguments.json:
-        json.dump(report.as_dict(), stdout, indent=2)
-        stdout.write("\n")
-    else:
-        stdout.write(text(report, checked=not arguments.no_check))
-    stdout.flush()
+    output = (json.dumps(report.as_dict(), indent=2) + "\n" if arguments.json
+              else text(report, checked=not arguments.no_check))
+    try:
+        stdout.write(output)
+        stdout.flush()
+    except BrokenPipeError:
+        # The reader left (`| head`): no traceback, and none at exit's flush either.
+        if stdout is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 
