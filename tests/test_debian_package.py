@@ -38,6 +38,22 @@ CLEAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 _builds = {}
 
 
+def assert_root_writable_only(test, listing):
+    """Every entry of a `dpkg-deb -c` listing but links is root's and writable by root only.
+
+    Returns how many entries were checked.
+    """
+    checked = 0
+    for line in listing:
+        permissions, owner = line.split()[:2]
+        if permissions.startswith("l"):
+            continue
+        test.assertEqual(owner, "root/root", line)
+        test.assertFalse(permissions[5] == "w" or permissions[8] == "w", line)
+        checked += 1
+    return checked
+
+
 def built_package(tarball=False):
     """Build the package once per process; return a dict describing it.
 
@@ -211,12 +227,7 @@ class FileListTests(SynchronousTestCase):
 
     def test_owned_by_root(self):
         """Files are root's: the configuration loader refuses files others could change."""
-        for line in self.package["listing"]:
-            permissions, owner = line.split()[:2]
-            if permissions.startswith("l"):
-                continue
-            self.assertEqual(owner, "root/root", line)
-            self.assertFalse(permissions[5] == "w" or permissions[8] == "w", line)
+        assert_root_writable_only(self, self.package["listing"])
 
     def test_systemd_and_tmpfiles(self):
         """Both units, and tmpfiles entries for /run/milter-manager and /var/lib/milter-manager."""
@@ -443,15 +454,7 @@ class TarballBuildTests(SynchronousTestCase):
 
         The configuration loader refuses /etc files and package data others could change.
         """
-        checked = 0
-        for line in self.package["listing"]:
-            permissions, owner = line.split()[:2]
-            if permissions.startswith("l"):
-                continue
-            self.assertEqual(owner, "root/root", line)
-            self.assertFalse(permissions[5] == "w" or permissions[8] == "w", line)
-            checked += 1
-        self.assertGreater(checked, 50)
+        self.assertGreater(assert_root_writable_only(self, self.package["listing"]), 50)
         self.assertIn(f"{DIST_PACKAGES}/miltermanager/etc/applicable-conditions/s25r.conf",
                       self.package["files"])
 

@@ -97,12 +97,14 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(seen, [made.reactor])
 
     def test_n_workers_said(self):
-        """n_workers > 0 says that one process serves, not silently."""
-        made = self.make(n_workers=4)
-        events = capture(self, made)
-        made.startService()
-        self.assertTrue(any("several worker processes are not implemented yet" in text
-                            for text in texts(events)))
+        """n_workers > 0 is a configuration warning, logged once: one process serves."""
+        settings = configuration(n_workers=4)
+        events = capture(self, service.ManagerService)
+        self.assertEqual(service.startup_problems(settings), [])
+        warning = ("manager.n_workers = 4: several worker processes are not implemented yet; "
+                   "one process serves")
+        self.assertEqual(settings.warnings, [warning])
+        self.assertEqual(texts(events), [f"[configuration][warning] {warning}"])
 
     def test_stop_goes_on_when_the_port_does_not_close(self):
         """A listening port failing to close is logged; the stop still drains and fires."""
