@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import connection_spec
+from .paths import directory_problem
 from .twisted_internals import forget_socket_file
 
 
@@ -59,8 +60,6 @@ class UNIXSocketEndpoint:
                 gid = grp.getgrnam(self.group).gr_gid
             except KeyError:
                 return defer.fail(self._group_error("no such group"))
-        from .process import directory_problem
-
         problem = directory_problem(self.path)
         if problem is not None:
             return defer.fail(CannotListenError(None, self.path, problem))
@@ -183,8 +182,6 @@ def listen_problem(settings):
     """
     spec = connection_spec.parse(settings.connection_spec)
     if spec.is_unix:
-        from .process import directory_problem
-
         problem = directory_problem(spec.path)
         if problem is not None:
             return problem

@@ -44,16 +44,6 @@ def max_file_descriptors_problem(count):
     return None
 
 
-def directory_problem(path):
-    """Why a file cannot be created at path (its directory missing or not writable), or None."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        return f"directory {directory} does not exist"
-    if not os.access(directory, os.W_OK | os.X_OK):
-        return f"directory {directory} is not writable"
-    return None
-
-
 def resolve_identity(user, group):
     """(uid, gid, user name) to switch to for effective_user/effective_group; None for unset.
 

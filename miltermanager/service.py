@@ -38,10 +38,10 @@ from .factory import ManagerFactory
 from .launcher import configuration_problems, reconfigured, start_launcher
 from .listening import cannot_listen_reason, listen_endpoint, listen_problem
 from .logs import LogRouter
+from .paths import directory_problem
 from .process import (
-    StartError, directory_problem, drop_privileges, max_file_descriptors_problem,
-    remove_pid_file, resolve_identity, set_max_file_descriptors, spawn_cleaner, switch_problem,
-    write_pid_file,
+    StartError, drop_privileges, max_file_descriptors_problem, remove_pid_file, resolve_identity,
+    set_max_file_descriptors, spawn_cleaner, switch_problem, write_pid_file,
 )
 
 # How long SIGTERM waits for MTA connections in flight before closing them. Postfix keeps a

@@ -41,7 +41,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 import miltermanager
-from miltermanager.process import StartError, directory_problem, remove_pid_file
+from miltermanager.paths import directory_problem
+from miltermanager.process import StartError, remove_pid_file
 from miltermanager.service import ManagerService, error_lines, start_problems, startup_problems
 
 # twistd's --pidfile when daemonized and neither --pidfile nor manager.pid_file is given.
