@@ -1063,6 +1063,14 @@ class UpstreamItemTests(ConfigTestCase):
         self.assertEqual(config.loader.custom_file(configuration),
                          "/nonexistent/.milter-manager/milter-manager.custom.conf")
 
+    def test_suspend_time_on_unacceptable_warns(self):
+        """suspend_time_on_unacceptable is accepted and warned about: nothing waits here."""
+        path = self.write("milter-manager.conf", "manager.suspend_time_on_unacceptable = 9\n")
+        self.assertEqual(config.load(path).warnings, [
+            f"{path}:1: manager.suspend_time_on_unacceptable = 9: accepted for upstream's files; "
+            "accepting resumes as soon as a connection ends below max_connections, so nothing "
+            "waits a fixed time (raise max_file_descriptors if the process runs out of them)"])
+
     def test_controller_settings_warn(self):
         """controller.* is accepted and warned about: nothing listens for it yet."""
         path = self.write("milter-manager.conf",

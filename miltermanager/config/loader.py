@@ -62,6 +62,10 @@ WITHOUT_EFFECT = {
     ("manager", "event_loop_backend"):
         "accepted for upstream's files; milter-manager runs on Twisted's reactor whatever "
         "the value",
+    ("manager", "suspend_time_on_unacceptable"):
+        "accepted for upstream's files; accepting resumes as soon as a connection ends "
+        "below max_connections, so nothing waits a fixed time (raise max_file_descriptors "
+        "if the process runs out of them)",
     ("manager", "max_pending_finished_sessions"):
         "accepted for upstream's files; a finished session is freed at once here, and "
         "maintenance runs every maintenance_interval finished sessions even under constant "
