@@ -303,6 +303,8 @@ def _answer(line, table, running, start):
         return {"id": ident, "error": f"no such user {user!r}"}
     except OSError as problem:
         return {"id": ident, "error": f"cannot run /bin/sh: {problem.strerror or problem}"}
+    except (ValueError, subprocess.SubprocessError) as problem:  # a NUL in it, for one
+        return {"id": ident, "error": f"cannot run {command!r}: {problem}"}
     running[process.pid] = ((command, user), process)
     return {"id": ident, "pid": process.pid}
 
@@ -529,10 +531,16 @@ class Launcher:
         for launch in list(self._launches.values()):
             launch.failed(f"cannot start {launch.what}: the process launcher ended")
         self._requests.clear()
+        self._reap()
+
+    def _reap(self, tries=50):
+        """Collect the launcher's exit status, which may come a moment after its end of file."""
         try:
-            os.waitpid(self.pid, os.WNOHANG)
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
-            pass
+            return
+        if pid == 0 and tries:
+            self.clock.callLater(0.1, self._reap, tries - 1)
 
 
 class _Launch:

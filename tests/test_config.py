@@ -423,10 +423,16 @@ class ValidationTests(ConfigTestCase):
         """Names such as effective_user are non-empty strings or None."""
         self.assertError(
             "security.effective_user = 0\n", 1,
-            "security.effective_user must be a non-empty string or None; got 0")
+            "security.effective_user must be a non-empty string without NUL characters, "
+            "or None; got 0")
         self.assertError(
             'with define_milter("a") as milter:\n    milter.description = ""\n' + SPEC, 2,
-            "milter \"a\": description must be a non-empty string or None; got ''")
+            "milter \"a\": description must be a non-empty string without NUL characters, "
+            "or None; got ''")
+        self.assertError(
+            'with define_milter("a") as milter:\n    milter.command = "/bin/x\\0y"\n' + SPEC, 2,
+            "milter \"a\": command must be a non-empty string without NUL characters, "
+            "or None; got '/bin/x\\x00y'")
 
     def test_applicable_conditions(self):
         """applicable_conditions is a list of names, not one string."""
@@ -1276,8 +1282,8 @@ class ValueCheckTests(ConfigTestCase):
         self.assertError(
             'with define_milter("a") as milter:\n    milter.command_options = ["-a", 1]\n'
             + SPEC, 2,
-            'milter "a": command_options must be a string, a list of strings, or None; '
-            "got ['-a', 1]")
+            'milter "a": command_options must be a string, a list of strings, or None '
+            "(without NUL characters); got ['-a', 1]")
 
 
 class RefusedTests(ConfigTestCase):
@@ -1494,7 +1500,8 @@ class ConditionTests(ConfigTestCase):
         self.assertError(
             'with define_applicable_condition("A") as condition:\n'
             "    condition.description = 3\n", 2,
-            'condition "A": description must be a non-empty string or None; got 3')
+            'condition "A": description must be a non-empty string without NUL characters, '
+            "or None; got 3")
         self.assertError(
             'define_applicable_condition("A").name = "B"\n', 1,
             'condition "A": name is read-only')

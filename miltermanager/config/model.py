@@ -189,8 +189,9 @@ def _optional_spec(value):
 
 
 def _optional_text(value):
-    if value is not None and not (isinstance(value, str) and value):
-        raise InvalidValue("must be a non-empty string or None")
+    # A NUL cannot be in a name, a path or a command line the system takes.
+    if value is not None and not (isinstance(value, str) and value and "\0" not in value):
+        raise InvalidValue("must be a non-empty string without NUL characters, or None")
     return value
 
 
@@ -250,11 +251,12 @@ def _package_options(value):
 
 def _command_options(value):
     # Upstream: a list is shell-quoted element by element and joined with spaces.
-    if isinstance(value, (list, tuple)) and all(isinstance(option, str) for option in value):
+    if isinstance(value, (list, tuple)) and all(
+            isinstance(option, str) and "\0" not in option for option in value):
         return " ".join(shlex.quote(option) for option in value) or None
-    if value is None or isinstance(value, str):
+    if value is None or isinstance(value, str) and "\0" not in value:
         return value or None
-    raise InvalidValue("must be a string, a list of strings, or None")
+    raise InvalidValue("must be a string, a list of strings, or None (without NUL characters)")
 
 
 @dataclass
