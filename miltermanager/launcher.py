@@ -152,6 +152,11 @@ def configuration_problems(configuration):
 
     errors, warnings = [], []
     privileged = configuration.security.privilege_mode
+    if privileged and not _wanted(configuration):
+        warnings.append(_located(
+            configuration.security.origins.get("privilege_mode"),
+            "security.privilege_mode = True: no enabled milter has a command: nothing is "
+            "ever started"))
     for milter in configuration.milters:
         if not milter.command:
             for name in ("command_options", "user_name"):

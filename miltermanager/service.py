@@ -406,11 +406,7 @@ def startup_problems(configuration):
                 f"{section.SECTION}.{name}: no such {kind} {value!r}", section.origins.get(name)))
     errors, warnings = configuration_problems(configuration)
     problems.extend(errors)
-    n_workers = configuration.manager.n_workers
-    if n_workers:
-        origin = configuration.manager.origins.get("n_workers")
-        warnings.append(f"{origin + ': ' if origin else ''}manager.n_workers = {n_workers}: "
-                        "several worker processes are not implemented yet; one process serves")
+    warnings.extend(_without_effect(configuration.manager))
     # The loader logged its own warnings already; these need the whole configuration,
     # command-line overrides included.
     for text in warnings:
@@ -418,6 +414,33 @@ def startup_problems(configuration):
             configuration.warnings.append(text)
             ManagerService.log.warn("[configuration][warning] {text}", text=text)
     return problems
+
+
+def _without_effect(manager):
+    """Warnings for manager.* settings that the rest of the configuration leaves idle."""
+    def said(name, text):
+        origin, value = manager.origins.get(name), getattr(manager, name)
+        shown = repr(getattr(value, "label", value))  # a Status as it is written
+        return f"{origin + ': ' if origin else ''}manager.{name} = {shown}: {text}"
+
+    checking = manager.connection_check_interval > 0 and manager.connection_checkers
+    if manager.n_workers:
+        yield said("n_workers", "several worker processes are not implemented yet; "
+                                "one process serves")
+    if manager.connection_check_interval > 0 and not manager.connection_checkers:
+        yield said("connection_check_interval",
+                   "no connection checker is registered (manager.use_netstat_connection_"
+                   "checker() or @manager.define_connection_checker): nothing is checked")
+    if manager.connection_checkers and manager.connection_check_interval <= 0:
+        yield (f"connection checkers {', '.join(sorted(manager.connection_checkers))} never "
+               "run: manager.connection_check_interval is 0")
+    if "fallback_status_at_disconnect" in manager.origins and not checking:
+        yield said("fallback_status_at_disconnect",
+                   "no effect without connection checks (a connection checker and "
+                   "connection_check_interval > 0)")
+    if manager.report_memory_statistics and not manager.maintenance_interval:
+        yield said("report_memory_statistics",
+                   "never reported: manager.maintenance_interval is 0 (no maintenance)")
 
 
 def start_problems(configuration):

@@ -139,12 +139,17 @@ class ConfigurationProblemsTests(SynchronousTestCase):
         self.assertEqual(warnings, [])
 
     def test_options_without_command_warned(self):
-        """command_options or user_name without a command do nothing: warned."""
+        """command_options or user_name without a command do nothing: warned.
+
+        Privilege mode then has nothing to start: warned too.
+        """
         errors, warnings = self.problems(True, _milter(command=None, options="x", user="nobody"))
         self.assertEqual(errors, [])
-        self.assertEqual([text.split(": ", 1)[1] for text in warnings],
-                         ["command_options has no effect without milter.command",
-                          "user_name has no effect without milter.command"])
+        self.assertEqual(warnings, [
+            "security.privilege_mode = True: no enabled milter has a command: nothing is "
+            "ever started",
+            'milter "m1": command_options has no effect without milter.command',
+            'milter "m1": user_name has no effect without milter.command'])
 
     def test_fine(self):
         """Privilege mode with a command as an existing user, or a disabled milter: silence."""

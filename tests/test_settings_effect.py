@@ -152,3 +152,53 @@ class FromConfigurationTests(SynchronousTestCase):
             "files; a finished session is freed at once here, and maintenance runs every "
             "maintenance_interval finished sessions even under constant load, so nothing "
             "waits for a cleanup"])
+
+
+class IdleSettingTests(SynchronousTestCase):
+    """A setting the rest of the configuration leaves idle is a warning, not silence."""
+
+    def warnings(self, text):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "milter-manager.conf")
+        with open(path, "w") as file:
+            file.write(text)
+        configuration = config.load(path)
+        from miltermanager.service import startup_problems
+
+        self.assertEqual(startup_problems(configuration), [])
+        return [warning.replace(path, "FILE") for warning in configuration.warnings]
+
+    def test_interval_without_checker(self):
+        self.assertEqual(self.warnings("manager.connection_check_interval = 5\n"), [
+            "FILE:1: manager.connection_check_interval = 5.0: no connection checker is "
+            "registered (manager.use_netstat_connection_checker() or "
+            "@manager.define_connection_checker): nothing is checked"])
+
+    def test_checker_without_interval(self):
+        self.assertEqual(self.warnings(
+            '@manager.define_connection_checker("here")\n'
+            "def here(context):\n    return True\n"), [
+            "connection checkers here never run: manager.connection_check_interval is 0"])
+
+    def test_fallback_at_disconnect_without_checks(self):
+        self.assertEqual(self.warnings('manager.fallback_status_at_disconnect = "reject"\n'), [
+            "FILE:1: manager.fallback_status_at_disconnect = 'reject': no effect without "
+            "connection checks (a connection checker and connection_check_interval > 0)"])
+
+    def test_memory_report_without_maintenance(self):
+        self.assertEqual(self.warnings(
+            "manager.maintenance_interval = 0\nmanager.report_memory_statistics()\n"), [
+            "FILE:2: manager.report_memory_statistics = True: never reported: "
+            "manager.maintenance_interval is 0 (no maintenance)"])
+
+    def test_privilege_mode_without_commands(self):
+        self.assertEqual(self.warnings("security.privilege_mode = True\n"), [
+            "FILE:1: security.privilege_mode = True: no enabled milter has a command: "
+            "nothing is ever started"])
+
+    def test_working_combinations_say_nothing(self):
+        self.assertEqual(self.warnings(
+            "manager.use_netstat_connection_checker(5)\n"
+            'manager.fallback_status_at_disconnect = "reject"\n'
+            "manager.report_memory_statistics()\n"), [])
