@@ -179,6 +179,38 @@ class ShellTests(SynchronousTestCase):
         self.assertEqual(variables.origin("SOCKET"), "/etc/default/x")
 
 
+class LinkLoopTests(SynchronousTestCase):
+    """A chain of more than 40 symbolic links never leads out of the tree."""
+
+    def setUp(self):
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(self.root, "etc"))
+        outside = os.path.abspath(self.mktemp())
+        os.makedirs(outside)
+        self.secret = os.path.join(outside, "secret")
+        with open(self.secret, "w") as file:
+            file.write("outside the tree\n")
+        # /etc/a1 -> /etc/a2 -> ... -> /etc/a41 -> the file outside, by its host path.
+        for number in range(1, 42):
+            os.symlink(f"/etc/a{number + 1}", os.path.join(self.root, "etc", f"a{number}"))
+        os.symlink(self.secret, os.path.join(self.root, "etc", "a42"))
+        self.tree = ShellTree(self.root)
+
+    def test_read_is_skipped(self):
+        error = self.assertRaises(detect.Skip, self.tree.read, "/etc/a1")
+        self.assertEqual(error.reason, "too many levels of symbolic links")
+
+    def test_tests_are_false(self):
+        self.assertFalse(self.tree.exists("/etc/a1"))
+        self.assertFalse(self.tree.isfile("/etc/a1"))
+        self.assertEqual(self.tree.glob("/etc/a1"), [])
+        self.assertIs(condition_holds("[ -f /etc/a1 ]", self.tree, Variables()), False)
+
+    def test_reachability(self):
+        self.assertEqual(detect.connect_error("unix:/etc/a1", root=self.root),
+                         "too many levels of symbolic links")
+
+
 class ConditionTests(SynchronousTestCase):
     """`if` branches decided by file tests against the tree, as the shell would decide them."""
 
@@ -1107,6 +1139,16 @@ class CommandTests(SynchronousTestCase):
                       "outside it):\n"
                       "  smtpd_milters: inet:localhost:8891 = inet:8891@[127.0.0.1] "
                       "(found above: opendkim)\n", output)
+
+    def test_postconf_not_utf8(self):
+        """A main.cf in Latin-1 (real postconf passes its bytes on): read, not a traceback."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "main.cf"), "wb") as file:
+            file.write(b"smtpd_milters = unix:/run/caf\xe9.sock\n")
+        report = detect.detect("debian", self.tree.root,
+                               postconf=["/usr/sbin/postconf", "-c", directory])
+        self.assertEqual(report.direct[0].spec, "unix:/run/caf\ufffd.sock")
 
     def test_no_postconf(self):
         """A postconf that cannot be run: no direct list, no error."""

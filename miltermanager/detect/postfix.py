@@ -18,8 +18,8 @@ def direct(postconf="postconf", run=subprocess.run, timeout=10):
     command = [postconf] if isinstance(postconf, str) else list(postconf)
     try:
         result = run([*command, "-x", "-h", *PARAMETERS], capture_output=True, text=True,
-                     timeout=timeout, check=False)
-    except (OSError, subprocess.SubprocessError):
+                     errors="replace", timeout=timeout, check=False)
+    except (OSError, ValueError, subprocess.SubprocessError):
         return []
     if result.returncode != 0:
         return []

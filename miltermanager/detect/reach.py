@@ -9,6 +9,7 @@ port, not that tree's milter: reachable stays None, and reach_error says so.
 import os
 import socket
 
+from .report import Skip
 from .shell import Tree
 
 NOT_THIS_HOST = "not checked: an inet socket of the tree under {root}, not of this host"
@@ -33,7 +34,10 @@ def connect_error(spec, timeout=1.0, root="/"):
         return str(error)
     local = os.path.abspath(root) == "/"
     if parsed.is_unix:
-        family, address = socket.AF_UNIX, Tree(root).real(parsed.path)
+        try:
+            family, address = socket.AF_UNIX, Tree(root).real(parsed.path)
+        except Skip as skipped:
+            return skipped.reason
     elif not local:
         return NOT_THIS_HOST.format(root=os.path.abspath(root))
     else:

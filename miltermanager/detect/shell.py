@@ -50,8 +50,10 @@ class Tree:
                     done.pop()
                 continue
             here = os.path.join(self.root, *done, part)
-            if (parts or follow_last) and os.path.islink(here) and links < 40:
-                links += 1  # past 40 (a loop), the path is left to fail as the system's would
+            if (parts or follow_last) and os.path.islink(here):
+                links += 1
+                if links > 40:  # a loop: the system says ELOOP; never let the OS follow it
+                    raise Skip(path, "too many levels of symbolic links")
                 try:
                     target = os.readlink(here)
                 except OSError:
@@ -64,26 +66,37 @@ class Tree:
         return os.path.join(self.root, *done)
 
     def exists(self, path):
-        return os.path.exists(self.real(path))
+        return self._holds(os.path.exists, path)
 
     def lexists(self, path):
         """path exists, or is a symbolic link (whose target may be outside a test's root)."""
-        return os.path.lexists(self.real(path, follow_last=False))
+        return self._holds(os.path.lexists, path, follow_last=False)
 
     def isfile(self, path):
-        return os.path.isfile(self.real(path))
+        return self._holds(os.path.isfile, path)
+
+    def _holds(self, test, path, follow_last=True):
+        """test(the real path); False for a path that loops (see real)."""
+        try:
+            return test(self.real(path, follow_last))
+        except Skip:
+            return False
 
     def link_target(self, path):
         """The target of the symbolic link at path, or None."""
         try:
             return os.readlink(self.real(path, follow_last=False))
-        except OSError:
+        except (OSError, Skip):
             return None
 
     def glob(self, pattern):
         """Paths (as on the real system) matching pattern, sorted."""
         prefix = len(self.root.rstrip("/"))
-        return sorted(match[prefix:] or "/" for match in glob.glob(self.real(pattern)))
+        try:
+            real = self.real(pattern)
+        except Skip:
+            return []
+        return sorted(match[prefix:] or "/" for match in glob.glob(real))
 
     def read(self, path):
         """The text of path; Skip when it cannot be read (missing, unreadable, a directory)."""
@@ -273,7 +286,10 @@ def _test(words, tree):
             or "$" in words[1] or "`" in words[1]:
         return None
     test, path = words
-    real = tree.real(path, follow_last=test not in ("-L", "-h"))
+    try:
+        real = tree.real(path, follow_last=test not in ("-L", "-h"))
+    except Skip:
+        return negate  # a looping path: no file test holds for it
     if test in ("-L", "-h"):
         holds = os.path.islink(real)
     elif test == "-f":
