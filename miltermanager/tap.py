@@ -195,13 +195,21 @@ class Options(usage.Options):
         load_paths = config.load_paths(
             self["config-dir"], default_directory=self.default_config_directory)
         if self.path is None:
-            configuration = config.embedded(load_paths, detect_root=self.detect_root)
+            configuration = config.embedded(load_paths, detect_root=self.detect_root,
+                                            overrides=self._apply_overrides)
         else:
             configuration = config.load(self.path, load_paths=load_paths,
-                                        detect_root=self.detect_root)
+                                        detect_root=self.detect_root,
+                                        overrides=self._apply_overrides)
+        # Again, over what the custom file set: the command line wins.
+        self._apply_overrides(configuration)
+        return configuration
+
+    def _apply_overrides(self, configuration):
+        from miltermanager import config
+
         for option, section, name, value in self._overrides():
             config.set_value(getattr(configuration, section), name, value, origin=f"--{option}")
-        return configuration
 
     def _overrides(self):
         for option, section, name in _OVERRIDES:

@@ -83,6 +83,41 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options.configuration.manager.chunk_size, 3)
         self.assertEqual(options.configuration.files, [path])
 
+    def test_custom_file_of_the_user_name_option(self):
+        """--user-name decides whose ~/.milter-manager/milter-manager.custom.conf is loaded.
+
+        The command line still wins over what the custom file sets.
+        """
+        import pwd
+
+        home = os.path.abspath(self.mktemp())
+        custom = write_config(self, "manager.chunk_size = 9\nmanager.progress_interval = 4\n"
+                                    'manager.connection_spec = "inet:1@[127.0.0.1]"\n',
+                              "milter-manager.custom.conf")
+        os.makedirs(home)
+        os.chmod(home, 0o755)
+        os.rename(os.path.dirname(custom), os.path.join(home, ".milter-manager"))
+        nobody = pwd.getpwnam("nobody")
+        real_getpwnam = pwd.getpwnam
+
+        def getpwnam(name):
+            # nobody's passwd entry with a home this test owns.
+            if name == "nobody":
+                return pwd.struct_passwd((*nobody[:5], home, nobody.pw_shell))
+            return real_getpwnam(name)
+
+        self.patch(pwd, "getpwnam", getpwnam)
+        path = write_config(self, "manager.chunk_size = 3\n")
+        options = isolated_options(self)
+        options.parseOptions(["-c", path, "--user-name", "nobody", "-s",
+                              "inet:10025@[127.0.0.1]"])
+        manager = options.configuration.manager
+        self.assertEqual((manager.chunk_size, manager.progress_interval), (9, 4.0))
+        self.assertEqual(options.configuration.files[-1],
+                         os.path.join(home, ".milter-manager", "milter-manager.custom.conf"))
+        self.assertEqual((manager.connection_spec, manager.origins["connection_spec"]),
+                         ("inet:10025@[127.0.0.1]", "--connection-spec"))
+
     def test_config(self):
         """--config (-c) loads the file."""
         path = write_config(self, 'define_milter("a").connection_spec = "inet:1@[127.0.0.1]"\n')

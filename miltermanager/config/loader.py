@@ -465,10 +465,16 @@ class Loader:
             self._loading.pop()
         self.configuration.files.append(path)
 
-    def load_custom(self):
-        """Load milter-manager.custom.conf (see `custom_file`) if it exists."""
+    def load_custom(self, overrides=None):
+        """Load milter-manager.custom.conf (see `custom_file`) if it exists.
+
+        overrides(configuration), if given, applies the command line first:
+        --user-name decides whose home the default directory is in.
+        """
         if self._stopped:
             return  # the main file stopped early: its custom_configuration_directory is unknown
+        if overrides is not None:
+            overrides(self.configuration)
         path = custom_file(self.configuration)
         if path is not None and os.path.exists(path):
             self.load_file(path)
@@ -910,16 +916,16 @@ def custom_file(configuration):
     return os.path.join(directory, CUSTOM_FILE)
 
 
-def load(path, load_paths=(), strict=True, detect_root="/"):
+def load(path, load_paths=(), strict=True, detect_root="/", overrides=None):
     """Load the configuration file at path (and the files it loads), then the custom file.
 
     The custom file (`custom_file`), where upstream's controller saves the
     changes made through it, is loaded last if it exists, under the same
-    trust check as every other file.
+    trust check as every other file. overrides: see Loader.load_custom.
     """
     loader = Loader(load_paths=load_paths, strict=strict, detect_root=detect_root)
     loader.load_file(path)
-    loader.load_custom()
+    loader.load_custom(overrides)
     return loader.finish()
 
 
@@ -941,7 +947,7 @@ def shipped_directory():
     return None
 
 
-def embedded(load_paths=(), detect_root="/"):
+def embedded(load_paths=(), detect_root="/", overrides=None):
     """The configuration used when there is no file: the package's own milter-manager.conf.
 
     So a manager without /etc/milter-manager has the built-in conditions, and
@@ -954,5 +960,5 @@ def embedded(load_paths=(), detect_root="/"):
             "reinstall milter-manager or give --config")
     loader = Loader(load_paths=load_paths, detect_root=detect_root)
     loader.load_file(os.path.join(directory, "milter-manager.conf"))
-    loader.load_custom()
+    loader.load_custom(overrides)
     return loader.finish()
