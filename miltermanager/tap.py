@@ -275,17 +275,25 @@ class Options(usage.Options):
         In the foreground there is none unless --pidfile is given. Daemonized,
         manager.pid_file is the pid file when set; else DAEMON_PID_FILE if its
         directory is writable (a second daemon then stops at twistd's check),
-        else none.
+        else none. With security.effective_user or effective_group, twistd could
+        not remove its file after the switch: DAEMON_PID_FILE becomes
+        manager.pid_file instead, which the cleanup process removes.
         """
+        from miltermanager import config
+
         twistd = self.parent
         if twistd is None or "pidfile" not in twistd or _given(twistd, "pidfile"):
             return
         daemon = not (twistd.get("nodaemon") or twistd.get("debug"))
-        if (daemon and self.configuration.manager.pid_file is None
-                and directory_problem(DAEMON_PID_FILE) is None):
+        manager, security = self.configuration.manager, self.configuration.security
+        twistd["pidfile"] = ""
+        if not daemon or manager.pid_file is not None or directory_problem(DAEMON_PID_FILE):
+            return
+        if security.effective_user is None and security.effective_group is None:
             twistd["pidfile"] = DAEMON_PID_FILE
         else:
-            twistd["pidfile"] = ""
+            config.set_value(manager, "pid_file", DAEMON_PID_FILE,
+                             origin="the daemon's default, as the user switches")
 
 
 def _given(twistd, option):

@@ -407,6 +407,16 @@ class TwistdPidFileTests(SynchronousTestCase):
         self.assertEqual(self.twistd("milter-manager")["pidfile"], tap.DAEMON_PID_FILE)
         self.assertEqual(self.twistd("milter-manager", "--pid-file", "/tmp/m.pid")["pidfile"], "")
 
+    def test_daemon_switching_user(self):
+        """Switching user, the default pid file is manager.pid_file, which the cleaner removes."""
+        directory = os.path.abspath(self.mktemp())
+        os.mkdir(directory)
+        self.patch(tap, "DAEMON_PID_FILE", os.path.join(directory, "m.pid"))
+        options = self.twistd("milter-manager", "--user-name", "nobody")
+        self.assertEqual(options["pidfile"], "")
+        manager = options.subOptions.configuration.manager
+        self.assertEqual(manager.pid_file, tap.DAEMON_PID_FILE)
+
 
 class LogFileAtStartTests(SynchronousTestCase):
     """A log file that cannot be opened when twistd sets up logging stops it with one line."""
