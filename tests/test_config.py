@@ -669,6 +669,9 @@ class LoadTests(ConfigTestCase):
         self.assertEqual(configuration, config.default())
         self.assertEqual(configuration.warnings, [
             f"{path}:2: load('conf.d/*.conf') matched no file (looked in {self.directory})"])
+        path = self.write("absolute.conf", "load('/nonexistent/*.conf')\n")
+        self.assertEqual(config.load(path).warnings, [
+            f"{path}:1: load('/nonexistent/*.conf') matched no file"])
 
     def test_load_missing_file(self):
         """load of a missing file names the including line."""

@@ -602,10 +602,10 @@ class Loader:
                 matches = [os.path.join(directory, pattern)]  # fails, naming the file
             if not matches:
                 where = self.location()
-                searched = ", ".join(dict.fromkeys([directory, *self.load_paths]))
+                searched = "" if os.path.isabs(pattern) else " (looked in {})".format(
+                    ", ".join(dict.fromkeys([directory, *self.load_paths])))
                 self.configuration.warnings.append(
-                    f"{where + ': ' if where else ''}load({pattern!r}) matched no file "
-                    f"(looked in {searched})")
+                    f"{where + ': ' if where else ''}load({pattern!r}) matched no file{searched}")
             for match in matches:
                 self.load_file(match)
 
