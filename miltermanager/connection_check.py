@@ -87,30 +87,24 @@ def same_host(transport):
     host = getattr(peer, "host", None)
     if host is None:
         return False
-    try:
-        if _ip(host).is_loopback:
-            return True
-    except ValueError:
+    ip = SocketAddress("inet", host).ip_address
+    if ip is None:
         return False
+    if _unmapped(ip).is_loopback:
+        return True
     return host == getattr(transport.getHost(), "host", None)
 
 
-def _ip(address):
-    """An address as ipaddress gives it; an IPv4-mapped IPv6 address as its IPv4 address."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+def _unmapped(ip):
+    """ip, or the IPv4 address an IPv4-mapped IPv6 address carries (as the tables list it)."""
+    return ip.ipv4_mapped if ip.version == 6 and ip.ipv4_mapped is not None else ip
 
 
 def _hex_address(field):
     """An address of /proc/net/tcp(6): 32-bit words in hex, each in the host's byte order."""
     words = [int(field[start:start + 8], 16).to_bytes(4, sys.byteorder)
              for start in range(0, len(field), 8)]
-    ip = ipaddress.ip_address(b"".join(words))
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+    return _unmapped(ipaddress.ip_address(b"".join(words)))
 
 
 def parse_tcp_table(lines, table=None):
@@ -185,12 +179,10 @@ class NetstatChecker:
         if not same_host(transport):
             return True
         client = context.smtp_client_address
-        if client.family not in ("inet", "inet6") or client.port is None:
+        ip = client.ip_address  # None for a UNIX socket, an unknown or unparsable address
+        if ip is None or client.port is None:
             return True
-        try:
-            key = (_ip(client.address), client.port)
-        except ValueError:
-            return True
+        key = (_unmapped(ip), client.port)
         if not self._read:
             self.table = read_tcp_tables(self.paths)
             self._read = True
