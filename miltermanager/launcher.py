@@ -149,11 +149,12 @@ def configuration_problems(configuration):
     privilege mode is off; command_options or user_name without a command.
     """
     from .config import ConfigurationError
+    from .config.model import located
 
     errors, warnings = [], []
     privileged = configuration.security.privilege_mode
     if privileged and not _wanted(configuration):
-        warnings.append(_located(
+        warnings.append(located(
             configuration.security.origins.get("privilege_mode"),
             "security.privilege_mode = True: no enabled milter has a command: nothing is "
             "ever started"))
@@ -161,14 +162,14 @@ def configuration_problems(configuration):
         if not milter.command:
             for name in ("command_options", "user_name"):
                 if getattr(milter, name) is not None:
-                    warnings.append(_located(
+                    warnings.append(located(
                         milter.origins.get(name), f'milter "{milter.name}": {name} has no '
                         "effect without milter.command"))
             continue
         if not milter.enabled:
             continue
         if not privileged:
-            warnings.append(_located(
+            warnings.append(located(
                 milter.origins.get("command"), f'milter "{milter.name}": command is never run: '
                 "security.privilege_mode is False (True starts it when it cannot be reached)"))
         elif milter.user_name is not None:
@@ -179,10 +180,6 @@ def configuration_problems(configuration):
                     f'milter "{milter.name}": user_name: no such user {milter.user_name!r}',
                     milter.origins.get("user_name")))
     return errors, warnings
-
-
-def _located(origin, text):
-    return f"{origin}: {text}" if origin else text
 
 
 # ------------------------------------------------------------ the launcher process

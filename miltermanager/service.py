@@ -34,6 +34,7 @@ from twisted.logger import ILogObserver, Logger
 
 from . import connection_spec
 from .config import ConfigurationError
+from .config.model import located
 from .factory import ManagerFactory
 from .launcher import configuration_problems, reconfigured, start_launcher
 from .listening import cannot_listen_reason, listen_endpoint, listen_problem
@@ -421,7 +422,7 @@ def _without_effect(manager):
     def said(name, text):
         origin, value = manager.origins.get(name), getattr(manager, name)
         shown = repr(getattr(value, "label", value))  # a Status as it is written
-        return f"{origin + ': ' if origin else ''}manager.{name} = {shown}: {text}"
+        return located(origin, f"manager.{name} = {shown}: {text}")
 
     checking = manager.connection_check_interval > 0 and manager.connection_checkers
     if manager.n_workers:

@@ -50,6 +50,7 @@ from .model import (
     InvalidValue,
     MilterConfig,
     check_arguments,
+    located,
     set_value,
     settings_of,
     unknown_setting,
@@ -533,9 +534,8 @@ class Loader:
         """Record a note if assigning section.name changes nothing here."""
         note = WITHOUT_EFFECT.get((getattr(section, "SECTION", None), name))
         if note:
-            where = f"{origin}: " if origin else ""
-            self.configuration.warnings.append(
-                f"{where}{section.SECTION}.{name} = {getattr(section, name)!r}: {note}")
+            self.configuration.warnings.append(located(
+                origin, f"{section.SECTION}.{name} = {getattr(section, name)!r}: {note}"))
 
     def register(self, hooks, kind, name, function, what, arguments, describe=None):
         """Check function takes arguments and keep it as a Hook in hooks (a list or dict)."""
@@ -605,7 +605,7 @@ class Loader:
                 searched = "" if os.path.isabs(pattern) else " (looked in {})".format(
                     ", ".join(dict.fromkeys([directory, *self.load_paths])))
                 self.configuration.warnings.append(
-                    f"{where + ': ' if where else ''}load({pattern!r}) matched no file{searched}")
+                    located(where, f"load({pattern!r}) matched no file{searched}"))
             for match in matches:
                 self.load_file(match)
 

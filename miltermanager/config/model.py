@@ -57,6 +57,12 @@ REFUSED = {
 }
 
 
+def located(location, text):
+    """"LOCATION: TEXT", the way errors and warnings name where they come from; text alone
+    when the location is unknown."""
+    return f"{location}: {text}" if location else text
+
+
 class ConfigurationError(Exception):
     """A configuration that cannot be used.
 
@@ -70,7 +76,7 @@ class ConfigurationError(Exception):
     """
 
     def __init__(self, reason, location=None):
-        super().__init__(f"{location}: {reason}" if location else reason)
+        super().__init__(located(location, reason))
         self.reason = reason
         self.location = location
         self.errors = [self]
