@@ -209,6 +209,7 @@ class ManagerService(service.Service):
                                 (signal.SIGUSR1, self._on_sigusr1)):
             self._previous_handlers[number] = signal.signal(number, handler)
         self.reactor.callWhenRunning(self._event_loop_created)
+        self.configuration.ldap.start(self.configuration, self.reactor)
         manager = self.configuration.manager
         self.log.info("[manager][start] listening on {spec}; {children}",
                       spec=manager.connection_spec, children=_children(self.configuration))
@@ -243,6 +244,9 @@ class ManagerService(service.Service):
         stopping.addCallback(lambda _: self.factory.drain(DRAIN_TIMEOUT, self.reactor))
         stopping.addErrback(self._log_failure,
                             "[stop][error] waiting for the MTA connections failed")
+        # The connections are done with their policies: stop the LDAP searches' threads.
+        stopping.addCallback(lambda _: self.configuration.ldap.stop())
+        stopping.addErrback(self._log_failure, "[stop][error] stopping the LDAP lookups failed")
         if self.pid_file is not None:
             remove_pid_file(self.pid_file, os.getpid(), None if self._cleaner else self.log)
         return stopping
@@ -347,6 +351,8 @@ class ManagerService(service.Service):
         self.configuration = configuration
         self.factory.configuration = configuration
         self.factory.update_accepting()
+        # A fresh policy cache; the LDAP connections stay when their settings did not change.
+        configuration.ldap.start(configuration, self.reactor, previous=old.ldap)
         self._configure_log(configuration, "reload")
         reconfigured(self.factory.launcher, configuration)
         for section, name in RESTART_SETTINGS:

@@ -26,6 +26,7 @@ from .events import (
 from .health import Admission
 from .merge import Status, merge_negotiation, merge_verdicts, reply_for
 from .message import MessageChain
+from .policy.gate import PolicyGate
 from .protocol import constants as c
 from .protocol import messages
 from .protocol.messages import CONTINUE, Negotiate
@@ -91,6 +92,12 @@ class ManagerSession:
                                    factory.processing_sessions, clock)
             if runner.any:
                 self.stoppers = runner
+        self.gate = None  # a PolicyGate when some child lists the LDAP Policy condition
+        ldap = getattr(configuration, "ldap", None)
+        if ldap is not None and ldap.lookups is not None and self.stoppers is not None:
+            self.gate = PolicyGate(ldap.lookups, [milter.name for milter in ldap.governed(
+                configuration)], ldap.split_recipients)
+            self.stoppers.facts.policy = self.gate
         # For the event stream: the last verdict the MTA got and who decided it.
         self._verdict = None
         self._decided_by = None
@@ -209,13 +216,54 @@ class ManagerSession:
         if self.stoppers is not None:
             self.stoppers.note(stages.MAIL, command)
             self.stoppers.new_transaction(self.children)
+            if self.gate is not None:
+                self.gate.new_transaction()
         return self.envelope.send(stages.MAIL, command, macros, children)
 
     def rcpt(self, command, macros):
         self.stage = stages.RCPT
         if self.stoppers is not None:
             self.stoppers.note(stages.RCPT, command)
+            if self.gate is not None:
+                return self._gated_rcpt(command, macros)
         return self.envelope.send(stages.RCPT, command, macros, self._in_message())
+
+    def _gated_rcpt(self, command, macros):
+        """RCPT through the policy gate: the lookup runs while the children are asked.
+
+        A recipient the gate refuses before anyone was asked reaches no child.
+        """
+        decision = self.gate.rcpt(self.stoppers.facts.recipient)
+        if not isinstance(decision, defer.Deferred):
+            if decision.refusal is not None:
+                return self._refuse(decision)
+            sent = self.envelope.send(stages.RCPT, command, macros, self._in_message())
+            if isinstance(sent, defer.Deferred):
+                return sent.addCallback(self._gated_reply, decision)
+            return self._gated_reply(sent, decision)
+        sent = self.envelope.send(stages.RCPT, command, macros, self._in_message())
+        both = defer.gatherResults([sent if isinstance(sent, defer.Deferred)
+                                    else defer.succeed(sent), decision], consumeErrors=True)
+        return both.addCallback(self._both_answered)
+
+    def _both_answered(self, results):
+        reply, decision = results
+        return self._gated_reply(reply, decision)
+
+    def _gated_reply(self, reply, decision):
+        """The children's merged reply, unless the gate refuses a recipient they let through."""
+        if reply is not messages.CONTINUE:
+            return reply
+        if decision.refusal is not None:
+            return self._refuse(decision)
+        self.gate.accepted(decision)
+        return reply
+
+    def _refuse(self, decision):
+        """The manager's own answer to a recipient (a temporary failure): the reply."""
+        status, text = decision.refusal
+        self._verdict, self._decided_by = status, "ldap"
+        return messages.ReplyCode(text)
 
     def data(self, command, macros):
         self.stage = stages.DATA
@@ -488,6 +536,8 @@ class ManagerSession:
         self.end_message(self.stage, None, None, aborted=True)
         if self.stoppers is not None:
             self.stoppers.new_transaction(self.children)
+            if self.gate is not None:
+                self.gate.new_transaction()
 
     def close(self):
         self._finish_message(self.stage, None, None, aborted=True)

@@ -134,12 +134,14 @@ class StopperRunner:
             facts.helo = text(command.name)
 
     def new_transaction(self, children):
-        """MAIL or an abort: a new shelf, and each child's transaction macros forgotten."""
+        """MAIL or an abort: a new shelf; each child's transaction macros and evaluation mode
+        are as configured again."""
         self.facts.new_transaction()
         for child in children:
             if child.stoppers is not None:
                 child.accepted = []
                 child.forget_macros()
+                child.evaluation = child.config.evaluation_mode  # a stopper may have set it
 
     # ------------------------------------------------------------ asking
 

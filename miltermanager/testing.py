@@ -5,7 +5,8 @@ and answers from a script, so a test can state "child 1 rejects at RCPT,
 child 2 adds a header at end of message" as data. ConnectionTracker lets a
 test wait until every connection of a server factory is gone, so trial finds
 a clean reactor. RecordingObserver keeps what the manager's sessions report
-on their event stream (miltermanager.events).
+on their event stream (miltermanager.events). MemoryPolicySource is an
+LDAP directory in memory for the LDAP Policy condition.
 """
 
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from zope.interface import implementer
 
 from . import stages
 from .events import ISessionObserver
+from .policy.source import IPolicySource, SourceError, plain_attributes
 from .protocol import messages
 from .protocol import constants as c
 from .server import Milter, MilterServerFactory, MilterServerProtocol
@@ -274,3 +276,44 @@ class RecordingObserver:
     def of(self, kind):
         """The records of one type (events.ChildReplied, ...), in order."""
         return [event for event in self.events if isinstance(event, kind)]
+
+
+@implementer(IPolicySource)
+class MemoryPolicySource:
+    """An IPolicySource whose entries live in memory; ldap3's mock server evaluates the filters.
+
+    add(dn, attributes) adds an entry ({name: value or [values]}). searches
+    records each (base, filter) asked. While failing is set (a text), every
+    search fails with SourceError(failing), as an unreachable directory.
+    """
+
+    def __init__(self, scope="sub"):
+        from ldap3 import MOCK_SYNC, NONE, Connection, Server
+
+        self._connection = Connection(Server("memory", get_info=NONE), client_strategy=MOCK_SYNC,
+                                      check_names=False, auto_escape=False,
+                                      raise_exceptions=True)
+        self._connection.bind()
+        self._scope = {"sub": "SUBTREE", "one": "LEVEL", "base": "BASE"}[scope]
+        self.searches = []
+        self.failing = None
+
+    def add(self, dn, attributes):
+        self._connection.strategy.add_entry(dn, attributes)
+
+    def search(self, base, filter, attributes):
+        from ldap3.core.exceptions import LDAPNoSuchObjectResult
+
+        self.searches.append((base, filter))
+        if self.failing is not None:
+            return defer.fail(SourceError(self.failing))
+        try:
+            self._connection.search(base, filter, search_scope=self._scope,
+                                    attributes=list(attributes))
+        except LDAPNoSuchObjectResult:
+            return defer.succeed([])
+        return defer.succeed([(entry["dn"], plain_attributes(entry["raw_attributes"]))
+                              for entry in self._connection.response])
+
+    def stop(self):
+        self._connection.unbind()

@@ -367,12 +367,12 @@ class AccountsTests(unittest.SynchronousTestCase):
 
 class ShippedConditionsTests(LoadingTestCase):
     def test_conditions_defined(self):
-        """The shipped files define upstream's ten built-in conditions."""
+        """The shipped files define upstream's ten built-in conditions and LDAP Policy."""
         configuration = self.load()
         self.assertEqual(sorted(configuration.conditions), sorted([
             "S25R", "Remote Network", "Authenticated", "Unauthenticated",
             "Sendmail Compatible", "Stress Notify", "No Stress", "Trust", "DNSBL Listed",
-            "Not DNSBL Listed"]))
+            "Not DNSBL Listed", "LDAP Policy"]))
         for condition in configuration.conditions.values():
             self.assertTrue(condition.description, condition.name)
 
@@ -636,15 +636,19 @@ class HelperErrorTests(LoadingTestCase):
                       str(error))
 
     def test_documented(self):
-        """docs/conditions.md names every condition, helper setting and verb."""
-        with open(os.path.join(ROOT, "docs", "conditions.md"), encoding="utf-8") as file:
-            text = file.read()
+        """docs/conditions.md names every condition, helper setting and verb (ldap.*: docs/ldap.md)."""
+        texts = {}
+        for name in ("conditions", "ldap"):
+            with open(os.path.join(ROOT, "docs", f"{name}.md"), encoding="utf-8") as file:
+                texts[name] = file.read()
+        text = texts["conditions"]
         configuration = self.load()
         for name in configuration.conditions:
             self.assertIn(f"`{name}`", text)
         for helper in configuration.helpers():
+            where = texts["ldap"] if helper.SECTION == "ldap" else text
             for name in (*config.settings_of(helper), *helper.VERBS):
-                self.assertIn(f"`{helper.SECTION}.{name}", text)
+                self.assertIn(f"`{helper.SECTION}.{name}", where)
         for name in ("restrict_accounts_by_list", "restrict_accounts_generic",
                      "s25r.only_check_ipv4", "dnsbl.name_server"):
             self.assertIn(f"`{name}", text)

@@ -725,7 +725,7 @@ class LoadTests(ConfigTestCase):
 
 BUILTIN_CONDITIONS = (
     "S25R", "Remote Network", "Authenticated", "Unauthenticated", "Sendmail Compatible",
-    "Stress Notify", "No Stress", "Trust", "DNSBL Listed", "Not DNSBL Listed",
+    "Stress Notify", "No Stress", "Trust", "DNSBL Listed", "Not DNSBL Listed", "LDAP Policy",
 )
 
 

@@ -254,11 +254,12 @@ class SessionFacts:
     socket_address, host, helo, envelope_from, recipient: what the client
     said (None before it said it; recipient is the one of the RCPT being
     asked about). children: name -> ChildStatus of every configured child.
+    policy: the session's PolicyGate (miltermanager.policy.gate), or None.
     processing_sessions(): MTA connections this process serves now.
     """
 
     __slots__ = ("macros", "children", "processing_sessions", "socket_address", "host",
-                 "helo", "envelope_from", "recipient", "_shelf")
+                 "helo", "envelope_from", "recipient", "policy", "_shelf")
 
     def __init__(self, macros, children, processing_sessions):
         self.macros = macros
@@ -266,6 +267,7 @@ class SessionFacts:
         self.processing_sessions = processing_sessions
         self.socket_address = self.host = self.helo = None
         self.envelope_from = self.recipient = None
+        self.policy = None  # the session's policy.gate.PolicyGate, when LDAP policies are used
         self._shelf = None
 
     @property
@@ -305,6 +307,10 @@ class ChildContext:
     this transaction; a new one at each MAIL and after an abort.
     socket_address, host, helo, envelope_from: what the client said so far
     (None before it said it).
+    evaluation_mode: the child's verdicts and changes are only logged. A
+    stopper may set it for the transaction (the LDAP Policy condition does);
+    a child configured with evaluation_mode stays in it whatever is set.
+    policy: the session's LDAP policy gate, None without LDAP policies.
     """
 
     __slots__ = ("_child", "_facts", "_transaction")
@@ -378,6 +384,18 @@ class ChildContext:
     @property
     def envelope_from(self):
         return self._facts.envelope_from
+
+    @property
+    def policy(self):
+        return self._facts.policy
+
+    @property
+    def evaluation_mode(self):
+        return self._child.evaluation
+
+    @evaluation_mode.setter
+    def evaluation_mode(self, value):
+        self._child.evaluation = self._child.config.evaluation_mode or bool(value)
 
     def __repr__(self):
         return f"<ChildContext {self.name}>"

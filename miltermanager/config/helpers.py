@@ -1,6 +1,6 @@
 """The helper objects of the built-in conditions as a configuration holds them.
 
-`s25r`, `remote_network`, `stress`, `trust` and `dnsbl` in a configuration
+`s25r`, `remote_network`, `stress`, `trust`, `dnsbl` and `ldap` in a configuration
 file are these records (through the loader's proxies): the pure logic of
 miltermanager.conditions plus settings checked like any other, and the
 verbs called (`calls`), kept with their FILE:LINE so that `dump` writes
@@ -20,6 +20,7 @@ from miltermanager.conditions.s25r import DEFAULT_BLACKLIST, DEFAULT_WHITELIST, 
 from miltermanager.conditions.stress import Stress
 from miltermanager.conditions.trust import DEFAULT_DOMAINS, Trust
 
+from .ldap import LDAPConfig
 from .model import InvalidValue, _boolean, _positive_seconds, setting
 
 
@@ -216,6 +217,7 @@ HELPERS = {
     "stress": StressConfig,
     "trust": TrustConfig,
     "dnsbl": DNSBLConfig,
+    "ldap": LDAPConfig,
 }
 
 

@@ -326,6 +326,7 @@ _HELPER_PROXIES = {
     "trust": _helper_class(HELPERS["trust"], ("trusted",)),
     "dnsbl": _helper_class(HELPERS["dnsbl"], ("lookup", "listed", "not_listed", "resolver"),
                            {"name_server": ("name_servers", True)}),
+    "ldap": _helper_class(HELPERS["ldap"], ("bypassed", "evaluated")),
 }
 
 
@@ -529,6 +530,9 @@ class Loader:
                     yield ConfigurationError(
                         _unknown_condition(milter, name, configuration.conditions),
                         milter.origins.get("applicable_conditions"))
+        errors, warnings = configuration.ldap.problems(configuration)
+        configuration.warnings.extend(warnings)
+        yield from errors
 
     def noted(self, section, name, origin):
         """Record a note if assigning section.name changes nothing here."""

@@ -536,13 +536,14 @@ class Configuration:
     stress: object = field(default_factory=lambda: _helper("stress"))
     trust: object = field(default_factory=lambda: _helper("trust"))
     dnsbl: object = field(default_factory=lambda: _helper("dnsbl"))
+    ldap: object = field(default_factory=lambda: _helper("ldap"))
     files: list = field(default_factory=list, compare=False)  # loaded files, in order
     warnings: list = field(default_factory=list, compare=False)
 
     # The top-level sections, in the order dump writes them (upstream's).
     SECTIONS: ClassVar[tuple] = ("package", "security", "log", "manager", "controller")
     # The built-in conditions' helpers, in the order dump writes them.
-    HELPERS: ClassVar[tuple] = ("s25r", "remote_network", "stress", "trust", "dnsbl")
+    HELPERS: ClassVar[tuple] = ("s25r", "remote_network", "stress", "trust", "dnsbl", "ldap")
 
     def milter(self, name):
         """The child milter called name, or None."""
