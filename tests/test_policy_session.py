@@ -76,9 +76,14 @@ class PolicyScenarioTestCase(ScenarioTestCase):
     """run_policy: a Scenario whose children grey and spam list LDAP Policy, plain does not."""
 
     def run_policy(self, scenario, source=None, **ldap):
+        """source: an IPolicySource (default: directory()); "ldap3" searches ldap.uris."""
         scenario.steps = [step if isinstance(step, tuple) else (step, CONTINUE)
                           for step in scenario.steps]
-        self.source = source if source is not None else directory()
+        if source is None:
+            source = directory()
+        elif source == "ldap3":
+            source = None
+        self.source = source
 
         def configure(configuration):
             configuration.conditions = {"LDAP Policy": shipped_condition()}
@@ -91,6 +96,7 @@ class PolicyScenarioTestCase(ScenarioTestCase):
             for name, value in ldap.items():
                 setattr(settings, name, value)
             settings.start(configuration, self.clock_for_lookups, source=self.source)
+            self.addCleanup(settings.stop)
 
         from twisted.internet import reactor
         self.clock_for_lookups = reactor

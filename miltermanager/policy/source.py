@@ -18,8 +18,8 @@ from twisted.internet import threads
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
-# Seconds a server that failed is left out of the pool before it is tried again.
-DEAD_SERVER_SECONDS = 30
+# Seconds a server that failed is left out of the pool, while others are tried first.
+DEAD_SERVER_SECONDS = 10
 # ldap3's result code for a search base that does not exist: no entry, not an error.
 _NO_SUCH_OBJECT = 32
 _SCOPES = {"sub": "SUBTREE", "one": "LEVEL", "base": "BASE"}
@@ -127,7 +127,9 @@ class LDAPSource:
                 self._servers, user=self._bind_dn, password=self._password,
                 auto_bind=AUTO_BIND_TLS_BEFORE_BIND if self._start_tls else AUTO_BIND_NO_TLS,
                 client_strategy=SYNC, read_only=True, raise_exceptions=True,
-                receive_timeout=self._timeout, check_names=False, auto_escape=False,
+                # ldap3 packs it into SO_RCVTIMEO as whole seconds.
+                receive_timeout=max(1, math.ceil(self._timeout)), check_names=False,
+                auto_escape=False,
                 auto_encode=True, return_empty_attributes=False)
         except LDAPException as error:
             raise SourceError(_describe(error)) from None
@@ -151,7 +153,9 @@ class LDAPSource:
             tls = Tls(validate=ssl.CERT_REQUIRED, ca_certs_data=self._ca_data)
         servers = [Server(uri, get_info=NONE, connect_timeout=self._timeout, tls=tls)
                    for uri in self._uris]
-        return ServerPool(servers, FIRST, active=1, exhaust=DEAD_SERVER_SECONDS)
+        # A lone server is tried at every connection: leaving it out gains nothing.
+        exhaust = DEAD_SERVER_SECONDS if len(servers) > 1 else False
+        return ServerPool(servers, FIRST, active=1, exhaust=exhaust)
 
     def _drop(self, connection):
         if getattr(self._local, "connection", None) is connection:
