@@ -8,9 +8,11 @@ from setuptools.command.build_py import build_py
 
 # The shipped configuration (etc/) is also package data, miltermanager/etc: the
 # embedded configuration and the load paths' last entry, so that a pip or venv
-# install has the built-in conditions without an /etc tree.
+# install has the built-in conditions without an /etc tree. ldap/ holds the LDAP
+# schema and an example directory (not configuration: data to load into slapd); its
+# README stays out (documentation is for /usr/share/doc, lintian says).
 SHIPPED = {"miltermanager.etc": ["*.conf", "applicable-conditions/*", "defaults/*",
-                                 "examples/*"]}
+                                 "examples/*", "ldap/*.ldif", "ldap/*.schema"]}
 
 
 class BuildPy(build_py):
