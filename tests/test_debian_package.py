@@ -197,20 +197,24 @@ class FileListTests(SynchronousTestCase):
                           if path.startswith("usr/bin/")}, scripts)
 
     def test_configuration(self):
-        """Every file of etc/ (but the examples) is under /etc/milter-manager, as a conffile.
+        """Every file of etc/ (but the examples and ldap/) is under /etc/milter-manager, as a conffile.
 
-        The examples go to /usr/share/doc/milter-manager/examples/; /etc/default holds
-        the unit's options.
+        The examples go to /usr/share/doc/milter-manager/examples/; the LDAP schema and
+        example directory (not configuration) to /usr/share/milter-manager/ldap/, their
+        README to /usr/share/doc/milter-manager/ldap/; /etc/default holds the unit's options.
         """
         etc = os.path.join(ROOT, "etc")
         configuration, examples = set(), set()
         for directory, _, names in os.walk(etc):
             for name in names:
                 relative = os.path.relpath(os.path.join(directory, name), etc)
-                if relative.startswith("examples/"):
+                if relative.startswith("examples/") or relative == "ldap/README":
                     examples.add(f"usr/share/doc/milter-manager/{relative}")
+                elif relative.startswith("ldap/"):
+                    examples.add(f"usr/share/milter-manager/{relative}")
                 else:
                     configuration.add(f"etc/milter-manager/{relative}")
+        self.assertIn("usr/share/milter-manager/ldap/milter-manager.ldif", examples)
         self.assertIn("etc/milter-manager/milter-manager.conf", configuration)
         self.assertIn("etc/milter-manager/defaults/debian.conf", configuration)
         self.assertEqual(sorted(configuration - self.files), [])
