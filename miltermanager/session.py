@@ -234,20 +234,23 @@ class ManagerSession:
         A recipient the gate refuses before anyone was asked reaches no child.
         """
         decision = self.gate.rcpt(self.stoppers.facts.recipient)
-        if not isinstance(decision, defer.Deferred):
-            if decision.refusal is not None:
-                return self._refuse(decision)
-            sent = self.envelope.send(stages.RCPT, command, macros, self._in_message())
-            if isinstance(sent, defer.Deferred):
-                return sent.addCallback(self._gated_reply, decision)
-            return self._gated_reply(sent, decision)
+        waiting = isinstance(decision, defer.Deferred)
+        if not waiting and decision.refusal is not None:
+            return self._refuse(decision)
         sent = self.envelope.send(stages.RCPT, command, macros, self._in_message())
-        both = defer.gatherResults([sent if isinstance(sent, defer.Deferred)
-                                    else defer.succeed(sent), decision], consumeErrors=True)
-        return both.addCallback(self._both_answered)
+        if waiting:
+            both = defer.DeferredList([sent if isinstance(sent, defer.Deferred)
+                                       else defer.succeed(sent), decision], consumeErrors=True)
+            return both.addCallback(self._both_answered)
+        if isinstance(sent, defer.Deferred):
+            return sent.addCallback(self._gated_reply, decision)
+        return self._gated_reply(sent, decision)
 
     def _both_answered(self, results):
-        reply, decision = results
+        for answered, value in results:
+            if not answered:
+                return value  # cancelled: the MTA went away, as the server expects to hear
+        (_, reply), (_, decision) = results
         return self._gated_reply(reply, decision)
 
     def _gated_reply(self, reply, decision):
