@@ -460,3 +460,29 @@ class StalledMTATests(PolicyScenarioTestCase):
                   "plain": "connect helo mail rcpt abort close"},
         ), source="ldap3", uris=[f"ldap://127.0.0.1:{self.port.getHost().port}"], timeout=1.0)
         self.assertLess(time.monotonic() - started, 4.0)
+
+
+class ReloadTests(SlapdTestCase):
+    """A reload starts with an empty cache and keeps the connections of unchanged settings."""
+
+    @defer.inlineCallbacks
+    def test_reload_flushes_cache(self):
+        """A directory change shows after a reload, not before (the old cache is not shared);
+        the new configuration searches through the same source."""
+        old = configuration([self.slapd.uri])
+        old.ldap.start(old, reactor)
+        self.addCleanup(old.ldap.stop)
+        before = yield defer.maybeDeferred(old.ldap.lookups.lookup, "<x@a.example>")
+        self.assertEqual(before.state("grey"), State.BYPASS)
+        self.slapd.modify("dn: cn=a.example,ou=milter-policy,dc=example,dc=com\n"
+                          "changetype: modify\nreplace: milterManagerBypass\n"
+                          "milterManagerBypass: spam\n")
+        cached = old.ldap.lookups.lookup("<x@a.example>")
+        self.assertEqual(cached.state("grey"), State.BYPASS)
+        new = configuration([self.slapd.uri])
+        new.ldap.start(new, reactor, previous=old.ldap)
+        self.addCleanup(new.ldap.stop)
+        self.assertIs(new.ldap.lookups.source, old.ldap.lookups.source)
+        after = yield defer.maybeDeferred(new.ldap.lookups.lookup, "<x@a.example>")
+        self.assertEqual(after.state("grey"), State.RUN)
+        self.assertEqual(after.state("spam"), State.BYPASS)
