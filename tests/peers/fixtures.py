@@ -778,14 +778,14 @@ class Postfix:
             return ""
 
 
-def _short_link(target):
-    """Create a fresh symlink /tmp/mm-pf-XXXXXXXX to target and return its path.
+def _short_link(target, prefix="mm-pf"):
+    """Create a fresh symlink /tmp/PREFIX-XXXXXXXX to target and return its path.
 
-    Postfix's UNIX sockets live in the queue directory (e.g. public/postlog) and a socket path
-    must fit in 108 bytes, which trial's mktemp() paths do not.
+    UNIX sockets (Postfix's public/postlog in its queue directory, slapd's ldapi) must fit
+    in 108 bytes, which trial's mktemp() paths do not.
     """
     while True:
-        link = f"/tmp/mm-pf-{secrets.token_hex(4)}"
+        link = f"/tmp/{prefix}-{secrets.token_hex(4)}"
         try:
             os.symlink(target, link)
             return link
@@ -793,20 +793,20 @@ def _short_link(target):
             pass
 
 
-def _make_reachable(path):
-    """Let the postfix user traverse to path: add o+x to private ancestors under the working directory.
+def _make_reachable(path, user=POSTFIX_USER):
+    """Let user traverse to path: add o+x to it and its private ancestors under the working directory.
 
     trial's mktemp() parents are mkdtemp() directories (mode 0700) below _trial_temp, trial's
     working directory; directories above it are never changed.
     """
     cwd = os.path.realpath(os.getcwd())
-    parent = os.path.dirname(path)
+    parent = path
     while parent != os.path.dirname(parent):
         if os.path.exists(parent):
             mode = os.stat(parent).st_mode
             if not mode & 0o001:
                 if not (parent + os.sep).startswith(cwd + os.sep) or cwd == "/":
-                    raise RuntimeError(f"user {POSTFIX_USER} cannot reach {path}: {parent} lacks o+x")
+                    raise RuntimeError(f"user {user} cannot reach {path}: {parent} lacks o+x")
                 os.chmod(parent, (mode & 0o7777) | 0o011)
         parent = os.path.dirname(parent)
 

@@ -35,7 +35,7 @@ import subprocess
 import urllib.parse
 from dataclasses import dataclass, field
 
-from .fixtures import HOST, free_port, stop_pid, wait_for_port
+from .fixtures import HOST, _make_reachable, _short_link, free_port, stop_pid, wait_for_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIPPED_LDAP = os.path.join(ROOT, "etc", "ldap")
@@ -390,7 +390,7 @@ class Slapd:
     def _build(self):
         user, group = pwd.getpwnam(LDAP_USER).pw_uid, grp.getgrnam(LDAP_USER).gr_gid
         os.makedirs(self.tmpdir, exist_ok=True)
-        _make_reachable(self.tmpdir)
+        _make_reachable(self.tmpdir, LDAP_USER)
         for directory in (self.run_dir, self.db_dir, self.config_dir):
             os.makedirs(directory)
             os.chown(directory, user, group)
@@ -550,7 +550,7 @@ access to * by * read
         os.chmod(path("server.key"), 0o640)
 
     def _launch(self, timeout):
-        self._link = _short_link(self.run_dir)
+        self._link = _short_link(self.run_dir, "mm-ldap")
         self.ldapi_uri = "ldapi://" + urllib.parse.quote(os.path.join(self._link, "ldapi"), safe="")
         urls = [f"{self.uri}/", self.ldapi_uri]
         if self.tls:
@@ -588,31 +588,3 @@ def _suffix_entry(suffix):
 
 def _file_uri(path):
     return "file://" + urllib.parse.quote(path)
-
-
-def _short_link(target):
-    """A fresh symlink /tmp/mm-ldap-XXXXXXXX to target (a short path for the ldapi socket)."""
-    while True:
-        link = f"/tmp/mm-ldap-{secrets.token_hex(4)}"
-        try:
-            os.symlink(target, link)
-            return link
-        except FileExistsError:
-            pass
-
-
-def _make_reachable(path):
-    """Let the openldap user traverse to path: add o+x to it and its private ancestors under the working directory.
-
-    trial's mktemp() parents are mkdtemp() directories (mode 0700) below _trial_temp;
-    directories above the working directory are never changed.
-    """
-    cwd = os.path.realpath(os.getcwd())
-    parent = path
-    while parent != os.path.dirname(parent):
-        mode = os.stat(parent).st_mode
-        if not mode & 0o001:
-            if not (parent + os.sep).startswith(cwd + os.sep) or cwd == "/":
-                raise RuntimeError(f"user {LDAP_USER} cannot reach {path}: {parent} lacks o+x")
-            os.chmod(parent, (mode & 0o7777) | 0o011)
-        parent = os.path.dirname(parent)
