@@ -425,7 +425,7 @@ class DumpTests(LoadingTestCase):
         reloaded = config.load(dumped, strict=False)
         self.assertEqual(reloaded.ldap, configuration.ldap)
         self.assertEqual(reloaded.ldap.password, PASSWORD)
-        self.assertEqual(reloaded.ldap.ca_data, "-----BEGIN CERTIFICATE-----")
+        self.assertEqual(reloaded.ldap.ca_data, "-----BEGIN CERTIFICATE-----\n")
         self.assertEqual(reloaded, configuration)
 
     def test_defaults_dumped(self):

@@ -203,7 +203,9 @@ class LDAPConfig:
     def __setattr__(self, name, value):
         object.__setattr__(self, name, value)
         if name == "bind_password_file":
-            object.__setattr__(self, "password", _read(value))
+            text = _read(value)
+            object.__setattr__(self, "password", None if text is None else
+                               text.split("\n", 1)[0].rstrip("\r"))
         elif name == "tls_ca_file":
             object.__setattr__(self, "ca_data", _read(value))
 
@@ -239,7 +241,7 @@ class LDAPConfig:
             try:
                 Query(self.filter, self.base)
             except QueryError as problem:
-                error("base", f"ldap.base {problem}")
+                error("base", f"ldap.{problem}")
         if (self.bind_dn is None) != (self.bind_password_file is None):
             error("bind_dn" if self.bind_dn is not None else "bind_password_file",
                   "ldap.bind_dn and ldap.bind_password_file go together (None and None: "
@@ -252,7 +254,8 @@ class LDAPConfig:
             error("tls_ca_file", "ldap.tls_ca_file has no effect without TLS: use ldaps:// "
                                  "URIs or ldap.start_tls = True")
         if self.negative_cache_ttl > self.cache_ttl:
-            error("negative_cache_ttl", f"ldap.negative_cache_ttl ({self.negative_cache_ttl:g} s) "
+            error("negative_cache_ttl" if "negative_cache_ttl" in self.origins else "cache_ttl",
+                  f"ldap.negative_cache_ttl ({self.negative_cache_ttl:g} s) "
                                         f"must not be longer than ldap.cache_ttl "
                                         f"({self.cache_ttl:g} s)")
         defined = {milter.name for milter in configuration.milters}
@@ -266,7 +269,9 @@ class LDAPConfig:
             if self.timeout >= milter.reading_timeout:
                 error("timeout", f"ldap.timeout ({self.timeout:g} s) must be shorter than the "
                                  f'reading_timeout ({milter.reading_timeout:g} s) of milter '
-                                 f'"{milter.name}", which waits for the policy')
+                                 f'"{milter.name}", which waits for the policy',
+                      None if "timeout" in self.origins
+                      else milter.origins.get("reading_timeout"))
         return errors, warnings
 
     # ------------------------------------------------------------ running
@@ -358,8 +363,8 @@ def _stop_in_thread(source):
 
 
 def _read(path):
-    """A password or CA file's text (the password without its line end), or None."""
+    """The text of a password or CA file, or None."""
     if path is None:
         return None
     with open(path, encoding="utf-8", errors="surrogateescape") as secret:
-        return secret.read().rstrip("\r\n")
+        return secret.read()

@@ -60,8 +60,8 @@ def normalise_domain(domain):
 def parse(address, delimiter="+"):
     """The Address of a recipient as the MTA gave it (angle brackets optional).
 
-    delimiter separates the extension of a local part (Postfix's
-    recipient_delimiter); "" or None: local parts have none.
+    delimiter: the characters that start the extension of a local part
+    (Postfix's recipient_delimiter, each character one); "" or None: none.
     """
     text = address.strip()
     if text.startswith("<") and text.endswith(">"):
@@ -74,10 +74,11 @@ def parse(address, delimiter="+"):
     local = local.lower()
     domain = normalise_domain(domain) if domain else None
     mailbox = local
-    if delimiter and delimiter in local:
-        head = local.split(delimiter, 1)[0]
-        if head:
-            mailbox = head
+    if delimiter:
+        # Each character starts an extension, as in Postfix's recipient_delimiter.
+        cut = next((index for index, char in enumerate(local) if char in delimiter), None)
+        if cut:
+            mailbox = local[:cut]
     keys = []
     if domain is None:
         keys.append(local)

@@ -168,20 +168,24 @@ class PolicyLookup:
                               or "the defaults", name=name)
 
     def _failed(self, failure, address):
-        if failure.check(defer.TimeoutError, defer.CancelledError):
-            reason = f"no answer in {self.timeout:g} s"
-        elif failure.check(SourceError):
+        known = failure.check(defer.TimeoutError, defer.CancelledError, SourceError)
+        if known is SourceError:
             reason = failure.getErrorMessage()
+        elif known:
+            reason = f"no answer in {self.timeout:g} s"
         else:
-            self.log.failure("[ldap][error] searching for {address} failed", failure,
-                             address=address.text)
             reason = f"{failure.type.__name__}: {failure.getErrorMessage()}"
         self.failed += 1
         if self.outage_since is None:
             self.outage_since = self.clock.seconds()
-            self.log.error("[ldap][error] cannot ask {uris}: {reason}; on_error {on_error}: "
-                           "{what} until it answers again", uris=self.uris, reason=reason,
-                           on_error=str(self.on_error), what=self._what_happens())
+            text = ("[ldap][error] cannot ask {uris}: {reason}; on_error {on_error}: {what} "
+                    "until it answers again")
+            fields = dict(uris=self.uris, reason=reason, on_error=str(self.on_error),
+                          what=self._what_happens())
+            if known:
+                self.log.error(text, **fields)
+            else:
+                self.log.failure(text, failure, **fields)  # unexpected: with its traceback
         mode = self.on_error.mode
         if mode == "default-policy":
             return self._fallback

@@ -18,6 +18,8 @@ from ldap3.utils.dn import escape_rdn, parse_dn
 
 _ITEM = re.compile(r"\(([A-Za-z0-9][A-Za-z0-9;.-]*)=%([mdu])\)")
 _PLACEHOLDER = re.compile(r"%(.)", re.DOTALL)
+# An item or a lone placeholder of a checked template, filled in one pass.
+_FILLED = re.compile(_ITEM.pattern + r"|%([du%])")
 # Bytes a filter value carries as \XX: RFC 4515's specials, and everything outside printable ASCII.
 _PLAIN = frozenset(range(0x20, 0x7F)) - set(b"*()\\")
 SAMPLE = "user+ext@sub.example.com"
@@ -88,7 +90,10 @@ class Query:
         domain = address.domain or ""
 
         def item(match):
-            attribute, placeholder = match.groups()
+            attribute, placeholder, alone = match.groups()
+            if alone is not None:
+                return {"d": escape_value(domain), "u": escape_value(address.mailbox),
+                        "%": "%"}[alone]
             if placeholder == "m":
                 alternatives = "".join(f"({attribute}={escape_value(key)})"
                                        for key in address.keys)
@@ -96,10 +101,9 @@ class Query:
             value = domain if placeholder == "d" else address.mailbox
             return f"({attribute}={escape_value(value)})"
 
-        text = _ITEM.sub(item, self.filter_template)
-        text = _PLACEHOLDER.sub(
-            lambda match: {"d": escape_value(domain), "u": escape_value(address.mailbox),
-                           "%": "%"}.get(match.group(1), match.group(0)), text)
+        # One pass: a value put in must never be read again as a template (% is valid
+        # in a local part).
+        text = _FILLED.sub(item, self.filter_template)
         base = _PLACEHOLDER.sub(
             lambda match: _escape_dn_value(domain) if match.group(1) == "d" else "%",
             self.base_template)
