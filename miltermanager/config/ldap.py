@@ -255,9 +255,8 @@ class LDAPConfig:
                                  "URIs or ldap.start_tls = True")
         if self.negative_cache_ttl > self.cache_ttl:
             error("negative_cache_ttl" if "negative_cache_ttl" in self.origins else "cache_ttl",
-                  f"ldap.negative_cache_ttl ({self.negative_cache_ttl:g} s) "
-                                        f"must not be longer than ldap.cache_ttl "
-                                        f"({self.cache_ttl:g} s)")
+                  f"ldap.negative_cache_ttl ({self.negative_cache_ttl:g} s) must not be longer "
+                  f"than ldap.cache_ttl ({self.cache_ttl:g} s)")
         defined = {milter.name for milter in configuration.milters}
         for name in ("spam_milters", "virus_milters", "default_apply", "default_bypass",
                      "default_evaluate"):
