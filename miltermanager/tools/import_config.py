@@ -39,10 +39,12 @@ HEADER = "# Translated from Ruby by milter-manager-import-config."
 # files of the same names defining the same conditions (etc/applicable-conditions/
 # in the source, /etc/milter-manager/applicable-conditions/ once installed), so
 # upstream's are not translated: the translated load("applicable-conditions/*.conf")
-# loads ours. The file each condition is defined in:
+# loads ours. The file each condition is defined in (ldap-policy.conf is ours
+# only: upstream has no LDAP policy, but the same glob loads it):
 BUILTIN_CONDITION_FILES = {
     "authentication.conf": ("Authenticated", "Unauthenticated"),
     "dnsbl.conf": ("DNSBL Listed", "Not DNSBL Listed"),
+    "ldap-policy.conf": ("LDAP Policy",),
     "remote-network.conf": ("Remote Network",),
     "restrict-accounts.conf": (),  # the restrict_accounts_* helpers define theirs
     "s25r.conf": ("S25R",),
