@@ -12,10 +12,6 @@ the key it was found by: the value of a `%m` attribute among the keys, a
 
 import re
 
-from ldap3.core.exceptions import LDAPException
-from ldap3.operation.search import parse_filter
-from ldap3.utils.dn import escape_rdn, parse_dn
-
 _ITEM = re.compile(r"\(([A-Za-z0-9][A-Za-z0-9;.-]*)=%([mdu])\)")
 _PLACEHOLDER = re.compile(r"%(.)", re.DOTALL)
 # An item or a lone placeholder of a checked template, filled in one pass.
@@ -36,6 +32,8 @@ def escape_value(text):
 
 
 def _escape_dn_value(text):
+    from ldap3.utils.dn import escape_rdn
+
     return escape_rdn(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
 
 
@@ -68,6 +66,11 @@ class Query:
             if match.group(1) not in "d%":
                 raise QueryError(f"base has no placeholder %{match.group(1)}: only %d (the "
                                  f"domain) and %%")
+        # ldap3 is imported only where LDAP is configured (it costs a manager without it 4 MiB).
+        from ldap3.core.exceptions import LDAPException
+        from ldap3.operation.search import parse_filter
+        from ldap3.utils.dn import parse_dn
+
         from .keys import parse
         base, text = self.for_address(parse(SAMPLE))
         try:
