@@ -368,3 +368,28 @@ class AnalyzerTests(ScenarioTestCase):
         self.assertEqual(analyze(
             "Jul 15 09:00:01 mail postfix[12]: [statistics] [session][end][a][b][1](2)\n"
             "Jul 15 09:00:01 mail milter-manager[4]: [session][end][a][b][1](2)\n"), [])
+
+
+class LevelTests(unittest.TestCase):
+    """The service attaches the observer only while the statistics level is on."""
+
+    def test_follows_log_level(self):
+        """On at "default", off at "error|warning" (the factory then has no observer), on at "all"."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from miltermanager import config
+        from miltermanager.service import ManagerService
+
+        configuration = config.default()
+        made = ManagerService(MemoryReactorClock(), configuration)
+        router = made.start_logging(syslog_path=self.mktemp())
+        self.addCleanup(router.close)
+        self.assertIsInstance(made.statistics, StatisticsObserver)
+        self.assertIsNotNone(made.factory.observer)
+        config.set_value(configuration.log, "level", "error|warning")
+        made._configure_log(configuration, "reload")
+        self.assertIsNone(made.statistics)
+        self.assertIsNone(made.factory.observer)
+        config.set_value(configuration.log, "level", "all")
+        made._configure_log(configuration, "reload")
+        self.assertIsInstance(made.statistics, StatisticsObserver)
