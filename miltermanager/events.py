@@ -50,6 +50,9 @@ class ChildReplied:
     status: object  # a miltermanager.merge.Status
     verdict: object
     elapsed: float
+    # What came with the reply to end of message (header edits, quarantine, ...), as the
+    # child sent them: also in evaluation mode, where none of them applies.
+    modifications: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,9 @@ class MessageEnded:
     # The connection checker that found the SMTP client gone (status is then
     # manager.fallback_status_at_disconnect); None when none did.
     client_gone: str | None = None
+    client: str | None = None  # the SMTP client as HOSTNAME[ADDRESS], once connect came
+    sender: str | None = None  # MAIL's address as the MTA sent it, None before MAIL
+    recipients: int = 0  # RCPT commands in the transaction
 
 
 @dataclass(frozen=True, slots=True)

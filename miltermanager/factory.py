@@ -204,13 +204,22 @@ class ManagerFactory(MilterServerFactory):
 
 
 def memory_statistics(sessions, status="/proc/self/status"):
-    """The process's memory as a log line's text: what is cheap to know, nothing is walked.
+    """The process's memory as upstream's [maintain][memory] text, then our own figures.
 
-    "(RSS) VmHWM:... sessions:N gc:G0/G1/G2", in upstream's [maintain][memory]
-    spirit: resident memory now and at its peak (kB, from the kernel), the
-    sessions in flight and the garbage collector's pending counts per
-    generation. Without /proc the memory figures read "?".
+    "(RSSKB) total:N Proc:N GLib::Object:N VmHWM:PEAKKB sessions:N", the
+    first part in upstream's words so tools that read its line keep working:
+    resident memory (kB, from the kernel); the objects the garbage collector
+    tracks (Ruby's ObjectSpace count upstream); the functions and methods
+    among them (Ruby's Proc objects); the Twisted protocols among them, one
+    per MTA or child connection (upstream's GLib objects are its agents).
+    Then the peak resident memory and the sessions in flight. Counting
+    walks every object once: it runs only at maintenance, and only with
+    manager.report_memory_statistics. Without /proc the memory figures read "?".
     """
+    from types import BuiltinMethodType, FunctionType, MethodType
+
+    from twisted.internet.protocol import Protocol
+
     figures = {}
     try:
         with open(status, encoding="ascii", errors="replace") as file:
@@ -220,9 +229,17 @@ def memory_statistics(sessions, status="/proc/self/status"):
                     figures[name] = value.split()[0] + "KB"
     except OSError:
         pass
-    counts = "/".join(str(count) for count in gc.get_count())
-    return (f"({figures.get('VmRSS', '?')}) VmHWM:{figures.get('VmHWM', '?')} "
-            f"sessions:{sessions} gc:{counts}")
+    objects = gc.get_objects()
+    functions = protocols = 0
+    for obj in objects:
+        if isinstance(obj, (FunctionType, MethodType, BuiltinMethodType)):
+            functions += 1
+        elif isinstance(obj, Protocol):
+            protocols += 1
+    total = len(objects)
+    del objects
+    return (f"({figures.get('VmRSS', '?')}) total:{total} Proc:{functions} "
+            f"GLib::Object:{protocols} VmHWM:{figures.get('VmHWM', '?')} sessions:{sessions}")
 
 
 def _set_accepting(port, accepting):

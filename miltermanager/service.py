@@ -78,6 +78,7 @@ class ManagerService(service.Service):
 
     name = "milter-manager"
     log = Logger()
+    statistics = None  # the StatisticsObserver while the statistics log level is on
 
     def __init__(self, reactor, configuration, load=None, twistd_options=None, clock=None):
         self.reactor = reactor
@@ -129,6 +130,27 @@ class ManagerService(service.Service):
             return
         for note in notes:
             self.log.warn(note)
+        self._follow_statistics_level("statistics" in self.log_router.levels)
+
+    def _follow_statistics_level(self, on):
+        """Attach the statistics observer while the statistics level is on, else detach it.
+
+        Off, the sessions' event stream has one observer fewer (none at all,
+        unless something else listens): no statistics line is even formatted.
+        """
+        from .statistics import StatisticsObserver
+
+        observer = self.statistics
+        if on and observer is None:
+            self.statistics = StatisticsObserver(self._in_evaluation_mode)
+            self.factory.add_observer(self.statistics)
+        elif not on and observer is not None:
+            self.factory.remove_observer(observer)
+            self.statistics = None
+
+    def _in_evaluation_mode(self, name):
+        return any(milter.name == name and milter.evaluation_mode
+                   for milter in self.factory.configuration.milters)
 
     def reopen_logs(self):
         """SIGUSR1: reopen the log file; if that fails, keep writing to the old one."""

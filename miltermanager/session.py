@@ -59,6 +59,10 @@ class ManagerSession:
     log = Logger()
     smtp_client = None  # the Connect command, for the connection checkers
     gone_by = None  # the name of the connection checker that found the SMTP client gone
+    # For the event stream, kept only while an observer listens: MAIL's address and the
+    # number of RCPT commands in the current transaction.
+    _sender = None
+    _recipients = 0
 
     def __init__(self, server, factory):
         self.server = server
@@ -208,6 +212,7 @@ class ManagerSession:
         self._messages += 1
         if self.observer is not None:
             self._message_started = self.clock.seconds()
+            self._sender, self._recipients = command.sender, 0
         children = self._alive()
         for child in children:
             child.join_message()
@@ -222,6 +227,8 @@ class ManagerSession:
 
     def rcpt(self, command, macros):
         self.stage = stages.RCPT
+        if self.observer is not None:
+            self._recipients += 1
         if self.stoppers is not None:
             self.stoppers.note(stages.RCPT, command)
             if self.gate is not None:
@@ -382,7 +389,9 @@ class ManagerSession:
         if started is not None:
             self.observer.child_replied(ChildReplied(
                 self.number, child.name, stage, result and result.reply, status,
-                child.verdict if result else Status.CONTINUE, self.clock.seconds() - started))
+                child.verdict if result else Status.CONTINUE, self.clock.seconds() - started,
+                tuple(result.modifications) if result is not None and result.modifications
+                else ()))
         if (result is not None and result.reply.code == c.REPLY_CODE
                 and status >= Status.TEMPORARY_FAILURE):
             return status, result.reply
@@ -507,7 +516,14 @@ class ManagerSession:
                 self.number, stage, status, self._decider(status, decided_by), aborted,
                 self.clock.seconds() - self._message_started,
                 None if queue_id is None else bytes(queue_id).decode("utf-8", "replace"),
-                self.gone_by))
+                self.gone_by, self._client_text(), _text(self._sender), self._recipients))
+
+    def _client_text(self):
+        """The SMTP client as HOSTNAME[ADDRESS] (Postfix's way), None before connect."""
+        client = self.smtp_client
+        if client is None:
+            return None
+        return f"{_text(client.hostname)}[{_text(client.address)}]"
 
     # ------------------------------------------------------------ endings
 
@@ -523,11 +539,14 @@ class ManagerSession:
         self.gone_by = checker
         if status is Status.DISCARD and self.stage in stages.CONNECTION:
             status = Status.TEMPORARY_FAILURE  # the MTAs refuse a discard at connect or HELO
-        self.log.info("[session][disconnected][{elapsed:.3f}]({number}): {checker} found the "
-                      "SMTP client {client} gone at {stage}; answering {status}",
+        # Upstream's statistics line, exactly; then what happened, in words.
+        self.log.info("[session][disconnected][{elapsed:g}]({number})",
                       elapsed=self.clock.seconds() - self._started, number=self.number,
+                      milter_log_level="statistics")
+        self.log.info("[session][client-gone]({number}) {checker} found the SMTP client "
+                      "{client} gone at {stage}; answering {status}", number=self.number,
                       checker=checker, client=client, stage=self.stage.nick,
-                      status=status.label, milter_log_level="statistics")
+                      status=status.label)
         self.end_message(self.stage, status, None)
         self.server.answer_now(reply_for(status))
         for child in self.children:
@@ -553,3 +572,10 @@ class ManagerSession:
                 self.number, self.stage, self._verdict,
                 self._decider(self._verdict, self._decided_by), self._messages,
                 self.clock.seconds() - self._started, self.gone_by))
+
+
+def _text(value):
+    """bytes from the wire as text for the event stream (None stays None)."""
+    if value is None:
+        return None
+    return bytes(value).decode("utf-8", "backslashreplace")

@@ -325,9 +325,11 @@ class DisconnectScenarioTests(ScenarioTestCase):
             aborted=("next",),
         ))
         disconnected = [line for line in lines if "[session][disconnected]" in line]
-        self.assertEqual(len(disconnected), 1, lines)
-        self.assertIn("(1): gone found the SMTP client inet:52258@[192.0.2.10] gone at "
-                      "end-of-message; answering temporary-failure", disconnected[0])
+        self.assertEqual(disconnected, ["[session][disconnected][5](1)"])
+        gone = [line for line in lines if "[session][client-gone]" in line]
+        self.assertEqual(gone, ["[session][client-gone](1) gone found the SMTP client "
+                                "inet:52258@[192.0.2.10] gone at end-of-message; answering "
+                                "temporary-failure"])
         self.assertEqual([line for line in lines if "[children][error]" in line], [])
         ended = self.observer.of(MessageEnded)
         self.assertEqual([(event.status, event.client_gone, event.aborted) for event in ended],
@@ -504,8 +506,11 @@ class RealDisconnectTests(unittest.TestCase):
         self.assertNotIn("eom", [record["event"] for record in after.events()])
         disconnected = [line for line in lines if "[session][disconnected]" in line]
         self.assertEqual(len(disconnected), 1, lines)
+        self.assertRegex(disconnected[0], r"^\[session\]\[disconnected\]\[[0-9.e-]+\]\(\d+\)$")
+        gone = [line for line in lines if "[session][client-gone]" in line]
+        self.assertEqual(len(gone), 1, lines)
         self.assertIn(f"netstat found the SMTP client inet:{client_port}@[127.0.0.1] gone at "
-                      "end-of-message; answering temporary-failure", disconnected[0])
+                      "end-of-message; answering temporary-failure", gone[0])
         self.assertEqual([line for line in lines if "[children][error]" in line], [])
         self.assertIsNone(factory.connection_checks._loop)
 

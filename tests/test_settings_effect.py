@@ -82,7 +82,7 @@ class MemoryStatisticsTests(SynchronousTestCase):
                 if event.get("log_format", "").startswith("[maintain][memory]")]
 
     def test_line_at_each_maintenance(self):
-        """Every 2 finished sessions, one statistics line with RSS, peak, sessions and gc counts."""
+        """Every 2 finished sessions, one statistics line in upstream's words, then peak and sessions."""
         made, events = self.factory(True)
         made.connection_made()
         for _ in range(4):
@@ -92,10 +92,12 @@ class MemoryStatisticsTests(SynchronousTestCase):
         self.assertEqual(len(lines), 2)
         self.assertEqual(lines[0]["milter_log_level"], "statistics")
         text = lines[0]["memory"]
-        match = re.fullmatch(r"\((\d+)KB\) VmHWM:(\d+)KB sessions:1 gc:\d+/\d+/\d+", text)
+        match = re.fullmatch(r"\((\d+)KB\) total:(\d+) Proc:(\d+) GLib::Object:\d+ "
+                             r"VmHWM:(\d+)KB sessions:1", text)
         self.assertIsNotNone(match, text)
-        rss, peak = int(match.group(1)), int(match.group(2))
+        rss, total, functions, peak = (int(figure) for figure in match.groups())
         self.assertTrue(1000 < rss <= peak, text)  # a Python with Twisted is megabytes
+        self.assertTrue(1000 < functions < total, text)  # Twisted alone has thousands
 
     def test_off(self):
         """Without report_memory_statistics, maintenance logs no memory line."""
@@ -108,7 +110,7 @@ class MemoryStatisticsTests(SynchronousTestCase):
     def test_without_proc(self):
         """Where /proc/self/status cannot be read, the figures say so instead of failing."""
         self.assertRegex(memory_statistics(0, self.mktemp()),
-                         r"^\(\?\) VmHWM:\? sessions:0 gc:\d+/\d+/\d+$")
+                         r"^\(\?\) total:\d+ Proc:\d+ GLib::Object:\d+ VmHWM:\? sessions:0$")
 
 
 class FromConfigurationTests(SynchronousTestCase):
