@@ -100,7 +100,8 @@ class LogRouter:
             destination(event)
 
     def configure(self, settings, force_syslog=False):
-        """Apply `log.*` settings (level, path, use_syslog, syslog_facility); return notes.
+        """Apply `log.*` settings (level, path, use_syslog, syslog_facility, syslog_socket);
+        return notes.
 
         Opens the new file before closing the old one, so a path that cannot
         be opened raises OSError and leaves everything as it was. The notes
@@ -117,13 +118,15 @@ class LogRouter:
         elif self.file is None or self.file.path != path:
             new_file = LogFile(path)
         syslog = None
+        socket_path = getattr(settings, "syslog_socket", None) or self.syslog_path
         if settings.use_syslog or force_syslog:
-            if os.path.exists(self.syslog_path):
+            if os.path.exists(socket_path):
                 syslog = self.syslog
-                if syslog is None or syslog.facility_name != settings.syslog_facility:
-                    syslog = SyslogObserver(settings.syslog_facility, path=self.syslog_path)
+                if (syslog is None or syslog.facility_name != settings.syslog_facility
+                        or syslog.path != socket_path):
+                    syslog = SyslogObserver(settings.syslog_facility, path=socket_path)
             elif not self._syslog_missing:
-                notes.append(f"[log][syslog] {self.syslog_path} does not exist: not logging "
+                notes.append(f"[log][syslog] {socket_path} does not exist: not logging "
                              "to syslog")
         self._syslog_missing = bool(settings.use_syslog or force_syslog) and syslog is None
         if self.file is not None and self.file is not new_file:

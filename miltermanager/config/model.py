@@ -332,6 +332,10 @@ class LogConfig:
     use_syslog: bool = setting(True, check=_boolean, doc="also log to syslog")
     syslog_facility: str = setting(
         "mail", check=_one_of(SYSLOG_FACILITIES), doc="syslog facility")
+    syslog_socket: str | None = setting(
+        check=_optional_text,
+        doc="the local syslog daemon's socket; None: /dev/log (a chroot or container may "
+            "have it elsewhere)")
     origins: dict = _origins()
 
     @property
