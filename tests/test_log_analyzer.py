@@ -291,7 +291,8 @@ class MonthReportTests(SynchronousTestCase):
         self.assertEqual(total["sessions:smtp"], 561)
         self.assertEqual(total["sessions:child"], 561 * 4)
         self.assertEqual(total["sessions:disconnected"], 10)
-        # i = 0 on 30 days, i = 10 on the 26 with 13 or more sessions, i = 20 on the 12 with 22 or more
+        # i = 0 on 30 days, i = 10 on the 26 days with 13 or more sessions, i = 20 on the 12
+        # with 22 or more.
         self.assertEqual(total["report:virus"], 30 + 26 + 12)
 
     def test_per_child(self):
