@@ -865,6 +865,7 @@ class DumpTests(ConfigTestCase):
         log.path = "/var/log/milter-manager.log"
         log.use_syslog = False
         log.syslog_facility = "local4"
+        log.syslog_socket = "/var/spool/postfix/dev/log"
         manager.use_netstat_connection_checker(3)
         manager.connection_spec = "unix:/run/milter-manager/milter-manager.sock"
         manager.unix_socket_mode = 0o600
