@@ -56,6 +56,7 @@ setup(
             "milter-manager-import-config = miltermanager.tools.import_config:main",
             "milter-manager-greylist = miltermanager.greylist.main:main",
             "milter-manager-detect = miltermanager.detect.main:main",
+            "milter-manager-ctl = miltermanager.tools.ctl:main",
         ],
     },
 )
