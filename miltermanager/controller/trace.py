@@ -62,14 +62,14 @@ def _entry_data(entry):
     data = {"stage": stage.nick, "child": child, "decision": kind}
     if kind == REPLIED:
         _, _, _, status, verdict, reply, elapsed = entry
-        data.update(status=status_label(status), verdict=status_label(verdict),
+        data.update(status=status.label, verdict=verdict.label,
                     reply=_reply_text(reply), elapsed_ms=round(elapsed * 1000, 3))
     elif kind == STOPPED:
         _, _, _, condition, stopper, origin = entry
         data.update(condition=condition, stopper=stopper, origin=origin)
     else:
         _, _, _, status, cause, reason = entry
-        data.update(status=status_label(status), cause=cause, reason=reason)
+        data.update(status=status.label, cause=cause, reason=reason)
     return data
 
 
