@@ -57,6 +57,7 @@ setup(
             "milter-manager-greylist = miltermanager.greylist.main:main",
             "milter-manager-detect = miltermanager.detect.main:main",
             "milter-manager-log-analyzer = miltermanager.tools.log_analyzer:main",
+            "milter-manager-ctl = miltermanager.tools.ctl:main",
         ],
     },
 )

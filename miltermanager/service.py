@@ -54,6 +54,9 @@ DRAIN_TIMEOUT = 30.0
 RESTART_SETTINGS = (
     ("manager", "daemon"), ("manager", "pid_file"), ("manager", "max_file_descriptors"),
     ("manager", "n_workers"), ("security", "effective_user"), ("security", "effective_group"),
+    *(("controller", name) for name in (
+        "connection_spec", "unix_socket_mode", "unix_socket_group",
+        "remove_unix_socket_on_create", "remove_unix_socket_on_close", "trace_sessions")),
 )
 
 
@@ -92,6 +95,15 @@ class ManagerService(service.Service):
         self._cleaner = None
         self._reloading = defer.DeferredLock()
         self._previous_handlers = {}
+        self.reload_errors = []  # why the last reload kept the running configuration
+        # The controller socket (miltermanager.controller), when controller.connection_spec is set.
+        self.controller = None
+        self.controller_port = None
+        if configuration.controller.connection_spec is not None:
+            from .controller.server import Controller
+
+            self.controller = Controller(self, clock or reactor)
+            self.controller.observe()
 
     # ------------------------------------------------------------ logging
 
@@ -209,6 +221,23 @@ class ManagerService(service.Service):
                     gid=os.getgid(), cleaner=(
                         f"; process {self._cleaner[1]} removes the socket and pid file "
                         "after we exit" if self._cleaner else ""))
+        self._start_controller()
+
+    def _start_controller(self):
+        """Listen on controller.connection_spec, after dropping privileges (upstream's order)."""
+        if self.controller is None:
+            return
+        from .controller.server import ControllerFactory
+
+        settings = self.configuration.controller
+        try:
+            self.controller_port = _now(listen_endpoint(self.reactor, settings).listen(
+                ControllerFactory(self.controller)))
+        except CannotListenError as error:
+            self._undo_start()
+            raise StartError(_located(settings, "connection_spec", cannot_listen_reason(error),
+                                      settings.connection_spec)) from None
+        self.log.info("[controller][start] listening on {spec}", spec=settings.connection_spec)
 
     def _undo_start(self):
         """Start failed after listening: close the socket and remove the pid file now."""
@@ -222,6 +251,13 @@ class ManagerService(service.Service):
         self.factory.remove_port(port)
         defer.maybeDeferred(port.stopListening).addErrback(
             self._log_failure, "[manager][error] cannot close the listening socket")
+
+    def _close_controller(self):
+        port, self.controller_port = self.controller_port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening).addErrback(
+            self._log_failure, "[controller][error] cannot close the controller socket")
 
     def startService(self):
         if self.port is None:
@@ -254,11 +290,11 @@ class ManagerService(service.Service):
         for number, handler in self._previous_handlers.items():
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         self._previous_handlers.clear()
-        stopping = defer.succeed(None)
+        stopping = self._close_controller()
         if self.port is not None:
             port, self.port = self.port, None
             self.factory.remove_port(port)
-            stopping = defer.maybeDeferred(port.stopListening)
+            stopping.addCallback(lambda _: port.stopListening())
             # A socket that does not close cleanly must not cut the connections in flight.
             stopping.addErrback(self._log_failure,
                                 "[stop][error] cannot close the listening socket")
@@ -296,6 +332,7 @@ class ManagerService(service.Service):
         def unexpected(failure):
             self.log.failure("[reload][error] reloading failed", failure)
             if self.configuration is running:
+                self.reload_errors = [f"unexpected error: {failure.getErrorMessage()}"]
                 self.log.error("[reload][error] keeping the running configuration")
                 return False
             # Failed after the swap (applying the log settings, say): say what is in use.
@@ -313,9 +350,11 @@ class ManagerService(service.Service):
             problems = startup_problems(configuration)
         except ConfigurationError as error:
             problems = [error]
+        self.reload_errors = []
         if problems:
             for error in problems:
                 for line in error_lines(error):
+                    self.reload_errors.append(line)
                     self.log.error("[reload][error] {error}", error=line)
             self.log.error("[reload][error] keeping the running configuration")
             return defer.succeed(False)
@@ -328,6 +367,8 @@ class ManagerService(service.Service):
                 self._retune_socket(new)
 
         def failed(failure):
+            self.reload_errors = [f"cannot listen on {new.connection_spec}: "
+                                  f"{failure.getErrorMessage()}"]
             self.log.error("[reload][error] cannot listen on {spec}: {error}; keeping the "
                            "running configuration", spec=new.connection_spec,
                            error=failure.getErrorMessage())
@@ -436,6 +477,11 @@ def startup_problems(configuration):
     errors, warnings = configuration_problems(configuration)
     problems.extend(errors)
     warnings.extend(_without_effect(configuration.manager))
+    controller = configuration.controller
+    if controller.connection_spec is None and "trace_sessions" in controller.origins:
+        warnings.append(located(controller.origins["trace_sessions"],
+                                "controller.trace_sessions: no effect without a controller "
+                                "(controller.connection_spec)"))
     # The loader logged its own warnings already; these need the whole configuration,
     # command-line overrides included.
     for text in warnings:
@@ -496,6 +542,9 @@ def start_problems(configuration):
             (manager, "max_file_descriptors",
              max_file_descriptors_problem(manager.max_file_descriptors)),
             (manager, "connection_spec", listen_problem(manager)),
+            (configuration.controller, "connection_spec",
+             configuration.controller.connection_spec and listen_problem(
+                 configuration.controller)),
             (manager, "pid_file", manager.pid_file and directory_problem(manager.pid_file)),
             (log, "path", _log_path_problem(log.path))):
         if reason:

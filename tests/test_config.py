@@ -594,8 +594,8 @@ class UnknownAttributeTests(ConfigTestCase):
         self.assertError(
             "controller.xyzzy = 1\n", 1,
             "controller has no setting 'xyzzy'; known: connection_spec, "
-            "remove_unix_socket_on_close, remove_unix_socket_on_create, unix_socket_group, "
-            "unix_socket_mode")
+            "remove_unix_socket_on_close, remove_unix_socket_on_create, trace_sessions, "
+            "unix_socket_group, unix_socket_mode")
 
     def test_reading_an_unknown_setting(self):
         """Reading an unknown setting fails the same way, with its line."""
@@ -913,6 +913,7 @@ class DumpTests(ConfigTestCase):
         controller.unix_socket_group = "adm"
         controller.remove_unix_socket_on_create = False
         controller.remove_unix_socket_on_close = False
+        controller.trace_sessions = 50
 
         with define_milter("clamav") as milter:
             milter.connection_spec = "inet:3310@[127.0.0.1]"
@@ -1081,13 +1082,11 @@ class UpstreamItemTests(ConfigTestCase):
             "accepting resumes as soon as a connection ends below max_connections, so nothing "
             "waits a fixed time (raise max_file_descriptors if the process runs out of them)"])
 
-    def test_controller_settings_warn(self):
-        """controller.* is accepted and warned about: nothing listens for it yet."""
+    def test_controller_settings_without_warning(self):
+        """controller.* takes effect (the controller socket): loading warns of nothing."""
         path = self.write("milter-manager.conf",
                           'controller.connection_spec = "inet:10026@[127.0.0.1]"\n')
-        self.assertEqual(config.load(path).warnings, [
-            f"{path}:1: controller.connection_spec = 'inet:10026@[127.0.0.1]': the controller "
-            "socket is not implemented yet: nothing listens for it"])
+        self.assertEqual(config.load(path).warnings, [])
 
     def test_new_defaults(self):
         """package, security, manager and controller items default as upstream."""

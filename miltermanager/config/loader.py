@@ -71,10 +71,6 @@ WITHOUT_EFFECT = {
         "accepted for upstream's files; a finished session is freed at once here, and "
         "maintenance runs every maintenance_interval finished sessions even under constant "
         "load, so nothing waits for a cleanup",
-    **{("controller", name): "the controller socket is not implemented yet: nothing listens "
-                             "for it" for name in (
-        "connection_spec", "unix_socket_mode", "unix_socket_group",
-        "remove_unix_socket_on_create", "remove_unix_socket_on_close")},
 }
 
 

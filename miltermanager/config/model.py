@@ -28,6 +28,7 @@ SYSLOG_FACILITIES = ("authpriv", "cron", "daemon", "kern", "lpr", "mail", "news"
                      "uucp", *(f"local{n}" for n in range(8)))
 EVENT_LOOP_BACKENDS = ("glib", "libev")
 MAX_WORKERS = 1000  # upstream's MILTER_CLIENT_MAX_N_WORKERS
+MAX_TRACE_SESSIONS = 100000  # controller.trace_sessions: a few hundred bytes to kilobytes each
 
 # The stoppers of an applicable condition: kind -> the arguments it is called
 # with. Upstream's nine, in protocol order, then ours: `envelope` is called
@@ -456,6 +457,9 @@ class ControllerConfig:
         True, check=_boolean, doc="remove a stale UNIX socket file before listening")
     remove_unix_socket_on_close: bool = setting(
         True, check=_boolean, doc="remove the UNIX socket file when stopping")
+    trace_sessions: int = setting(
+        1000, check=_integer(0, MAX_TRACE_SESSIONS, zero="keeps no trace"),
+        doc="finished sessions whose decisions milter-manager-ctl trace can show")
     origins: dict = _origins()
 
 
