@@ -465,3 +465,28 @@ with define_milter("gone") as milter:
         self.assertEqual(found[(P + "child_up", (("child", "gone"),))], 0)
         self.assertEqual(found[(P + "child_health_changes_total", (
             ("child", "gone"), ("state", "down")))], 1)
+
+
+class DashboardTests(unittest.SynchronousTestCase):
+    """etc/examples/grafana-dashboard.json asks only for what the manager exposes."""
+
+    def test_every_metric_exists(self):
+        """Each milter_manager_* name in the dashboard's queries is a sample the manager writes."""
+        import json
+        import re
+
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "etc", "examples", "grafana-dashboard.json")
+        with open(path, encoding="utf-8") as file:
+            dashboard = json.load(file)
+        expressions = [target["expr"] for panel in dashboard["panels"]
+                       for target in panel["targets"]]
+        self.assertEqual(len(expressions), 17)
+        used = {name for text in expressions for name in re.findall(r"milter_manager_\w+", text)}
+        suffixes = {"counter": ("_total",), "gauge": ("",),
+                    "histogram": ("_bucket", "_count", "_sum")}
+        written = {family.name + suffix
+                   for family in metrics.MetricsCollector(metrics.Metrics()).collect()
+                   for suffix in suffixes[family.type]}
+        self.assertEqual(sorted(used - written), [])
+        self.assertIn("milter_manager_child_reply_seconds_bucket", used)
