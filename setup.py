@@ -47,6 +47,7 @@ setup(
         "zope.interface",
         "ldap3",
         "pyasn1",
+        "prometheus_client",
     ],
     extras_require={"test": ["hypothesis", "dkimpy"]},
     entry_points={

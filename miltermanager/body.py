@@ -3,6 +3,8 @@
 import os
 import tempfile
 
+from . import probes
+
 DEFAULT_MAX_MEMORY = 5 * 1024 * 1024
 
 
@@ -70,6 +72,8 @@ class BodyBuffer:
 
     def close(self):
         """Free the memory or close (and so delete) the temporary file; closing twice is fine."""
+        if self._file is not None and not self._closed and probes.body_spooled is not None:
+            probes.body_spooled(self._size)
         self._closed = True
         self._chunks = []
         if self._file is not None:

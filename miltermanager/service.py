@@ -57,6 +57,7 @@ RESTART_SETTINGS = (
     *(("controller", name) for name in (
         "connection_spec", "unix_socket_mode", "unix_socket_group",
         "remove_unix_socket_on_create", "remove_unix_socket_on_close", "trace_sessions")),
+    ("web", "connection_spec"),
 )
 
 
@@ -90,6 +91,7 @@ class ManagerService(service.Service):
         self.twistd_options = twistd_options
         self.factory = ManagerFactory(configuration, reactor, clock)
         self.port = None
+        self.web = None  # the web endpoint (metrics.WebEndpoint) while web.connection_spec
         self.pid_file = None  # the pid file we wrote
         self.log_router = None
         self._cleaner = None
@@ -190,12 +192,14 @@ class ManagerService(service.Service):
             raise StartError(_located(manager, "connection_spec", cannot_listen_reason(error),
                                       manager.connection_spec)) from None
         self.factory.add_port(self.port)
+        self._start_web()
         pid_file = manager.pid_file
         if pid_file is not None:
             try:
                 write_pid_file(pid_file)
             except OSError as error:
                 self._close_port_now()
+                self._stop_web()
                 raise StartError(_located(
                     manager, "pid_file", directory_problem(pid_file)
                     or f"cannot write it: {error.strerror}", pid_file)) from None
@@ -239,9 +243,36 @@ class ManagerService(service.Service):
                                       settings.connection_spec)) from None
         self.log.info("[controller][start] listening on {spec}", spec=settings.connection_spec)
 
+    def _start_web(self):
+        """Listen on web.connection_spec (before dropping privileges) and start the metrics."""
+        web = self.configuration.web
+        if web.connection_spec is None:
+            return
+        from . import metrics  # twisted.web and prometheus_client only when asked for
+
+        try:
+            self.web = _now(metrics.start(self.factory, self.reactor, web))
+        except ImportError as error:
+            self._close_port_now()
+            raise StartError(_located(web, "connection_spec", f"the metrics need the Python "
+                                      f"package prometheus_client ({error})")) from None
+        except CannotListenError as error:
+            self._close_port_now()
+            raise StartError(_located(web, "connection_spec", cannot_listen_reason(error))) \
+                from None
+        self.log.info("[web][start] metrics on {spec} at /metrics", spec=web.connection_spec)
+
+    def _stop_web(self):
+        web, self.web = self.web, None
+        if web is None:
+            return defer.succeed(None)
+        return web.stop().addErrback(self._log_failure,
+                                     "[web][error] cannot close the web endpoint's socket")
+
     def _undo_start(self):
-        """Start failed after listening: close the socket and remove the pid file now."""
+        """Start failed after listening: close the sockets and remove the pid file now."""
         self._close_port_now()
+        self._stop_web()
         if self.pid_file is not None:
             remove_pid_file(self.pid_file, os.getpid(), self.log)
             self.pid_file = None
@@ -291,6 +322,7 @@ class ManagerService(service.Service):
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         self._previous_handlers.clear()
         stopping = self._close_controller()
+        stopping.addCallback(lambda _: self._stop_web())
         if self.port is not None:
             port, self.port = self.port, None
             self.factory.remove_port(port)
@@ -545,12 +577,21 @@ def start_problems(configuration):
             (configuration.controller, "connection_spec",
              configuration.controller.connection_spec and listen_problem(
                  configuration.controller)),
+            (configuration.web, "connection_spec", _web_listen_problem(configuration.web)),
             (manager, "pid_file", manager.pid_file and directory_problem(manager.pid_file)),
             (log, "path", _log_path_problem(log.path))):
         if reason:
             problems.append(ConfigurationError(
                 _located(section, name, reason), section.origins.get(name)))
     return problems
+
+
+def _web_listen_problem(web):
+    if web.connection_spec is None:
+        return None
+    from .metrics import WebSocketSettings
+
+    return listen_problem(WebSocketSettings(web.connection_spec))
 
 
 def _located(section, name, reason, value=None):

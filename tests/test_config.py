@@ -758,7 +758,7 @@ class ShippedFilesTests(SynchronousTestCase):
     def test_milter_manager_conf_defaults_are_true(self):
         """The commented defaults in etc/milter-manager.conf are every setting's real default."""
         path = os.path.join(ROOT, "etc", "milter-manager.conf")
-        sections = ("package.", "security.", "log.", "manager.", "controller.")
+        sections = ("package.", "security.", "log.", "manager.", "controller.", "web.")
         with open(path, encoding="utf-8") as file:
             lines = [line[2:] for line in file
                      if line.startswith(tuple(f"# {name}" for name in sections))
@@ -914,6 +914,8 @@ class DumpTests(ConfigTestCase):
         controller.remove_unix_socket_on_create = False
         controller.remove_unix_socket_on_close = False
         controller.trace_sessions = 50
+
+        web.connection_spec = "inet:10027@[127.0.0.1]"
 
         with define_milter("clamav") as milter:
             milter.connection_spec = "inet:3310@[127.0.0.1]"

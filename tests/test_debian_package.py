@@ -299,7 +299,7 @@ class ControlTests(SynchronousTestCase):
         """It runs on Debian's Twisted (>= 22.4) and the libraries setup.py requires."""
         depends = [item.strip() for item in field(self.package["deb"], "Depends").split(",")]
         for wanted in ("python3-twisted (>= 22.4)", "python3-zope.interface", "python3-ldap3",
-                       "python3-pyasn1", "adduser"):
+                       "python3-pyasn1", "python3-prometheus-client", "adduser"):
             self.assertIn(wanted, depends)
         self.assertTrue(any(item.startswith("python3:any (>= 3.11") for item in depends), depends)
 

@@ -18,6 +18,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.names import client, dns, error
 
+from miltermanager import probes
+
 # Upstream's default services (dnsbl.conf).
 DEFAULT_SERVICES = (
     ("zen.spamhaus.org", ["127.0.0.10/31"]),
@@ -192,15 +194,23 @@ class DNSBL:
             return succeed(None)
         now = self._clock.seconds()
         to_ask = []
+        probe = probes.dnsbl_lookup
         for service in self.services:
             cached = self._cache.get((service, address), now)
             if cached is _MISSING:
                 to_ask.append(service)
             elif cached is not None:
+                if probe is not None:
+                    probe("listed", None)
                 return succeed(cached)
         if not to_ask:
+            if probe is not None:
+                probe("not_listed", None)
             return succeed(None)
-        return _Race(self, address, label, to_ask).result
+        race = _Race(self, address, label, to_ask)
+        if probe is not None:
+            race.result.addCallback(race.report, probe, now)
+        return race.result
 
     def _query(self, service, label):
         """Ask for the A records of label under service's domain; fire with the sections."""
@@ -228,6 +238,7 @@ class _Race:
         self.address = address
         self.result = Deferred(self._cancel)
         self._done = False
+        self._timed_out_after = None
         self._silent = []
         # Every query exists before any callback runs: one may fire synchronously.
         self._pending = {service: dnsbl._query(service, label) for service in services}
@@ -292,8 +303,16 @@ class _Race:
         """The caller or the timeout cancelled the lookup: stop the queries in flight."""
         self._silent = [service.domain for service in self._cancel_pending()]
 
+    def report(self, result, probe, started):
+        """Callback: tell probe (probes.dnsbl_lookup) how the lookup ended and how long it took."""
+        outcome = ("listed" if result is not None
+                   else "timeout" if self._timed_out_after is not None else "not_listed")
+        probe(outcome, self.dnsbl._clock.seconds() - started)
+        return result
+
     def _timed_out(self, result, timeout):
         """The overall timeout: not listed, logged once with the services that were silent."""
+        self._timed_out_after = timeout
         self.dnsbl.log.warn(
             "[dnsbl][timeout] {address}: no answer from {services} within {timeout} s",
             address=self.address, services=", ".join(self._silent), timeout=timeout)

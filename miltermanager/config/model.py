@@ -464,6 +464,17 @@ class ControllerConfig:
 
 
 @dataclass
+class WebConfig:
+    """`web.*`: the HTTP endpoint of the metrics (/metrics); None connection_spec: none."""
+
+    SECTION: ClassVar[str] = "web"
+    connection_spec: str | None = setting(
+        check=_optional_spec,
+        doc="where the HTTP endpoint (Prometheus /metrics) listens; None disables it")
+    origins: dict = _origins()
+
+
+@dataclass
 class ConditionConfig:
     """One applicable condition, `define_applicable_condition(name)`, and its stoppers.
 
@@ -537,6 +548,7 @@ class Configuration:
     log: LogConfig = field(default_factory=LogConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     conditions: dict = field(default_factory=dict)
     # The built-in conditions' helpers (miltermanager.config.helpers), one each per configuration.
     s25r: object = field(default_factory=lambda: _helper("s25r"))
@@ -549,7 +561,7 @@ class Configuration:
     warnings: list = field(default_factory=list, compare=False)
 
     # The top-level sections, in the order dump writes them (upstream's).
-    SECTIONS: ClassVar[tuple] = ("package", "security", "log", "manager", "controller")
+    SECTIONS: ClassVar[tuple] = ("package", "security", "log", "manager", "controller", "web")
     # The built-in conditions' helpers, in the order dump writes them.
     HELPERS: ClassVar[tuple] = ("s25r", "remote_network", "stress", "trust", "dnsbl", "ldap")
 

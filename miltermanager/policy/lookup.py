@@ -13,7 +13,10 @@ failed).
 from dataclasses import dataclass
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.logger import Logger
+
+from miltermanager import probes
 
 from .keys import parse
 from .rules import Entry, RecipientPolicy, default_policy, resolve
@@ -116,22 +119,39 @@ class PolicyLookup:
         address = parse(recipient, self.delimiter)
         if address.domain is None:
             return self.default  # nothing a directory of domains and users could say
+        probe = probes.ldap_lookup
         cached = self.cache.get(address.text)
         if cached is not None:
+            if probe is not None:
+                probe("hit")
             return cached
         running = self._running.get(address.text)
         if running is not None:
+            if probe is not None:
+                probe("shared")
             return running.wait()
+        if probe is not None:
+            probe("miss")
         running = self._running[address.text] = _Shared()
         base, search_filter = self.query.for_address(address)
+        started = self.clock.seconds()
         d = defer.maybeDeferred(self.source.search, base, search_filter, self._wanted)
         d.addTimeout(self.timeout, self.clock)
+        if probes.ldap_search is not None:
+            d.addBoth(self._report_search, started)
         d.addCallback(self._found, address)
         d.addErrback(self._failed, address)
         d.addCallback(self._done, address)
         if self._running.get(address.text) is not running:
             return running.result  # answered at once (a source that does not block)
         return running.wait()
+
+    def _report_search(self, result, started):
+        """Tell probes.ldap_search how a search ended and how long it took; result goes on."""
+        probe = probes.ldap_search
+        if probe is not None:
+            probe(not isinstance(result, Failure), self.clock.seconds() - started)
+        return result
 
     def _done(self, result, address):
         running = self._running.pop(address.text, None)
