@@ -184,7 +184,7 @@ class StatisticsObserver:
 
     @staticmethod
     def summary(event, session):
-        """Our one line for a message (see docs/operating-stats.md)."""
+        """Our one line for a message (see docs/operating.md)."""
         milters = []
         for name, child in session.children.items():
             if not child.message_seen:

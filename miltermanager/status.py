@@ -131,7 +131,7 @@ class StatusObserver:
         self.health_changes[event.child] = (event.up, self.clock.seconds())
 
     def snapshot(self, configuration, health, in_flight, generation=1, loaded_at=None):
-        """The status as plain data: see docs/operating-ctl.md for every field.
+        """The status as plain data: see docs/operating.md for every field.
 
         health: the factory's ChildHealth; in_flight: MTA connections open
         now; generation: how many configurations this process has run
