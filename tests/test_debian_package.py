@@ -257,14 +257,18 @@ class FileListTests(SynchronousTestCase):
                                           "usr/share/man/man8/milter-manager.8.gz"]))
 
     def test_docs(self):
-        """docs/*.md are shipped uncompressed beside README.md, so its links docs/X.md work."""
-        docs = sorted(name for name in os.listdir(os.path.join(ROOT, "docs"))
-                      if name.endswith(".md"))
+        """docs/ (its *.md and their images) is shipped uncompressed beside README.md, so its
+        links docs/X.md and the images they show work."""
+        source = os.path.join(ROOT, "docs")
+        docs = sorted(os.path.relpath(os.path.join(directory, name), source)
+                      for directory, _, names in os.walk(source) for name in names)
         self.assertIn("configuration.md", docs)
+        self.assertIn("images/log-analyzer-report.png", docs)
         doc = "usr/share/doc/milter-manager"
         self.assertIn(f"{doc}/README.md", self.files)
-        self.assertEqual(sorted(os.path.basename(path) for path in self.files
-                                if path.startswith(f"{doc}/docs/")), docs)
+        self.assertEqual(sorted(path[len(f"{doc}/docs/"):] for path in self.files
+                                if path.startswith(f"{doc}/docs/") and not os.path.isdir(
+                                    os.path.join(self.package["root"], path))), docs)
         readme = read(os.path.join(self.package["root"], doc, "README.md"))
         links = set(re.findall(r"\]\((docs/[\w.-]+\.md)\)", readme))
         self.assertIn("docs/configuration.md", links)
