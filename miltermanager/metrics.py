@@ -265,11 +265,30 @@ class MetricsResource(resource.Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, registry):
+    def __init__(self, registry, refresh=None):
         super().__init__()
         self.registry = registry
+        self.refresh = refresh
 
     def render_GET(self, request):
+        if self.refresh is None:
+            return self._render(request)
+        # refresh() reads a state off the reactor thread (a Deferred); write once it fired.
+        from twisted.internet import defer
+        from twisted.web.server import NOT_DONE_YET
+
+        finished = []
+        request.notifyFinish().addBoth(finished.append)
+
+        def write(_):
+            if not finished:  # the scraper is still there
+                request.write(self._render(request))
+                request.finish()
+
+        defer.maybeDeferred(self.refresh).addBoth(write)
+        return NOT_DONE_YET
+
+    def _render(self, request):
         from prometheus_client.exposition import choose_encoder, gzip_accepted
 
         accept = request.getHeader(b"accept")
@@ -308,15 +327,17 @@ class Index(resource.Resource):
         return "".join(f"/{page}\n" for page in pages).encode("ascii")
 
 
-def web_root(registry):
+def web_root(registry, refresh=None):
     """The web endpoint's Resource tree: / (an index) and /metrics.
 
     Further pages are added with root.putChild(b"NAME", resource); the
-    index lists them.
+    index lists them. refresh, if given, is called before each scrape and may
+    return a Deferred: /metrics is written once it fired (whatever its result;
+    refresh logs its own failures).
     """
     root = resource.Resource()
     root.putChild(b"", Index(root))
-    root.putChild(b"metrics", MetricsResource(registry))
+    root.putChild(b"metrics", MetricsResource(registry, refresh))
     return root
 
 
@@ -336,11 +357,9 @@ def start(factory, reactor, settings):
     Fires with a WebEndpoint whose stop() undoes both; fails as listening
     does (CannotListenError).
     """
-    from .listening import listen_endpoint
-
     metrics = Metrics(factory)
     site = QuietSite(web_root(registry_for(metrics)))
-    listening = listen_endpoint(reactor, WebSocketSettings(settings.connection_spec)).listen(site)
+    listening = listen(reactor, settings.connection_spec, site)
 
     def listening_now(port):
         factory.add_observer(metrics)
@@ -348,6 +367,17 @@ def start(factory, reactor, settings):
         return WebEndpoint(factory, metrics, site, port)
 
     return listening.addCallback(listening_now)
+
+
+def listen(reactor, spec, site):
+    """Listen with site on the connection spec text spec; fires with the port.
+
+    A UNIX socket is made as upstream makes its own (WebSocketSettings).
+    Fails as listening does (CannotListenError).
+    """
+    from .listening import listen_endpoint
+
+    return listen_endpoint(reactor, WebSocketSettings(spec)).listen(site)
 
 
 class WebEndpoint:

@@ -471,9 +471,11 @@ class DashboardTests(unittest.SynchronousTestCase):
     """etc/examples/grafana-dashboard.json asks only for what the manager exposes."""
 
     def test_every_metric_exists(self):
-        """Each milter_manager_* name in the dashboard's queries is a sample the manager writes."""
+        """Each milter_manager_* name in the dashboard's queries is a sample the manager or milter-manager-greylist writes."""  # noqa: E501
         import json
         import re
+
+        from miltermanager.greylist import metrics as greylist_metrics
 
         path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "etc", "examples", "grafana-dashboard.json")
@@ -481,12 +483,21 @@ class DashboardTests(unittest.SynchronousTestCase):
             dashboard = json.load(file)
         expressions = [target["expr"] for panel in dashboard["panels"]
                        for target in panel["targets"]]
-        self.assertEqual(len(expressions), 17)
+        self.assertEqual(len(expressions), 23)
         used = {name for text in expressions for name in re.findall(r"milter_manager_\w+", text)}
         suffixes = {"counter": ("_total",), "gauge": ("",),
                     "histogram": ("_bucket", "_count", "_sum")}
-        written = {family.name + suffix
-                   for family in metrics.MetricsCollector(metrics.Metrics()).collect()
+        families = [*metrics.MetricsCollector(metrics.Metrics()).collect(),
+                    *greylist_metrics.GreylistCollector(greylist_metrics.GreylistMetrics())
+                    .collect()]
+        written = {family.name + suffix for family in families
                    for suffix in suffixes[family.type]}
         self.assertEqual(sorted(used - written), [])
         self.assertIn("milter_manager_child_reply_seconds_bucket", used)
+        self.assertEqual(sorted(name for name in used if "greylist" in name), [
+            "milter_manager_greylist_auto_whitelisted_networks",
+            "milter_manager_greylist_decision_seconds_bucket",
+            "milter_manager_greylist_decisions_total",
+            "milter_manager_greylist_errors_total",
+            "milter_manager_greylist_purged_rows_total",
+            "milter_manager_greylist_triplets"])

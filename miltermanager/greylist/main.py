@@ -56,6 +56,9 @@ class Options(usage.Options):
          "IPv4 clients are greylisted per network of this prefix length"],
         ["ipv6-prefix", None, str(store.DEFAULT_IPV6_PREFIX),
          "IPv6 clients are greylisted per network of this prefix length"],
+        ["metrics-listen", None, None,
+         "serve Prometheus metrics on /metrics at this connection spec, e.g. "
+         "inet:10031@[127.0.0.1] (default: no metrics)"],
     ]
     optFlags = [
         ["quiet", "q", "log warnings and errors only"],
@@ -91,10 +94,17 @@ class Options(usage.Options):
         if self["quiet"] and self["verbose"]:
             raise usage.UsageError("--quiet and --verbose contradict each other")
         from miltermanager import connection_spec
-        try:
-            connection_spec.parse(self["connection-spec"])
-        except ValueError as error:
-            raise usage.UsageError(f"--connection-spec: {error}") from None
+        for name in ("connection-spec", "metrics-listen"):
+            if self[name] is None:
+                continue
+            try:
+                connection_spec.parse(self[name])
+            except ValueError as error:
+                raise usage.UsageError(f"--{name}: {error}") from None
+        if self["metrics-listen"] is not None and (
+                self["metrics-listen"] == self["connection-spec"]):
+            raise usage.UsageError("--metrics-listen: the same as --connection-spec "
+                                   f"({self['connection-spec']}); give each its own")
 
     def store_settings(self):
         """The keyword arguments of store.Greylist these options stand for."""
@@ -149,10 +159,23 @@ def main(argv=None, reactor=None, stderr=None):
         return 1
     _start_logging(options, stderr)
     log = Logger(namespace=PROGRAM)
-    greylist = ThreadedGreylist(greylist_store, reactor)
+    metrics = None
+    if options["metrics-listen"] is not None:
+        from .metrics import GreylistMetrics
+
+        metrics = GreylistMetrics()
+    greylist = ThreadedGreylist(greylist_store, reactor, metrics=metrics)
+    if metrics is not None:
+        metrics.greylist = greylist
     hostname = socket.gethostname().encode("ascii", "replace")
-    factory = server_factory(greylist, reactor, hostname)
+    factory = server_factory(greylist, reactor, hostname, metrics)
     spec_text = options["connection-spec"]
+    state = {"status": 0}
+
+    def start():
+        greylist.start()
+        if metrics is not None:
+            _serve_metrics(reactor, options["metrics-listen"], metrics, stderr, state, log)
 
     def listening(port):
         log.info("[greylist][listen] {spec}; database {database}, delay {delay} s, retry window "
@@ -160,8 +183,26 @@ def main(argv=None, reactor=None, stderr=None):
                  database=database, delay=options["delay"], window=options["retry-window"],
                  expiry=options["expiry"], auto=options["auto-whitelist"])
 
-    return serve(reactor, spec_text, factory, PROGRAM, stderr,
-                 listening=listening, start=greylist.start, stop=greylist.stop)
+    status = serve(reactor, spec_text, factory, PROGRAM, stderr,
+                   listening=listening, start=start, stop=greylist.stop)
+    return status or state["status"]
+
+
+def _serve_metrics(reactor, spec_text, metrics, stderr, state, log):
+    """Listen for scrapes on spec_text; a failure to listen stops the program (status 1)."""
+    from .metrics import start
+
+    def listened(port):
+        reactor.addSystemEventTrigger("before", "shutdown", port.stopListening)
+        log.info("[greylist][metrics] /metrics on {spec}", spec=spec_text)
+
+    def failed(failure):
+        stderr.write(f"{PROGRAM}: cannot listen on {spec_text} (--metrics-listen): "
+                     f"{failure.getErrorMessage()}\n")
+        state["status"] = 1
+        reactor.stop()
+
+    start(reactor, spec_text, metrics).addCallbacks(listened, failed)
 
 
 def run():

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from ..protocol import constants as c
 from ..protocol import messages
 from ..server import Milter, MilterServerFactory
+from .metrics import BAD_INPUT, ERROR, NOT_IP, WHITELISTED
 from .store import BadInput, Reason, Triplet, normalize_address, normalize_recipient
 
 NAME = "milter-manager-greylist"
@@ -44,19 +45,23 @@ class GreylistMilter(Milter):
     """One MTA connection: greylist each RCPT on an IGreylist, add X-Greylist at the end.
 
     greylist provides IGreylist; clock (IReactorTime) dates the header;
-    hostname (bytes) names this host in it when the MTA sends no j macro.
+    hostname (bytes) names this host in it when the MTA sends no j macro;
+    metrics (a metrics.GreylistMetrics, or None) is told of each recipient's
+    decision.
     """
 
     log = Logger()
     actions = c.SMFIF_ADDHDRS
 
-    def __init__(self, greylist, clock, hostname=b"localhost", server=None):
+    def __init__(self, greylist, clock, hostname=b"localhost", server=None, metrics=None):
         super().__init__(server)
         self.greylist = greylist
         self.clock = clock
         self.hostname = hostname
+        self.metrics = metrics
         self.may_add_header = True
         self.network = None  # None: this client is not greylisted
+        self.not_greylisted = NOT_IP  # why, for the metrics, when network is None
         self.client = None  # its address, for log lines
         self._reset_message()
 
@@ -77,6 +82,7 @@ class GreylistMilter(Milter):
     def connect(self, command, macros):
         self.network = None
         self.client = None
+        self.not_greylisted = NOT_IP
         if command.family not in (c.FAMILY_INET, c.FAMILY_INET6):
             self.log.debug("[greylist][pass] client {host} is not on IP: not greylisted",
                            host=command.hostname)
@@ -84,11 +90,13 @@ class GreylistMilter(Milter):
         self.client = command.address.decode("ascii", "replace")
         try:
             if self.greylist.is_whitelisted(command.address):
+                self.not_greylisted = WHITELISTED
                 self.log.debug("[greylist][pass] client {client} is whitelisted",
                                client=self.client)
                 return messages.CONTINUE
             self.network = self.greylist.client_network(command.address)
         except BadInput as error:
+            self.not_greylisted = BAD_INPUT
             self.log.warn("[greylist][pass] odd client address, not greylisted: {error}",
                           error=error)
         return messages.CONTINUE
@@ -109,6 +117,10 @@ class GreylistMilter(Milter):
 
     def rcpt(self, command, macros):
         if not self.greylisting:
+            if self.metrics is not None:
+                # With a network, only an odd sender or a missing MAIL stop greylisting.
+                self.metrics.decided(True, self.not_greylisted if self.network is None
+                                     else BAD_INPUT)
             if self.network is not None and not self.mail_seen:
                 self.log.warn("[greylist][pass] recipient {recipient!r} from {client} without "
                               "a sender: not greylisted",
@@ -117,19 +129,28 @@ class GreylistMilter(Milter):
         try:
             triplet = Triplet(self.network, self.sender, normalize_recipient(command.recipient))
         except BadInput as error:
+            if self.metrics is not None:
+                self.metrics.decided(True, BAD_INPUT)
             self.log.warn("[greylist][pass] odd recipient from {client}, not greylisted: "
                           "{error}", client=self.client, error=error)
             return messages.CONTINUE
+        asked = self.clock.seconds()
         try:
             verdict = self.greylist.decide(triplet)
         except Exception as error:
-            return self._failed_now(error, triplet)
+            return self._failed_now(error, triplet, asked)
         if isinstance(verdict, Deferred):
-            return verdict.addCallback(self._decided, triplet).addErrback(
-                self._failed, triplet)
-        return self._decided(verdict, triplet)
+            return verdict.addCallback(self._decided, triplet, asked).addErrback(
+                self._failed, triplet, asked)
+        return self._decided(verdict, triplet, asked)
 
-    def _decided(self, verdict, triplet):
+    def _count(self, asked, passed, reason):
+        if self.metrics is not None:
+            self.metrics.store_answered(max(0.0, self.clock.seconds() - asked))
+            self.metrics.decided(passed, reason)
+
+    def _decided(self, verdict, triplet, asked):
+        self._count(asked, verdict.passed, verdict.reason.value)
         if verdict.passed:
             if verdict.reason is Reason.RETRIED:
                 self.log.info(
@@ -150,7 +171,8 @@ class GreylistMilter(Milter):
             remaining=verdict.remaining)
         return messages.ReplyCode(reply_text(verdict.remaining))
 
-    def _failed_now(self, error, triplet):
+    def _failed_now(self, error, triplet, asked):
+        self._count_error(asked, isinstance(error, sqlite3.Error))
         if isinstance(error, sqlite3.Error):
             self._log_database_error(error, triplet)
         else:
@@ -158,15 +180,21 @@ class GreylistMilter(Milter):
                              "(fail open)", triplet=triplet)
         return messages.CONTINUE
 
-    def _failed(self, failure, triplet):
+    def _failed(self, failure, triplet, asked):
         if failure.check(CancelledError):
             return None  # the MTA went away; nobody reads the answer
+        self._count_error(asked, bool(failure.check(sqlite3.Error)))
         if failure.check(sqlite3.Error):
             self._log_database_error(failure.value, triplet)
         else:
             self.log.failure("[greylist][error] deciding on {triplet} failed; passing "
                              "(fail open)", failure, triplet=triplet)
         return messages.CONTINUE
+
+    def _count_error(self, asked, database):
+        self._count(asked, True, ERROR)
+        if self.metrics is not None:
+            self.metrics.failed("decide", "database" if database else "internal")
 
     def _log_database_error(self, error, triplet):
         self.log.error("[greylist][error] database: {error}; passing {network} <{sender}> -> "
@@ -186,20 +214,21 @@ class GreylistMilter(Milter):
         self._reset_message()
 
 
-def milter_factory(greylist, clock, hostname=b"localhost"):
+def milter_factory(greylist, clock, hostname=b"localhost", metrics=None):
     """The milter_factory for MilterServerFactory: one GreylistMilter per MTA connection."""
     def build(server):
-        return GreylistMilter(greylist, clock, hostname, server)
+        return GreylistMilter(greylist, clock, hostname, server, metrics)
     return build
 
 
-def server_factory(greylist, clock, hostname=b"localhost"):
+def server_factory(greylist, clock, hostname=b"localhost", metrics=None):
     """A MilterServerFactory serving GreylistMilters that fails open on a bug too.
 
     Listen with it (connection_spec.parse(spec).server_endpoint(reactor).listen)
     to run the greylisting milter in process, as the program does.
     """
-    factory = MilterServerFactory(milter_factory(greylist, clock, hostname), clock=clock)
+    factory = MilterServerFactory(milter_factory(greylist, clock, hostname, metrics),
+                                  clock=clock)
     factory.error_reply = messages.CONTINUE
     factory.noisy = False
     return factory

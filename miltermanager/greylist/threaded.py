@@ -10,6 +10,8 @@ because SQLite admits one writer at a time anyway; the reactor never waits on
 it, a pending RCPT simply gets its answer a little later.
 """
 
+import sqlite3
+
 from twisted.internet import threads
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -35,8 +37,9 @@ class ThreadedGreylist:
     log = Logger()
 
     def __init__(self, greylist, reactor, clock=None, threads=DEFAULT_THREADS,
-                 purge_interval=DEFAULT_PURGE_INTERVAL):
+                 purge_interval=DEFAULT_PURGE_INTERVAL, metrics=None):
         self.greylist = greylist
+        self.metrics = metrics  # a metrics.GreylistMetrics told of purges, or None
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="greylist-sqlite")
@@ -75,13 +78,22 @@ class ThreadedGreylist:
         return threads.deferToThreadPool(self.reactor, self.pool, self.greylist.purge,
                                          self.clock.seconds())
 
+    def counts(self):
+        """Fire with the store's counts() (pending, passed, auto-whitelisted networks)."""
+        return threads.deferToThreadPool(self.reactor, self.pool, self.greylist.counts)
+
     def _purge_logged(self):
         # A failed purge is logged and retried next time; it must not stop the LoopingCall.
         def purged(count):
+            if self.metrics is not None:
+                self.metrics.purged_rows(count)
             if count:
                 self.log.info("[greylist][purge] {count} expired rows deleted", count=count)
 
         def failed(failure):
+            if self.metrics is not None:
+                self.metrics.failed("purge", "database" if failure.check(sqlite3.Error)
+                                    else "internal")
             self.log.error("[greylist][purge][error] {error}",
                            error=failure.getErrorMessage())
 
