@@ -299,7 +299,7 @@ class MetricsResource(resource.Resource):
             self.log.failure("[web][metrics][error] cannot write the metrics")
             request.setResponseCode(500)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"cannot write the metrics; the manager's log says why\n"
+            return b"cannot write the metrics; the log says why\n"
         request.setHeader(b"content-type", content_type.encode("ascii"))
         encoding = request.getHeader(b"accept-encoding")
         if encoding and gzip_accepted(encoding.decode("latin-1")):

@@ -316,7 +316,7 @@ class WebTests(unittest.TestCase):
         self.metrics.in_flight = broken
         response, body = yield self.get("/metrics")
         self.assertEqual(response.code, 500)
-        self.assertEqual(body, b"cannot write the metrics; the manager's log says why\n")
+        self.assertEqual(body, b"cannot write the metrics; the log says why\n")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
