@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 
-from twisted.logger import ILogObserver, LogLevel, eventAsText, formatEvent
+from twisted.logger import ILogObserver, LogLevel, eventAsText, formatEvent, formatTime
 from zope.interface import implementer
 
 LEVELS = ("critical", "error", "warning", "message", "info", "debug", "statistics", "profile",
@@ -99,6 +99,23 @@ class LogRouter:
         for destination in self._destinations:
             destination(event)
 
+    def statistics(self, line):
+        """Write a statistics line (the statistics observer's) as if it were logged, cheaply.
+
+        The same text as a Logger event at the statistics level would give, but
+        without the event's trip through twisted.logger: five such lines a
+        session made logging a fifth of the manager's work. A destination
+        that is not ours gets the event.
+        """
+        for destination in self._destinations:
+            write = getattr(destination, "statistics", None)
+            if write is not None:
+                write(line)
+            else:
+                destination({"log_format": "{line}", "line": line, "log_level": LogLevel.info,
+                             "milter_log_level": "statistics", "log_namespace": STATISTICS,
+                             "log_time": time.time()})
+
     def configure(self, settings, force_syslog=False):
         """Apply `log.*` settings (level, path, use_syslog, syslog_facility, syslog_socket);
         return notes.
@@ -155,8 +172,26 @@ class LogRouter:
 
 
 def _write(stream, event):
+    _write_text(stream, eventAsText(event, includeSystem=True))
+
+
+# The namespace statistics lines are logged under (miltermanager.statistics.StatisticsObserver).
+STATISTICS = "miltermanager.statistics.StatisticsObserver"
+# The second last formatted and its text: statistics lines within one second share it.
+_formatted_second = [None, "-"]
+
+
+def _statistics_text(line):
+    """line as eventAsText writes a statistics event: time stamp, [namespace#info], text."""
+    second = int(time.time())
+    if _formatted_second[0] != second:
+        _formatted_second[:] = [second, formatTime(second)]
+    return f"{_formatted_second[1]} [{STATISTICS}#info] {line}"
+
+
+def _write_text(stream, text):
     try:
-        stream.write(eventAsText(event, includeSystem=True) + "\n")
+        stream.write(text + "\n")
         stream.flush()
     except (OSError, ValueError):
         pass  # a closed or full stream must not break the manager
@@ -171,6 +206,9 @@ class Stream:
     def __call__(self, event):
         _write(self.stream, event)
 
+    def statistics(self, line):
+        _write_text(self.stream, _statistics_text(line))
+
 
 class LogFile:
     """A log file opened for appending, reopened on request."""
@@ -184,6 +222,9 @@ class LogFile:
 
     def __call__(self, event):
         _write(self._file, event)
+
+    def statistics(self, line):
+        _write_text(self._file, _statistics_text(line))
 
     def reopen(self):
         """Open the path again; if that fails, keep writing to the old file and raise."""
@@ -222,6 +263,11 @@ class SyslogObserver:
         for line in text.splitlines():
             if line:
                 self._send((header + prefix + line).encode("utf-8", "backslashreplace"))
+
+    def statistics(self, line):
+        header = (f"<{self.facility * 8 + _PRIORITIES['statistics']}>"
+                  f"{time.strftime('%b %e %H:%M:%S')} {self.ident}[{os.getpid()}]: ")
+        self._send((header + "[statistics] " + line).encode("utf-8", "backslashreplace"))
 
     def _send(self, data):
         try:

@@ -156,7 +156,8 @@ class ManagerService(service.Service):
 
         observer = self.statistics
         if on and observer is None:
-            self.statistics = StatisticsObserver(self._in_evaluation_mode)
+            self.statistics = StatisticsObserver(self._in_evaluation_mode,
+                                                 self.log_router.statistics)
             self.factory.add_observer(self.statistics)
         elif not on and observer is not None:
             self.factory.remove_observer(observer)

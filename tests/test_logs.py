@@ -164,3 +164,55 @@ class SyslogTests(SynchronousTestCase):
         self.router.configure(settings(use_syslog=False))
         self.log.error("e")
         self.assertEqual(self.received(), [])
+
+
+class StatisticsLineTests(SynchronousTestCase):
+    """LogRouter.statistics: the statistics observer's lines, written without twisted.logger."""
+
+    def test_file_text_is_the_logged_text(self):
+        """A statistics line in a log file reads as the same line logged through a Logger."""
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        fast, slow = (os.path.join(directory, name) for name in ("fast.log", "slow.log"))
+        router = logs.LogRouter(base=logs.LogFile(fast))
+        self.addCleanup(router.close)
+        router.statistics("[sessions][finished] 1(+1) 0")
+        logged = logs.LogRouter(base=logs.LogFile(slow))
+        self.addCleanup(logged.close)
+        Logger(namespace=logs.STATISTICS, observer=logged).info(
+            "{line}", line="[sessions][finished] 1(+1) 0", milter_log_level="statistics")
+        for router_ in (router, logged):
+            router_.base.close()
+        with open(fast) as first, open(slow) as second:
+            fast_line, slow_line = first.read(), second.read()
+        self.assertEqual(fast_line.split(" ", 1)[1], slow_line.split(" ", 1)[1])
+        self.assertEqual(fast_line.split(" ", 1)[1],
+                         "[miltermanager.statistics.StatisticsObserver#info] "
+                         "[sessions][finished] 1(+1) 0\n")
+        self.assertRegex(fast_line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} ")
+
+    def test_foreign_destination_gets_an_event(self):
+        """A destination that is not ours gets a statistics-level event with the line."""
+        seen = []
+        router = logs.LogRouter(base=seen.append)
+        self.addCleanup(router.close)
+        router.statistics("[session][end][connect][pass][0.1](1)")
+        [event] = seen
+        self.assertEqual(logs.upstream_level(event), "statistics")
+        self.assertEqual(event["line"], "[session][end][connect][pass][0.1](1)")
+
+    def test_syslog(self):
+        """Through syslog: mail.notice (21) and the "[statistics] " prefix, as upstream."""
+        directory = tempfile.mkdtemp(prefix="mm-log-")
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "log")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        server.bind(path)
+        self.addCleanup(server.close)
+        observer = logs.SyslogObserver("mail", path=path)
+        self.addCleanup(observer.close)
+        observer.statistics("[sessions][finished] 1(+1) 0")
+        datagram = server.recv(4096).decode()
+        self.assertRegex(datagram, rf"^<21>\w{{3}} [ \d]\d \d\d:\d\d:\d\d "
+                                   rf"milter-manager\[{os.getpid()}\]: "
+                                   r"\[statistics\] \[sessions\]\[finished\] 1\(\+1\) 0$")
