@@ -1,10 +1,11 @@
 """Statistics and summary lines behind a real Postfix, in the log file and through syslog.
 
 Postfix -> `twistd -n milter-manager` (log.level "default", a log file and a private syslog
-socket) -> libmilter children; one SMTP session per case: accepted, rejected at RCPT, rejected
-at end of message, tempfailed at RCPT, a child stopped by a condition; a child nothing listens
-for stands in with its fallback in every session. The lines are compared one by one with the
-expected text, times and queue ids masked; the log analyzer then reads the same file.
+socket) -> two libmilter children and a signing opendkim; one SMTP session per case:
+accepted, rejected at RCPT, rejected at end of message, tempfailed at RCPT, a child stopped
+by a condition; a child nothing listens for stands in with its fallback in every session.
+The lines are compared one by one with the expected text, times, queue ids and the DKIM
+signature masked; the log analyzer then reads the same file.
 """
 
 import os
@@ -19,7 +20,9 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.peers.fixtures import LibmilterMilter, MiltermanagerProcess, Postfix, free_port
+from tests.peers.fixtures import (
+    LibmilterMilter, MiltermanagerProcess, OpenDKIM, Postfix, free_port,
+)
 
 MESSAGE = b"""\
 From: alice@harness.test
@@ -49,6 +52,8 @@ with define_milter("one") as milter:
 with define_milter("two") as milter:
     milter.connection_spec = {two!r}
     milter.applicable_conditions = ["Not Trusted"]
+with define_milter("opendkim") as milter:
+    milter.connection_spec = {dkim!r}
 with define_milter("gone") as milter:
     milter.connection_spec = "inet:{dead}@[127.0.0.1]"
     milter.fallback_status = "accept"
@@ -60,38 +65,45 @@ EXPECTED = [  # noqa: E501 (the lines as the manager writes them)
     # accepted
     '[milter][header][add](T): <X-Libmilter>=<one saw QID>: one',
     '[milter][header][add](T): <X-Libmilter>=<two saw QID>: two',
-    '[message][end](T) QID: client=localhost[127.0.0.1], from=<alice@harness.test>, nrcpt=1, verdict=pass, stage=end-of-message, by=-, elapsed=MS, milters=one/pass/MS two/pass/MS gone/accept(unreachable)/MS, stopped=-',
+    '[milter][header][add](T): <DKIM-Signature>=<SIGNATURE>: opendkim',
+    '[message][end](T) QID: client=localhost[127.0.0.1], from=<alice@harness.test>, nrcpt=1, verdict=pass, stage=end-of-message, by=-, elapsed=MS, milters=one/pass/MS two/pass/MS opendkim/pass/MS gone/accept(unreachable)/MS, stopped=-',
     '[milter][end][end-of-message][pass][E](T): one',
     '[milter][end][end-of-message][pass][E](T): two',
+    '[milter][end][end-of-message][accept][E](T): opendkim',
     '[milter][end][negotiate][error][E](T): gone',
     '[session][end][end-of-message][pass][E](T)',
     '[sessions][finished] 1(+1) 0',
     # the only recipient rejected at RCPT by one: the client gives up
-    '[message][end](T) NOQUEUE: client=localhost[127.0.0.1], from=<alice@harness.test>, nrcpt=1, verdict=abort, stage=envelope-recipient, by=-, elapsed=MS, milters=one/reject/MS two/pass/MS gone/accept(unreachable)/MS, stopped=-',
+    '[message][end](T) NOQUEUE: client=localhost[127.0.0.1], from=<alice@harness.test>, nrcpt=1, verdict=abort, stage=envelope-recipient, by=-, elapsed=MS, milters=one/reject/MS two/pass/MS opendkim/pass/MS gone/accept(unreachable)/MS, stopped=-',
     '[milter][end][envelope-recipient][reject][E](T): one',
     '[milter][end][envelope-recipient][pass][E](T): two',
+    '[milter][end][envelope-recipient][pass][E](T): opendkim',
     '[milter][end][negotiate][error][E](T): gone',
     '[session][end][envelope-recipient][reject][E](T)',
     '[sessions][finished] 2(+1) 0',
-    # rejected by one at end of message: two never got the message
-    '[message][end](T) QID: client=localhost[127.0.0.1], from=<alice@harness.test>, nrcpt=1, verdict=reject, stage=end-of-message, by=one, elapsed=MS, milters=one/reject/MS two/pass/MS gone/accept(unreachable)/MS, stopped=-',
+    # rejected by one at end of message: two and opendkim never got the message
+    '[message][end](T) QID: client=localhost[127.0.0.1], from=<alice@harness.test>, nrcpt=1, verdict=reject, stage=end-of-message, by=one, elapsed=MS, milters=one/reject/MS two/pass/MS opendkim/pass/MS gone/accept(unreachable)/MS, stopped=-',
     '[milter][end][end-of-message][reject][E](T): one',
     '[milter][end][data][pass][E](T): two',
+    '[milter][end][data][pass][E](T): opendkim',
     '[milter][end][negotiate][error][E](T): gone',
     '[session][end][end-of-message][reject][E](T)',
     '[sessions][finished] 3(+1) 0',
     # tempfailed at RCPT by one; gone is marked down by now (three failures in a row)
-    '[message][end](T) NOQUEUE: client=localhost[127.0.0.1], from=<alice@harness.test>, nrcpt=1, verdict=abort, stage=envelope-recipient, by=-, elapsed=MS, milters=one/temporary-failure/MS two/pass/MS gone/accept(down)/MS, stopped=-',
+    '[message][end](T) NOQUEUE: client=localhost[127.0.0.1], from=<alice@harness.test>, nrcpt=1, verdict=abort, stage=envelope-recipient, by=-, elapsed=MS, milters=one/temporary-failure/MS two/pass/MS opendkim/pass/MS gone/accept(down)/MS, stopped=-',
     '[milter][end][envelope-recipient][temporary-failure][E](T): one',
     '[milter][end][envelope-recipient][pass][E](T): two',
+    '[milter][end][envelope-recipient][pass][E](T): opendkim',
     '[milter][end][negotiate][error][E](T): gone',
     '[session][end][envelope-recipient][temporary-failure][E](T)',
     '[sessions][finished] 4(+1) 0',
     # two stopped by the Not Trusted condition at MAIL
     '[milter][header][add](T): <X-Libmilter>=<one saw QID>: one',
-    '[message][end](T) QID: client=localhost[127.0.0.1], from=<trusted@harness.test>, nrcpt=1, verdict=pass, stage=end-of-message, by=-, elapsed=MS, milters=one/pass/MS two/pass/MS gone/accept(down)/MS, stopped=two/envelope-from/Not%20Trusted',
+    '[milter][header][add](T): <DKIM-Signature>=<SIGNATURE>: opendkim',
+    '[message][end](T) QID: client=localhost[127.0.0.1], from=<trusted@harness.test>, nrcpt=1, verdict=pass, stage=end-of-message, by=-, elapsed=MS, milters=one/pass/MS two/pass/MS opendkim/pass/MS gone/accept(down)/MS, stopped=two/envelope-from/Not%20Trusted',
     '[milter][end][end-of-message][pass][E](T): one',
     '[milter][end][envelope-from][stop][E](T): two',
+    '[milter][end][end-of-message][accept][E](T): opendkim',
     '[milter][end][negotiate][error][E](T): gone',
     '[session][end][end-of-message][pass][E](T)',
     '[sessions][finished] 5(+1) 0',
@@ -108,6 +120,8 @@ def masked(line):
     line = re.sub(r"\((\d+)\)", "(T)", line)
     line = re.sub(r"/[0-9.]+(?= |,|$)", "/MS", line)
     line = re.sub(r"elapsed=[0-9.]+", "elapsed=MS", line)
+    line = re.sub(r"<DKIM-Signature>=<.*>: opendkim$", "<DKIM-Signature>=<SIGNATURE>: opendkim",
+                  line)
     line = re.sub(r"\b[0-9A-F]{8,12}\b|\b[0-9B-DF-HJ-NP-TV-Zb-df-hj-np-tv-z]{10,15}\b", "QID",
                   line)
     return line
@@ -138,12 +152,13 @@ class StatisticsBehindPostfixTests(SynchronousTestCase):
         self.log_path = os.path.join(directory, "manager.log")
         self.one = LibmilterMilter(self.mktemp(), "one", "--reject-subject", "SPAM")
         self.two = LibmilterMilter(self.mktemp(), "two", "--no-rcpt-rules")
-        for child in (self.one, self.two):
+        self.dkim = OpenDKIM(self.mktemp())  # signs mail from harness.test
+        for child in (self.one, self.two, self.dkim):
             child.start()
             self.addCleanup(child.stop)
         self.manager = MiltermanagerProcess(self.mktemp(), CONFIG.format(
             log=self.log_path, syslog=self.syslog_path, one=self.one.spec, two=self.two.spec,
-            dead=free_port()))
+            dkim=self.dkim.spec, dead=free_port()))
         self.manager.start()
         self.addCleanup(self.manager.stop)
         self.postfix = Postfix(self.mktemp(), milters=[self.manager.postfix_spec])
@@ -214,8 +229,9 @@ class StatisticsBehindPostfixTests(SynchronousTestCase):
         with open(os.path.join(output, "index.html"), encoding="utf-8") as page:
             text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page.read()))
         # day, SMTP sessions, milter sessions, disconnected, pass, reject, temporary-failure
-        self.assertRegex(text, r"\d{4}-\d\d-\d\d 5 15 0 2 2 1 ")
-        # milter, sessions, pass, reject, temporary-failure, error, stop
-        self.assertIn(" one 5 2 2 1 0 0 ", text)
-        self.assertIn(" two 5 4 0 0 0 1 ", text)
-        self.assertIn(" gone 5 0 0 0 5 0 ", text)
+        self.assertRegex(text, r"\d{4}-\d\d-\d\d 5 20 0 2 2 1 ")
+        # milter, sessions, pass, accept, reject, temporary-failure, error, stop
+        self.assertIn(" one 5 2 0 2 1 0 0 ", text)
+        self.assertIn(" two 5 4 0 0 0 0 1 ", text)
+        self.assertIn(" opendkim 5 3 2 0 0 0 0 ", text)
+        self.assertIn(" gone 5 0 0 0 0 5 0 ", text)
