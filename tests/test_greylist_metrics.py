@@ -6,7 +6,6 @@ import sqlite3
 import subprocess
 import urllib.request
 
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.parser import text_string_to_metric_families as text_families
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
@@ -24,18 +23,10 @@ from miltermanager.protocol import FrameDecoder, decode_reply, messages, negotia
 from miltermanager.protocol import constants as c
 from tests.peers.fixtures import GreylistMilter as GreylistProcess
 from tests.peers.fixtures import free_port, wait_for_port
+from tests.test_metrics import samples
 
 G = "milter_manager_greylist_"
 CLIENT = b"192.0.2.10"
-
-
-def samples(text, parser=text_string_to_metric_families):
-    """{(sample name, ((label, value), ...)): value} of an exposition text."""
-    found = {}
-    for family in parser(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
 
 
 def decisions(found):
