@@ -5,7 +5,10 @@ stop by an applicable condition, every fallback with its cause, and the end
 of each message and of the session. The records are built only when an
 observer is attached, so a manager without one pays one attribute test per
 report. Observers must be quick and must not raise: they run inside the
-session's chain (an exception is logged and dropped by Observers).
+session's chain (an exception is logged and dropped by Observers). The
+records are shared by every observer and must not be changed; they are not
+frozen dataclasses because a frozen one's __init__ costs twice as much, once
+per child reply.
 """
 
 import enum
@@ -26,7 +29,7 @@ class Cause(enum.Enum):
     ERROR = "error"  # anything else
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionStarted:
     """An MTA connection was accepted."""
 
@@ -34,7 +37,7 @@ class SessionStarted:
     children: tuple  # names of the children it will contact, in configuration order
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChildReplied:
     """A child answered a command (a no-reply step counts as CONTINUE, reply None).
 
@@ -55,7 +58,7 @@ class ChildReplied:
     modifications: tuple = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChildStopped:
     """An applicable condition's stopper stopped a child before it got the command of stage."""
 
@@ -67,7 +70,7 @@ class ChildStopped:
     origin: str  # where it was defined, FILE:LINE
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChildFellBack:
     """A child's fallback_status stood in for its reply at stage.
 
@@ -83,7 +86,7 @@ class ChildFellBack:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageEnded:
     """A transaction ended: answered at its end or before, or abandoned by the MTA.
 
@@ -108,7 +111,7 @@ class MessageEnded:
     recipients: int = 0  # RCPT commands in the transaction
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionEnded:
     """The MTA connection ended; status is the last verdict the MTA got (None: none yet)."""
 
@@ -121,7 +124,7 @@ class SessionEnded:
     client_gone: str | None = None  # the connection checker that found the client gone
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChildHealthChanged:
     """A child was marked down after failures in a row, or came back up (process-wide)."""
 
