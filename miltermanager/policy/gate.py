@@ -13,6 +13,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from ..merge import Status
+from .keys import bare
 from .lookup import Unavailable
 from .rules import State
 
@@ -79,8 +80,8 @@ class PolicyGate:
                 decision.refusal = (Status.TEMPORARY_FAILURE, SPLIT_REPLY)
                 self.log.info("[ldap][split] {recipient}: deferred to another transaction: "
                               "{policy} differs from {first}'s {first_policy}",
-                              recipient=_bare(recipient), policy=found.describe(),
-                              first=_bare(first.recipient), first_policy=first.policy.describe())
+                              recipient=bare(recipient), policy=found.describe(),
+                              first=bare(first.recipient), first_policy=first.policy.describe())
         if waiting is None or waiting is self._current:
             self._current = decision
         self.decisions[recipient] = decision
@@ -110,8 +111,3 @@ class PolicyGate:
         if decision is None or decision.policy is None:
             return State.RUN
         return decision.policy.state(name)
-
-
-def _bare(address):
-    """address without its angle brackets, as the [ldap] log lines write addresses."""
-    return address.strip().removeprefix("<").removesuffix(">")

@@ -48,6 +48,14 @@ class Address:
         return self.rank_of(key)
 
 
+def bare(address):
+    """address without surrounding space and angle brackets, as the [ldap] log lines write it."""
+    text = address.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1].strip()
+    return text
+
+
 def normalise_domain(domain):
     """domain lower-cased, IDNA A-labels, no trailing dot; unencodable labels as they are."""
     domain = domain.strip().rstrip(".").lower()
@@ -63,9 +71,7 @@ def parse(address, delimiter="+"):
     delimiter: the characters that start the extension of a local part
     (Postfix's recipient_delimiter, each character one); "" or None: none.
     """
-    text = address.strip()
-    if text.startswith("<") and text.endswith(">"):
-        text = text[1:-1].strip()
+    text = bare(address)
     if not text:
         return Address(NULL, "", "", None, (NULL, GLOBAL))
     local, at, domain = text.rpartition("@")
