@@ -31,8 +31,12 @@ MANAGER_MODULES = ("session.py", "envelope.py", "message.py", "children.py", "me
                    "health.py", "stoppers.py", "factory.py", "service.py")
 
 
-def run(messages, children):
-    """Run messages MTA sessions through the manager with children trivial children."""
+def run(messages, children, observe=()):
+    """Run messages MTA sessions through the manager with children trivial children.
+
+    observe: "statistics" (the statistics lines, written to /dev/null as the
+    log file) and "metrics" (the Prometheus observer) attach those observers.
+    """
     from twisted.internet import reactor
 
     from miltermanager import client, config
@@ -66,6 +70,16 @@ def run(messages, children):
             configuration.milters.append(MilterConfig(
                 name=f"child{number}", connection_spec="inet:1@[127.0.0.1]"))
         factory = ManagerFactory(configuration, reactor, reactor)
+        if "statistics" in observe:
+            from miltermanager.logs import LogFile, LogRouter
+            from miltermanager.statistics import StatisticsObserver
+
+            router = LogRouter(base=LogFile(os.devnull))
+            factory.add_observer(StatisticsObserver(write=router.statistics))
+        if "metrics" in observe:
+            from miltermanager.metrics import Metrics
+
+            factory.add_observer(Metrics(factory))
 
         def pump():
             while any([each.pump() for each in pumps]):
@@ -96,7 +110,7 @@ def run(messages, children):
         client.connect = real_connect
 
 
-def count(messages, children):
+def count(messages, children, observe):
     """Opcodes executed by file name for a run of messages."""
     counts = collections.Counter()
 
@@ -109,7 +123,7 @@ def count(messages, children):
 
     sys.settrace(tracer)
     try:
-        run(messages, children)
+        run(messages, children, observe)
     finally:
         sys.settrace(None)
     return counts
@@ -119,11 +133,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--children", type=int, default=1)
     parser.add_argument("--messages", type=int, default=100)
+    parser.add_argument("--observe", action="append", default=[],
+                        choices=("statistics", "metrics"),
+                        help="attach this observer (repeat for both)")
+    parser.add_argument("--by-file", action="store_true", help="every file's opcodes")
     options = parser.parse_args()
     gc.disable()  # a collection would land in one window and not the other
-    run(5, options.children)  # imports and first-call work out of the way
-    before = count(10, options.children)
-    after = count(10 + options.messages, options.children)
+    observe = tuple(options.observe)
+    run(5, options.children, observe)  # imports and first-call work out of the way
+    before = count(10, options.children, observe)
+    after = count(10 + options.messages, options.children, observe)
     per = {name: (after[name] - before[name]) / options.messages
            for name in set(after) | set(before)}
     import miltermanager
@@ -134,6 +153,10 @@ def main():
     for name in ("server.py", "client.py", "defer.py", "base.py"):
         print(f"  {name}: {per.get(name, 0):.0f}")
     print(f"  everything in the process: {sum(per.values()):.0f}")
+    if options.by_file:
+        for name, value in sorted(per.items(), key=lambda item: -item[1]):
+            if value >= 1:
+                print(f"    {name}: {value:.0f}")
 
 
 if __name__ == "__main__":

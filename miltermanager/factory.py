@@ -96,11 +96,11 @@ class ManagerFactory(MilterServerFactory):
 
     def add_observer(self, observer):
         """Tell observer (an events.ISessionObserver) what every session from now on does."""
-        self._observers.observers.append(observer)
+        self._observers.add(observer)
         self.observer = self._observers
 
     def remove_observer(self, observer):
-        self._observers.observers.remove(observer)
+        self._observers.remove(observer)
         if not self._observers.observers:
             self.observer = None
 

@@ -75,8 +75,9 @@ class Metrics:
         self.factory = factory
         self.sessions = 0
         self.messages = {}  # verdict label -> count
-        self.replies = {}  # (child, Stage, Status) -> count
-        self.latency = {}  # (child, Stage) -> Histogram
+        # (child, Stage, Status) -> Histogram of the replies' latency: it counts the replies
+        # too, so a reply costs one lookup (latency() merges the statuses when scraped).
+        self.replies = {}
         self.fallbacks = {}  # (child, Stage, Cause) -> count
         self.stops = {}  # (child, condition) -> count
         self.health_changes = {}  # (child, "up" or "down") -> count
@@ -128,13 +129,12 @@ class Metrics:
 
     def child_replied(self, event):
         key = (event.child, event.stage, event.status)
-        replies = self.replies
-        replies[key] = replies.get(key, 0) + 1
-        timing = (event.child, event.stage)
-        histogram = self.latency.get(timing)
+        histogram = self.replies.get(key)
         if histogram is None:
-            histogram = self.latency[timing] = Histogram(LATENCY_BUCKETS)
-        histogram.observe(event.elapsed)
+            histogram = self.replies[key] = Histogram(LATENCY_BUCKETS)
+        elapsed = event.elapsed  # Histogram.observe inlined: this runs for every reply
+        histogram.counts[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+        histogram.sum += elapsed
 
     def child_stopped(self, event):
         key = (event.child, event.condition)
@@ -159,6 +159,21 @@ class Metrics:
         self.health_changes[key] = self.health_changes.get(key, 0) + 1
 
     # ------------------------------------------------------------ scrape time
+
+    def reply_counts(self):
+        """{(child, Stage, Status): replies}."""
+        return {key: sum(histogram.counts) for key, histogram in self.replies.items()}
+
+    def latency(self):
+        """{(child, Stage): Histogram} of the replies whatever their status."""
+        merged = {}
+        for (child, stage, _status), histogram in self.replies.items():
+            into = merged.get((child, stage))
+            if into is None:
+                into = merged[(child, stage)] = Histogram(histogram.bounds)
+            into.counts = [a + b for a, b in zip(into.counts, histogram.counts)]
+            into.sum += histogram.sum
+        return merged
 
     def in_flight(self):
         """MTA connections open now (0 without a factory)."""
@@ -213,10 +228,10 @@ class MetricsCollector:
                       "(aborted: the MTA aborted it or went away)", ["verdict"],
                       {(verdict,): count for verdict, count in m.messages.items()})
         yield counter("child_replies", "Child replies, by stage and the status they count "
-                      "for", ["child", "stage", "status"], m.replies,
+                      "for", ["child", "stage", "status"], m.reply_counts(),
                       lambda key: (key[0], key[1].name, key[2].label))
         yield histogram("child_reply", "Time from a command to the child's reply",
-                        ["child", "stage"], m.latency, lambda key: (key[0], key[1].name))
+                        ["child", "stage"], m.latency(), lambda key: (key[0], key[1].name))
         yield counter("child_fallbacks", "A child's fallback_status used instead of its "
                       "reply, by cause", ["child", "stage", "cause"], m.fallbacks,
                       lambda key: (key[0], key[1].name, key[2].value))

@@ -376,9 +376,13 @@ class ManagerSession:
         it says what status says (it then goes on to the MTA). started: when
         the command was sent, if an observer is told of the reply.
         """
-        if started is None and result is not None and result.__class__ is not Failure \
-                and result.reply is CONTINUE:
+        if result is not None and result.__class__ is not Failure and result.reply is CONTINUE:
             child.verdict = Status.CONTINUE  # the common answer, on the shortest path
+            if started is not None:
+                self.observer.child_replied(ChildReplied(
+                    self.number, child.name, stage, CONTINUE, Status.CONTINUE, Status.CONTINUE,
+                    self.clock.seconds() - started,
+                    tuple(result.modifications) if result.modifications else ()))
             return Status.CONTINUE, None
         if isinstance(result, Failure):
             return self.fell_back(child, stage, result), None

@@ -58,12 +58,13 @@ def _unfolded(value):
 class _Child:
     """What one child did in one session: for its [milter][end] line and the summary."""
 
-    __slots__ = ("stage", "word", "elapsed", "message_status", "message_fallback",
+    __slots__ = ("stage", "verdict", "word", "elapsed", "message_status", "message_fallback",
                  "message_elapsed", "message_seen")
 
     def __init__(self):
         self.stage = stages.NEGOTIATE
-        self.word = "pass"
+        self.verdict = None  # its last reply's verdict
+        self.word = None  # "stop" or "error" when that came after its last reply
         self.elapsed = 0.0
         self.new_message()
 
@@ -72,6 +73,10 @@ class _Child:
         self.message_fallback = None  # (status, cause) when its fallback stood in
         self.message_elapsed = 0.0
         self.message_seen = False
+
+    def end_word(self):
+        """Its STATUS in the [milter][end] line."""
+        return self.word or status_word(self.verdict)
 
 
 class _Session:
@@ -90,8 +95,8 @@ class StatisticsObserver:
     evaluation(name) says whether the child of that name runs in
     evaluation mode (its quarantine is not applied); processing counts
     the sessions in flight as this observer saw them start and end.
-    write(line) writes one line; by default it is logged at the statistics
-    level through twisted.logger.
+    write(*lines) writes lines (in one write where it can); by default each
+    is logged at the statistics level through twisted.logger.
     """
 
     log = Logger()
@@ -103,8 +108,9 @@ class StatisticsObserver:
         if write is not None:
             self._write = write  # the service's LogRouter.statistics: the same lines, cheaper
 
-    def _write(self, line):
-        self.log.info("{line}", line=line, milter_log_level="statistics")
+    def _write(self, *lines):
+        for line in lines:
+            self.log.info("{line}", line=line, milter_log_level="statistics")
 
     def _child(self, event):
         session = self.sessions.get(event.session)
@@ -121,16 +127,26 @@ class StatisticsObserver:
         self.sessions[event.session] = _Session(event.children)
 
     def child_replied(self, event):
-        session, child = self._child(event)
-        if child is None:
+        # _child inlined, and the word left for the end: this runs for every reply.
+        session = self.sessions.get(event.session)
+        if session is None:
             return
+        child = session.children.get(event.child)
+        if child is None:
+            child = session.children[event.child] = _Child()
         child.stage = event.stage
-        child.word = status_word(event.verdict)
-        child.elapsed += event.elapsed
-        child.message_elapsed += event.elapsed
+        verdict = child.verdict = event.verdict
+        child.word = None
+        elapsed = event.elapsed
+        child.elapsed += elapsed
+        child.message_elapsed += elapsed
         child.message_seen = True
-        if child.message_status is None or event.verdict > child.message_status:
-            child.message_status = event.verdict
+        if child.message_status is None or verdict > child.message_status:
+            child.message_status = verdict
+        if event.modifications:
+            self._modified(event, session)
+
+    def _modified(self, event, session):
         for modification in event.modifications:
             if isinstance(modification, _HEADER_EDITS):
                 if modification.value:  # (a change to nothing deletes the header)
@@ -161,10 +177,12 @@ class StatisticsObserver:
         session = self.sessions.get(event.session)
         if session is None:
             return
+        summary = self.summary(event, session)
         if (session.quarantine and event.stage is stages.END_OF_MESSAGE
                 and event.status is not None and event.status not in _REFUSED):
-            self._write(f"[reply][end-of-message][quarantine]({event.session})")
-        self._write(self.summary(event, session))
+            self._write(f"[reply][end-of-message][quarantine]({event.session})", summary)
+        else:
+            self._write(summary)
         session.quarantine = False
         session.stopped = []
         for child in session.children.values():
@@ -172,14 +190,15 @@ class StatisticsObserver:
 
     def session_ended(self, event):
         session = self.sessions.pop(event.session, None)
-        if session is not None:
-            for name, child in session.children.items():
-                self._write(f"[milter][end][{child.stage.nick}][{child.word}]"
-                            f"[{child.elapsed:g}]({event.session}): {name}")
-        self._write(f"[session][end][{event.stage.nick}][{status_word(event.status)}]"
-                    f"[{event.elapsed:g}]({event.session})")
+        tag = event.session
+        lines = [] if session is None else [
+            f"[milter][end][{child.stage.nick}][{child.end_word()}][{child.elapsed:g}]({tag}): "
+            f"{name}" for name, child in session.children.items()]
         self.finished += 1
-        self._write(f"[sessions][finished] {self.finished}(+1) {len(self.sessions)}")
+        self._write(*lines,
+                    f"[session][end][{event.stage.nick}][{status_word(event.status)}]"
+                    f"[{event.elapsed:g}]({tag})",
+                    f"[sessions][finished] {self.finished}(+1) {len(self.sessions)}")
 
     def child_health_changed(self, event):
         pass
