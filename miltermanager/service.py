@@ -101,7 +101,10 @@ class ManagerService(service.Service):
         # The controller socket (miltermanager.controller), when controller.connection_spec is set.
         self.controller = None
         self.controller_port = None
-        if configuration.controller.connection_spec is not None:
+        # The web pages show the same status and trace: the Controller serves both.
+        if configuration.controller.connection_spec is not None or (
+                configuration.web.connection_spec is not None
+                and configuration.web.password_file is not None):
             from .controller.server import Controller
 
             self.controller = Controller(self, clock or reactor)
@@ -245,23 +248,27 @@ class ManagerService(service.Service):
         self.log.info("[controller][start] listening on {spec}", spec=settings.connection_spec)
 
     def _start_web(self):
-        """Listen on web.connection_spec (before dropping privileges) and start the metrics."""
+        """Listen on web.connection_spec (before dropping privileges): pages and /metrics."""
         web = self.configuration.web
         if web.connection_spec is None:
             return
-        from . import metrics  # twisted.web and prometheus_client only when asked for
-
         try:
-            self.web = _now(metrics.start(self.factory, self.reactor, web))
+            from .web import app  # twisted.web and prometheus_client only when asked for
+
+            self.web = _now(app.start(self, self.reactor, web))
         except ImportError as error:
             self._close_port_now()
-            raise StartError(_located(web, "connection_spec", f"the metrics need the Python "
-                                      f"package prometheus_client ({error})")) from None
+            raise StartError(_located(web, "connection_spec", f"the web interface needs the "
+                                      f"Python package prometheus_client ({error})")) from None
         except CannotListenError as error:
             self._close_port_now()
             raise StartError(_located(web, "connection_spec", cannot_listen_reason(error))) \
                 from None
-        self.log.info("[web][start] metrics on {spec} at /metrics", spec=web.connection_spec)
+        except ValueError as error:  # TLS files that cannot be used
+            self._close_port_now()
+            raise StartError(str(error)) from None
+        self.log.info("[web][start] web interface and /metrics on {spec}",
+                      spec=web.connection_spec)
 
     def _stop_web(self):
         web, self.web = self.web, None
@@ -510,11 +517,17 @@ def startup_problems(configuration):
     errors, warnings = configuration_problems(configuration)
     problems.extend(errors)
     warnings.extend(_without_effect(configuration.manager))
+    from .web.app import problems as web_problems
+
+    for name, text in web_problems(configuration.web):
+        problems.append(ConfigurationError(text, configuration.web.origins.get(name)))
     controller = configuration.controller
-    if controller.connection_spec is None and "trace_sessions" in controller.origins:
+    if (controller.connection_spec is None and configuration.web.password_file is None
+            and "trace_sessions" in controller.origins):
         warnings.append(located(controller.origins["trace_sessions"],
                                 "controller.trace_sessions: no effect without a controller "
-                                "(controller.connection_spec)"))
+                                "(controller.connection_spec) or the web pages "
+                                "(web.password_file)"))
     # The loader logged its own warnings already; these need the whole configuration,
     # command-line overrides included.
     for text in warnings:

@@ -916,6 +916,12 @@ class DumpTests(ConfigTestCase):
         controller.trace_sessions = 50
 
         web.connection_spec = "inet:10027@[127.0.0.1]"
+        web.password_file = "/etc/milter-manager/web-users"
+        web.metrics_without_login = True
+        web.tls_certificate = "/etc/ssl/certs/mail.pem"
+        web.tls_key = "/etc/ssl/private/mail.key"
+        web.session_timeout = 600
+        web.custom_versions = 5
 
         with define_milter("clamav") as milter:
             milter.connection_spec = "inet:3310@[127.0.0.1]"

@@ -49,6 +49,7 @@ def configuration(*milters, web=None):
     for name in milters:
         result.milters.append(config.MilterConfig(name, "inet:1@[127.0.0.1]"))
     result.web.connection_spec = web
+    result.web.metrics_without_login = True
     return result
 
 
@@ -380,6 +381,7 @@ class ManagerProcessTests(unittest.TestCase):
     CONFIG = """\
 manager.connection_spec = "{spec}"
 web.connection_spec = "inet:%(web)d@[127.0.0.1]"
+web.metrics_without_login = True
 log.use_syslog = False
 
 with define_applicable_condition("Not For Skip") as condition:

@@ -465,12 +465,28 @@ class ControllerConfig:
 
 @dataclass
 class WebConfig:
-    """`web.*`: the HTTP endpoint of the metrics (/metrics); None connection_spec: none."""
+    """`web.*`: the web interface and /metrics (miltermanager.web); None connection_spec: none."""
 
     SECTION: ClassVar[str] = "web"
     connection_spec: str | None = setting(
         check=_optional_spec,
-        doc="where the HTTP endpoint (Prometheus /metrics) listens; None disables it")
+        doc="where the web interface and Prometheus' /metrics listen; None disables both")
+    password_file: str | None = setting(
+        check=_optional_text,
+        doc="the web users and their scrypt hashes (milter-manager-ctl passwd); "
+            "required with connection_spec unless only /metrics is served")
+    metrics_without_login: bool = setting(
+        False, check=_boolean, doc="serve /metrics without a login (basic auth still works)")
+    tls_certificate: str | None = setting(
+        check=_optional_text, doc="PEM certificate (chain) file: serve HTTPS; with tls_key")
+    tls_key: str | None = setting(
+        check=_optional_text, doc="PEM private key file of tls_certificate")
+    session_timeout: int = setting(
+        3600, check=_integer(60, 7 * 24 * 3600),
+        doc="seconds a login lasts without a request before it must log in again")
+    custom_versions: int = setting(
+        10, check=_integer(1, 1000),
+        doc="earlier versions of milter-manager.custom.conf the web editor keeps for undo")
     origins: dict = _origins()
 
 

@@ -1,0 +1,124 @@
+"""The web endpoint: one twisted.web Site whose pages share one WebApp.
+
+WebApp holds what the pages read and change: the running service (its
+configuration, reload, controller status and trace), the users and their
+logins (auth), the recent activity (an event-stream observer) and the
+configuration editor. build_root() puts every page under the guard,
+which lets a request through only with a login (and, for a change, the
+admin role and the form's CSRF token); see guard.py.
+
+Request attributes the guard sets for the pages: request.web_user (an
+auth.User: name, role) and request.web_csrf (the token every form that
+changes something must carry as the field "csrf").
+"""
+
+from twisted.internet import defer
+
+from ..metrics import Metrics, MetricsResource, QuietSite, listen, registry_for
+
+
+class WebApp:
+    """What the pages share. service: the ManagerService; clock: its reactor (or a task.Clock)."""
+
+    def __init__(self, service, clock):
+        from . import activity, auth, editing
+
+        self.service = service
+        self.clock = clock
+        self.metrics = Metrics(service.factory)
+        # Without a password file only /metrics is served (web.metrics_without_login): no
+        # page, and none of the pages' observers on the sessions' path.
+        self.pages = service.configuration.web.password_file is not None
+        self.auth = auth.Auth(lambda: self.settings, clock)
+        self.activity = activity.Activity(clock) if self.pages else None
+        self.editor = editing.Editor(service, clock) if self.pages else None
+
+    @property
+    def settings(self):
+        """The web section of the configuration in use (reloads included)."""
+        return self.service.configuration.web
+
+    @property
+    def controller(self):
+        """The service's Controller: status, trace, reload (built whenever the web is on)."""
+        return self.service.controller
+
+    def observers(self):
+        """The event-stream observers the web endpoint adds to the factory."""
+        return [self.metrics, self.activity] if self.pages else [self.metrics]
+
+    def root(self):
+        """The Resource tree: every page behind the guard."""
+        from . import auth_pages, edit_pages, guard, pages
+
+        root = guard.GuardedRoot(self)
+        if self.pages:
+            auth_pages.install(self, root)
+            pages.install(self, root)
+            edit_pages.install(self, root)
+        root.putChild(b"metrics", MetricsResource(registry_for(self.metrics)))
+        return root
+
+
+def start(service, reactor, settings):
+    """Serve the web interface of service on settings.connection_spec.
+
+    Fires with a WebEndpoint whose stop() undoes it; fails as listening does
+    (CannotListenError) or with a StartError-worthy ValueError for TLS files
+    that cannot be read.
+    """
+    from . import tls
+
+    app = WebApp(service, reactor)
+    site = QuietSite(app.root())
+    factory = tls.wrap(settings, site)
+    listening = listen(reactor, settings.connection_spec, factory)
+
+    def listening_now(port):
+        for observer in app.observers():
+            service.factory.add_observer(observer)
+        app.metrics.start()
+        return WebEndpoint(service.factory, app, site, port)
+
+    return listening.addCallback(listening_now)
+
+
+class WebEndpoint:
+    """The running web endpoint: the app, its site (whose resource is the root), the port."""
+
+    def __init__(self, factory, app, site, port):
+        self.factory = factory
+        self.app = app
+        self.site = site
+        self.port = port
+
+    @property
+    def metrics(self):
+        return self.app.metrics
+
+    def stop(self):
+        """Stop observing and listening; fires when the port is closed."""
+        self.app.metrics.stop()
+        for observer in self.app.observers():
+            try:
+                self.factory.remove_observer(observer)
+            except ValueError:
+                pass  # stopped twice
+        return defer.maybeDeferred(self.port.stopListening)
+
+
+def problems(web):
+    """Error texts about the web section as a whole ([] when it is off or sound)."""
+    if web.connection_spec is None:
+        return []
+    found = []
+    if web.password_file is None and not web.metrics_without_login:
+        found.append(("password_file", "web.connection_spec is set but web.password_file is "
+                      "not: every page needs a login (create users with milter-manager-ctl "
+                      "passwd), or set web.metrics_without_login = True to serve only "
+                      "/metrics"))
+    if (web.tls_certificate is None) != (web.tls_key is None):
+        found.append(("tls_key" if web.tls_key is None else "tls_certificate",
+                      "web.tls_certificate and web.tls_key go together: set both for "
+                      "HTTPS, or neither"))
+    return found

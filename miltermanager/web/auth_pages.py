@@ -1,0 +1,77 @@
+"""/login and /logout."""
+
+from twisted.logger import Logger
+from twisted.web import resource
+
+from .auth import COOKIE, PasswordFileError
+from .templates import esc, page
+
+
+def install(app, root):
+    root.putChild(b"login", LoginPage(app))
+    root.putChild(b"logout", LogoutPage(app))
+
+
+def _form(request, message=""):
+    note = f'<p class="error" role="alert">{esc(message)}</p>' if message else ""
+    return page(request, "Log in", f"""{note}
+<form class="login" method="post" action="/login">
+<label>User <input name="user" autocomplete="username" required autofocus></label>
+<label>Password <input name="password" type="password" autocomplete="current-password" required></label>
+<button type="submit">Log in</button>
+</form>""")
+
+
+class LoginPage(resource.Resource):
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, app):
+        super().__init__()
+        self.app = app
+
+    def render_GET(self, request):
+        return _form(request)
+
+    def render_POST(self, request):
+        name = request.args.get(b"user", [b""])[0].decode("utf-8", "replace")
+        password = request.args.get(b"password", [b""])[0].decode("utf-8", "replace")
+        address = request.getClientAddress()
+        try:
+            user = self.app.auth.check(name, password)
+        except PasswordFileError as error:
+            self.log.error("[web][login][error] {error}", error=str(error))
+            request.setResponseCode(503)
+            return _form(request, "The user list cannot be read; the manager's log says why.")
+        if user is None:
+            self.log.warn("[web][login][failed] {user!r} from {address}", user=name,
+                          address=getattr(address, "host", address))
+            request.setResponseCode(401)
+            return _form(request, "Wrong user name or password.")
+        session = self.app.auth.log_in(user)
+        secure = request.isSecure()
+        request.addCookie(COOKIE, session.encode("ascii"), path=b"/", httpOnly=True,
+                          secure=secure, sameSite=b"strict")
+        self.log.info("[web][login] {user} ({role}) from {address}", user=user.name,
+                      role=user.role, address=getattr(address, "host", address))
+        request.setResponseCode(303)
+        request.setHeader(b"location", b"/")
+        return b""
+
+
+class LogoutPage(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, app):
+        super().__init__()
+        self.app = app
+
+    def render_POST(self, request):
+        session = request.getCookie(COOKIE)
+        if session:
+            self.app.auth.log_out(session.decode("ascii", "replace"))
+        request.addCookie(COOKIE, b"", path=b"/", httpOnly=True, secure=request.isSecure(),
+                          sameSite=b"strict", max_age=0)
+        request.setResponseCode(303)
+        request.setHeader(b"location", b"/login")
+        return b""
