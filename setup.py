@@ -49,7 +49,7 @@ setup(
         "pyasn1",
         "prometheus_client",
     ],
-    extras_require={"test": ["hypothesis", "dkimpy"]},
+    extras_require={"test": ["hypothesis", "dkimpy", "selenium"]},
     entry_points={
         "console_scripts": [
             "milter-test-server = miltermanager.tools.test_server:main",
