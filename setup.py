@@ -40,7 +40,9 @@ setup(
     packages=find_packages(include=["miltermanager", "miltermanager.*"]) + [
         "twisted.plugins", *SHIPPED],
     package_dir={"miltermanager.etc": "etc"},
-    package_data={"twisted": ["plugins/milter_manager_plugin.py"], **SHIPPED},
+    # The web interface's scripts and style sheets are files in the package (no CDN).
+    package_data={"twisted": ["plugins/milter_manager_plugin.py"],
+                  "miltermanager.web": ["static/*"], **SHIPPED},
     cmdclass={"build_py": BuildPy},
     install_requires=[
         "twisted>=22.4",
