@@ -232,8 +232,11 @@ class ManagerService(service.Service):
         self._start_controller()
 
     def _start_controller(self):
-        """Listen on controller.connection_spec, after dropping privileges (upstream's order)."""
-        if self.controller is None:
+        """Listen on controller.connection_spec, after dropping privileges (upstream's order).
+
+        The Controller may exist without its socket: the web pages use it.
+        """
+        if self.controller is None or self.configuration.controller.connection_spec is None:
             return
         from .controller.server import ControllerFactory
 
