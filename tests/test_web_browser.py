@@ -1,4 +1,4 @@
-"""The pages that show in a real browser: a manager process, a libmilter child, headless Chromium."""
+"""The pages that show in a real browser: a manager process, a libmilter child, Chromium."""
 
 import os
 import shutil
@@ -64,7 +64,7 @@ class BrowserTests(unittest.TestCase):
         return self.browser.find(css).text.strip()
 
     def test_dashboard_live_and_sessions(self):
-        """Mail through the manager shows on the dashboard without a reload, then in the sessions and its trace."""  # noqa: E501
+        """Mail shows on the dashboard without a reload, then in the sessions list and its trace."""
         browser = self.browser
         browser.login("admin", PASSWORD)
         browser.get("/")

@@ -224,7 +224,7 @@ class PagesTests(TestCase):
         """A value set in the file shows its FILE:LINE; one left alone shows default."""
         text = yield self.page("/configuration")
         row = re.search(r'<tr class="setting" data-setting="session_timeout">.*?</tr>', text)
-        self.assertIn(f"<td class=\"value\">900</td>", row.group(0))
+        self.assertIn("<td class=\"value\">900</td>", row.group(0))
         self.assertIn(f'<td class="origin">{self.path}:4</td>', row.group(0))
         row = re.search(r'<tr class="setting" data-setting="custom_versions">.*?</tr>', text)
         self.assertIn('<td class="origin default">default</td>', row.group(0))

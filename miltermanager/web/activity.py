@@ -119,12 +119,14 @@ class Activity:
         self.clock = clock
         self.ring = [None] * MINUTES
         self.recent = collections.deque(maxlen=recent)  # (clock time, MessageEnded)
-        self._minute = None  # the Minute now being counted
+        self._seconds = clock.seconds
+        self._minute = Minute(None)  # the Minute now being counted (none yet)
 
     def _now(self):
-        minute = int(self.clock.seconds() // 60)
+        # The Minute being counted: one clock read and a comparison, save once a minute.
+        minute = int(self._seconds() // 60)
         current = self._minute
-        if current is not None and current.minute == minute:
+        if current.minute == minute:
             return current
         slot = minute % MINUTES
         current = self.ring[slot]
@@ -139,7 +141,10 @@ class Activity:
         pass
 
     def child_replied(self, event):
-        counts = self._now().child(event.child)
+        minute = self._now()
+        counts = minute.children.get(event.child)
+        if counts is None:
+            counts = minute.child(event.child)
         replies = counts.replies
         replies[event.verdict] = replies.get(event.verdict, 0) + 1
         counts.latency[bisect.bisect_left(BOUNDS, event.elapsed)] += 1
@@ -226,13 +231,12 @@ class Activity:
         needle = query.strip().lower()
         found = []
         for when, event in reversed(self.recent):
-            data = message_data(when, event)
             if needle and not any(
                     needle in value.lower() for value in (
-                        data["queue_id"], data["client"], data["sender"], data["verdict"],
-                        data["decided_by"]) if value):
+                        event.queue_id, event.client, event.sender,
+                        verdict_label(event.status), event.decided_by) if value):
                 continue
-            found.append(data)
+            found.append(message_data(when, event))
             if limit is not None and len(found) >= limit:
                 break
         return found
