@@ -317,7 +317,8 @@ class MilterPage(_Page):
         values = editing.form_values(_args(request))
         proposal = editor.propose_milter(_user(request), file_hash, self.name, values)
         if proposal.ok:
-            return _proposal_page(request, editor, proposal, request.path.decode("ascii"))
+            return _proposal_page(request, editor, proposal,
+                                  request.path.decode("ascii", "replace"))
         request.setResponseCode(400)
         body = _milter_form(request, request.path.decode("ascii", "replace"), values,
                             list(configuration.conditions), file_hash,
