@@ -188,19 +188,22 @@ class Options(usage.Options):
                          for warning in configuration.warnings]
         return problems
 
-    def load_configuration(self):
-        """Load the configuration file (or the built-in one) and apply the overrides."""
+    def load_configuration(self, custom=None):
+        """Load the configuration file (or the built-in one) and apply the overrides.
+
+        custom: a file read in place of milter-manager.custom.conf (None: that file).
+        """
         from miltermanager import config
 
         load_paths = config.load_paths(
             self["config-dir"], default_directory=self.default_config_directory)
         if self.path is None:
             configuration = config.embedded(load_paths, detect_root=self.detect_root,
-                                            overrides=self._apply_overrides)
+                                            overrides=self._apply_overrides, custom=custom)
         else:
             configuration = config.load(self.path, load_paths=load_paths,
                                         detect_root=self.detect_root,
-                                        overrides=self._apply_overrides)
+                                        overrides=self._apply_overrides, custom=custom)
         # Again, over what the custom file set: the command line wins.
         self._apply_overrides(configuration)
         return configuration

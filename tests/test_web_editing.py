@@ -53,8 +53,8 @@ class EditorTestsMixin:
         self.editor = editing.Editor(self.service, self.reactor)
         self.custom = os.path.join(self.dir, "custom", "milter-manager.custom.conf")
 
-    def load(self):
-        return config.load(self.path, load_paths=config.load_paths())
+    def load(self, custom=None):
+        return config.load(self.path, load_paths=config.load_paths(), custom=custom)
 
     def make_service(self):
         return service.ManagerService(self.reactor, self.load(), load=self.load)

@@ -463,17 +463,19 @@ class Loader:
             self._loading.pop()
         self.configuration.files.append(path)
 
-    def load_custom(self, overrides=None):
+    def load_custom(self, overrides=None, path=None):
         """Load milter-manager.custom.conf (see `custom_file`) if it exists.
 
         overrides(configuration), if given, applies the command line first:
-        --user-name decides whose home the default directory is in.
+        --user-name decides whose home the default directory is in. path, if
+        given, is read instead (the web editor checks a candidate file so).
         """
         if self._stopped:
             return  # the main file stopped early: its custom_configuration_directory is unknown
         if overrides is not None:
             overrides(self.configuration)
-        path = custom_file(self.configuration)
+        if path is None:
+            path = custom_file(self.configuration)
         if path is not None and os.path.exists(path):
             self.load_file(path)
 
@@ -916,16 +918,17 @@ def custom_file(configuration):
     return os.path.join(directory, CUSTOM_FILE)
 
 
-def load(path, load_paths=(), strict=True, detect_root="/", overrides=None):
+def load(path, load_paths=(), strict=True, detect_root="/", overrides=None, custom=None):
     """Load the configuration file at path (and the files it loads), then the custom file.
 
     The custom file (`custom_file`), where upstream's controller saves the
     changes made through it, is loaded last if it exists, under the same
-    trust check as every other file. overrides: see Loader.load_custom.
+    trust check as every other file. overrides: see Loader.load_custom;
+    custom: a file read in its place.
     """
     loader = Loader(load_paths=load_paths, strict=strict, detect_root=detect_root)
     loader.load_file(path)
-    loader.load_custom(overrides)
+    loader.load_custom(overrides, custom)
     return loader.finish()
 
 
@@ -947,7 +950,7 @@ def shipped_directory():
     return None
 
 
-def embedded(load_paths=(), detect_root="/", overrides=None):
+def embedded(load_paths=(), detect_root="/", overrides=None, custom=None):
     """The configuration used when there is no file: the package's own milter-manager.conf.
 
     So a manager without /etc/milter-manager has the built-in conditions, and
@@ -960,5 +963,5 @@ def embedded(load_paths=(), detect_root="/", overrides=None):
             "reinstall milter-manager or give --config")
     loader = Loader(load_paths=load_paths, detect_root=detect_root)
     loader.load_file(os.path.join(directory, "milter-manager.conf"))
-    loader.load_custom(overrides)
+    loader.load_custom(overrides, custom)
     return loader.finish()

@@ -353,22 +353,6 @@ class Checked:
         return {name: texts for (where, name), texts in self.errors.items() if where == scope}
 
 
-@contextlib.contextmanager
-def _custom_file_at(path):
-    """Have every load in the block read path as milter-manager.custom.conf.
-
-    The service's load() (the command line's files and overrides) cannot be
-    told which custom file to read, so the loader's lookup is pointed at the
-    candidate for the duration of one synchronous load.
-    """
-    original = config_loader.custom_file
-    config_loader.custom_file = lambda configuration: path
-    try:
-        yield
-    finally:
-        config_loader.custom_file = original
-
-
 @dataclass
 class Pending:
     """A change shown as a diff, waiting for its user to confirm it."""
@@ -457,11 +441,10 @@ class Editor:
             with os.fdopen(fd, "w", encoding="utf-8") as out:
                 out.write(text)
         try:
-            with _custom_file_at(candidate):
-                try:
-                    configuration = self.service.load()
-                except ConfigurationError as error:
-                    return checked, error.errors, candidate
+            try:
+                configuration = self.service.load(custom=candidate)
+            except ConfigurationError as error:
+                return checked, error.errors, candidate
             from ..service import startup_problems
 
             problems = startup_problems(configuration)
