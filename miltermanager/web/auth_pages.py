@@ -72,7 +72,7 @@ class LoginPage(resource.Resource):
         session = self.app.auth.log_in(user)
         secure = request.isSecure()
         request.addCookie(COOKIE, session.encode("ascii"), path=b"/", httpOnly=True,
-                          secure=secure, sameSite=b"strict")
+                          secure=secure, sameSite=b"Strict")
         self.log.info("[web][login] {user} ({role}) from {address}", user=user.name,
                       role=user.role, address=address)
         request.setResponseCode(303)
@@ -92,7 +92,7 @@ class LogoutPage(resource.Resource):
         if session:
             self.app.auth.log_out(session.decode("ascii", "replace"))
         request.addCookie(COOKIE, b"", path=b"/", httpOnly=True, secure=request.isSecure(),
-                          sameSite=b"strict", max_age=0)
+                          sameSite=b"Strict", max_age=b"0")
         request.setResponseCode(303)
         request.setHeader(b"location", b"/login")
         return b""
