@@ -4,6 +4,9 @@ Commands: status, children, reload, show-config, trace QUEUE-ID|SESSION.
 Human tables by default, the manager's JSON with --json. The socket is
 -s/--connection-spec, else controller.connection_spec of the configuration
 file (-c), else DEFAULT_CONNECTION_SPEC.
+
+passwd USER sets a web user's password in the password file (--password-file,
+else web.password_file of the configuration file) without the manager.
 """
 
 import argparse
@@ -19,7 +22,7 @@ from miltermanager.controller import protocol as wire
 PROGRAM_NAME = "milter-manager-ctl"
 DEFAULT_CONFIG = "/etc/milter-manager/milter-manager.conf"
 DEFAULT_CONNECTION_SPEC = "unix:/run/milter-manager/milter-manager-controller.sock"
-COMMANDS = ("status", "children", "reload", "show-config", "trace")
+COMMANDS = ("status", "children", "reload", "show-config", "trace", "passwd")
 
 
 class CtlError(Exception):
@@ -41,14 +44,27 @@ def build_parser():
              "controller.connection_spec of the configuration file, else "
              f"{DEFAULT_CONNECTION_SPEC})")
     add("-c", "--config", metavar="FILE", default=None,
-        help=f"the configuration file that names the socket (default: {DEFAULT_CONFIG} "
+        help=f"the configuration file that names the socket and web.password_file "
+             f"(default: {DEFAULT_CONFIG} "
              "if it exists)")
     add("--json", action="store_true", help="print the manager's answer as JSON")
     add("--timeout", type=float, default=30.0, metavar="SECONDS",
         help="seconds to wait for the answer (%(default)s)")
     add("command", choices=COMMANDS, help="what to do")
-    add("query", nargs="?", metavar="QUEUE-ID|SESSION",
-        help="for trace: the MTA's queue id of a message, or the manager's session number")
+    add("query", nargs="?", metavar="QUEUE-ID|SESSION|USER",
+        help="for trace: the MTA's queue id of a message, or the manager's session number; "
+             "for passwd: the web user")
+    passwd = parser.add_argument_group(
+        "passwd options", "passwd USER sets the password of a web user (read from standard "
+        "input when it is not a terminal, else asked twice); no running manager is needed")
+    passwd.add_argument("--role", metavar="admin|read-only",
+                        help="the user's role: admin may change the configuration, read-only "
+                             "may only look (default: the user's role so far; admin for a "
+                             "new user)")
+    passwd.add_argument("--delete", action="store_true", help="remove the user instead")
+    passwd.add_argument("--password-file", metavar="FILE",
+                        help="the password file (default: web.password_file of the "
+                             "configuration file)")
     return parser
 
 
@@ -235,9 +251,83 @@ def format_trace(data):
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------ passwd
+
+def password_file_of(options):
+    """The web password file for options: --password-file, else the configuration's."""
+    if options.password_file:
+        return options.password_file
+    path = options.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    if path is None:
+        raise CtlError(f"no configuration file ({DEFAULT_CONFIG} does not exist) to find "
+                       "web.password_file in; give --password-file or -c", 1)
+    from miltermanager import config
+
+    try:
+        configuration = config.load(path, load_paths=config.load_paths())
+    except (config.ConfigurationError, OSError) as error:
+        raise CtlError(f"cannot read {path} for web.password_file: {error}; give "
+                       "--password-file", 1) from None
+    if configuration.web.password_file is None:
+        raise CtlError(f"{path} sets no web.password_file; set it, or give --password-file", 1)
+    return configuration.web.password_file
+
+
+def read_password(stdin):
+    """The new password: stdin's first line when it is not a terminal, else asked twice."""
+    if not stdin.isatty():
+        line = stdin.readline()
+        return line.rstrip("\r\n")
+    import getpass
+
+    first = getpass.getpass("New password: ")
+    if first and getpass.getpass("Again: ") != first:
+        raise CtlError("the two passwords differ; nothing changed", 1)
+    return first
+
+
+def passwd(options, stdin, stdout):
+    from miltermanager.web import auth
+
+    name = options.query
+    if not name:
+        raise CtlError("passwd needs a user name", 1)
+    try:
+        auth.check_name(name)
+    except ValueError as error:
+        raise CtlError(str(error), 1) from None
+    if options.role is not None and options.role not in auth.ROLES:
+        raise CtlError(f"the role is {' or '.join(auth.ROLES)}, not {options.role!r}", 1)
+    path = password_file_of(options)
+    try:
+        role = options.role
+        if role is None:
+            users = auth.read_users(path) if os.path.exists(path) else {}
+            role = users.get(name, ("admin",))[0]
+        if options.delete:
+            try:
+                auth.delete_user(path, name)
+            except KeyError:
+                raise CtlError(f"{path} has no user {name}; nothing changed", 1) from None
+            stdout.write(f"removed {name} from {path}\n")
+            return 0
+        password = read_password(stdin)
+        if not password:
+            raise CtlError("the password is empty; nothing changed", 1)
+        auth.add_user(path, name, password, role)
+    except auth.PasswordFileError as error:
+        raise CtlError(f"{error}; nothing changed", 1) from None
+    except OSError as error:
+        raise CtlError(f"cannot write {path}: {error.strerror or error}", 1) from None
+    stdout.write(f"set the password of {name} ({role}) in {path}\n")
+    return 0
+
+
 # ------------------------------------------------------------ main
 
-def run(options, stdout):
+def run(options, stdout, stdin=None):
+    if options.command == "passwd":
+        return passwd(options, stdin or sys.stdin, stdout)
     spec = spec_of(options)
     command = options.command
     if command == "trace":
@@ -278,12 +368,12 @@ def run(options, stdout):
     return 0
 
 
-def main(argv=None, stdout=None, stderr=None):
+def main(argv=None, stdout=None, stderr=None, stdin=None):
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     options = build_parser().parse_args(argv)
     try:
-        return run(options, stdout)
+        return run(options, stdout, stdin)
     except CtlError as error:
         stderr.write(f"{PROGRAM_NAME}: {error}\n")
         return error.status

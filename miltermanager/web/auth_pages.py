@@ -1,9 +1,15 @@
-"""/login and /logout."""
+"""/login and /logout.
+
+A wrong password counts against the client's address (auth.RateLimiter);
+once the limit is reached the login form answers 429 without checking
+anything until the window passes.
+"""
 
 from twisted.logger import Logger
 from twisted.web import resource
 
 from .auth import COOKIE, PasswordFileError
+from .guard import client_address
 from .templates import esc, page
 
 
@@ -34,9 +40,23 @@ class LoginPage(resource.Resource):
         return _form(request)
 
     def render_POST(self, request):
-        name = request.args.get(b"user", [b""])[0].decode("utf-8", "replace")
-        password = request.args.get(b"password", [b""])[0].decode("utf-8", "replace")
-        address = request.getClientAddress()
+        address = client_address(request)
+        limiter = self.app.auth.limiter
+        if limiter.refused(address):
+            wait = limiter.retry_after(address)
+            request.setResponseCode(429)
+            request.setHeader(b"retry-after", b"%d" % wait)
+            return _form(request, f"Too many wrong passwords from {address}: try again in "
+                                  f"{wait} seconds.")
+        try:
+            name = request.args.get(b"user", [b""])[0].decode("utf-8")
+            password = request.args.get(b"password", [b""])[0].decode("utf-8")
+        except UnicodeDecodeError:
+            request.setResponseCode(400)
+            return _form(request, "The user name and the password must be UTF-8 text.")
+        if not name or not password:
+            request.setResponseCode(400)
+            return _form(request, "Give a user name and a password.")
         try:
             user = self.app.auth.check(name, password)
         except PasswordFileError as error:
@@ -44,16 +64,17 @@ class LoginPage(resource.Resource):
             request.setResponseCode(503)
             return _form(request, "The user list cannot be read; the manager's log says why.")
         if user is None:
+            limiter.failed(address)
             self.log.warn("[web][login][failed] {user!r} from {address}", user=name,
-                          address=getattr(address, "host", address))
+                          address=address)
             request.setResponseCode(401)
             return _form(request, "Wrong user name or password.")
         session = self.app.auth.log_in(user)
         secure = request.isSecure()
         request.addCookie(COOKIE, session.encode("ascii"), path=b"/", httpOnly=True,
-                          secure=secure, sameSite=b"strict")
+                          secure=secure, sameSite=b"Strict")
         self.log.info("[web][login] {user} ({role}) from {address}", user=user.name,
-                      role=user.role, address=getattr(address, "host", address))
+                      role=user.role, address=address)
         request.setResponseCode(303)
         request.setHeader(b"location", b"/")
         return b""
@@ -71,7 +92,7 @@ class LogoutPage(resource.Resource):
         if session:
             self.app.auth.log_out(session.decode("ascii", "replace"))
         request.addCookie(COOKIE, b"", path=b"/", httpOnly=True, secure=request.isSecure(),
-                          sameSite=b"strict", max_age=0)
+                          sameSite=b"Strict", max_age=b"0")
         request.setResponseCode(303)
         request.setHeader(b"location", b"/login")
         return b""
