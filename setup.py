@@ -45,7 +45,7 @@ setup(
                   "miltermanager.web": ["static/*"], **SHIPPED},
     cmdclass={"build_py": BuildPy},
     install_requires=[
-        "twisted>=22.4",
+        "twisted[tls]>=22.4",  # tls: pyOpenSSL for web.tls_certificate
         "zope.interface",
         "ldap3",
         "pyasn1",

@@ -522,7 +522,7 @@ def startup_problems(configuration):
     warnings.extend(_without_effect(configuration.manager))
     from .web.app import problems as web_problems
 
-    for name, text in web_problems(configuration.web):
+    for name, text in web_problems(configuration.web, configuration.security.effective_user):
         problems.append(ConfigurationError(text, configuration.web.origins.get(name)))
     controller = configuration.controller
     if (controller.connection_spec is None and configuration.web.password_file is None

@@ -256,3 +256,40 @@ class BasicAuthCacheTests(unittest.SynchronousTestCase):
         os.utime(self.path, ns=(1, 1))  # a different stamp even within the clock's tick
         self.assertIsNone(self.auth.check_basic("prometheus", "scrape-me"))
         self.assertIsNotNone(self.auth.check_basic("prometheus", "new-secret"))
+
+
+class PasswordFileProblemsTests(unittest.TestCase):
+    """The start-up check: the password file exists and the effective user can read it."""
+
+    def settings(self, path):
+        from miltermanager.config.model import WebConfig
+
+        web = WebConfig()
+        web.connection_spec = "inet:1@[127.0.0.1]"
+        web.password_file = path
+        return web
+
+    def test_missing_file(self):
+        from miltermanager.web.app import problems
+
+        path = os.path.join(self.mktemp(), "users")
+        [(name, text)] = problems(self.settings(path))
+        self.assertEqual(name, "password_file")
+        self.assertIn("No such file or directory (create it with milter-manager-ctl passwd",
+                      text)
+
+    def test_unreadable_by_the_effective_user(self):
+        """A root-owned 0600 file cannot be read by nobody: said with the fix; 0644 can."""
+        from miltermanager.web.app import problems
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "users")
+        auth.add_user(path, "admin", "secret")
+        [(_, text)] = problems(self.settings(path), "nobody")
+        self.assertEqual(text, f"web.password_file {path}: not readable by "
+                               f"security.effective_user nobody (owner uid {os.getuid()}, "
+                               f"mode 0600): chown nobody {path}")
+        os.chmod(path, 0o644)
+        self.assertEqual(problems(self.settings(path), "nobody"), [])
+        self.assertEqual(problems(self.settings(path)), [])

@@ -107,11 +107,19 @@ class WebEndpoint:
         return defer.maybeDeferred(self.port.stopListening)
 
 
-def problems(web):
-    """Error texts about the web section as a whole ([] when it is off or sound)."""
+def problems(web, effective_user=None):
+    """(setting, error text) about the web section as a whole ([] when it is off or sound).
+
+    The password file must exist and be readable by effective_user (the
+    manager reads it after dropping privileges, at every login).
+    """
     if web.connection_spec is None:
         return []
     found = []
+    if web.password_file is not None:
+        reason = _unreadable(web.password_file, effective_user)
+        if reason:
+            found.append(("password_file", f"web.password_file {web.password_file}: {reason}"))
     if web.password_file is None and not web.metrics_without_login:
         found.append(("password_file", "web.connection_spec is set but web.password_file is "
                       "not: every page needs a login (create users with milter-manager-ctl "
@@ -122,3 +130,36 @@ def problems(web):
                       "web.tls_certificate and web.tls_key go together: set both for "
                       "HTTPS, or neither"))
     return found
+
+
+def _unreadable(path, user):
+    """Why user (None: this process) cannot read path, or None."""
+    import os
+    import pwd
+    import stat
+
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        hint = (" (create it with milter-manager-ctl passwd --password-file PATH USER)"
+                if isinstance(error, FileNotFoundError) else "")
+        return f"{error.strerror}{hint}"
+    if user is None:
+        return None if os.access(path, os.R_OK) else "not readable by this process"
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return None  # an unknown effective_user is an error of its own
+    if entry.pw_uid == 0:
+        return None
+    mode = status.st_mode
+    if status.st_uid == entry.pw_uid:
+        readable = mode & stat.S_IRUSR
+    elif status.st_gid == entry.pw_gid or status.st_gid in os.getgrouplist(user, entry.pw_gid):
+        readable = mode & stat.S_IRGRP
+    else:
+        readable = mode & stat.S_IROTH
+    if readable:
+        return None
+    return (f"not readable by security.effective_user {user} (owner uid {status.st_uid}, mode "
+            f"{stat.S_IMODE(mode):04o}): chown {user} {path}")
