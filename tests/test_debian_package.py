@@ -180,6 +180,14 @@ class FileListTests(SynchronousTestCase):
         self.assertIn(f"{DIST_PACKAGES}/miltermanager/tap.py", wanted)
         self.assertEqual(sorted(wanted - self.files), [])
 
+    def test_web_static_files(self):
+        """The web interface's scripts and style sheets are in the package (no CDN)."""
+        source = os.path.join(ROOT, "miltermanager", "web", "static")
+        wanted = {f"{DIST_PACKAGES}/miltermanager/web/static/{name}"
+                  for name in os.listdir(source)}
+        self.assertIn(f"{DIST_PACKAGES}/miltermanager/web/static/dashboard.js", wanted)
+        self.assertEqual(sorted(wanted - self.files), [])
+
     def test_no_tests_or_bytecode(self):
         """The test suite, build leftovers and .pyc files stay out (py3compile makes them)."""
         unwanted = [path for path in self.files
