@@ -2,8 +2,6 @@
 
 import gzip
 import os
-import subprocess
-import sys
 import urllib.request
 
 from prometheus_client import generate_latest, openmetrics
@@ -418,13 +416,9 @@ with define_milter("gone") as milter:
         self.addCleanup(self.manager.stop)
 
     def send(self, *argv):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-             *filter(None, [os.environ.get("PYTHONPATH")])])}
-        process = subprocess.run(
-            [sys.executable, "-m", "miltermanager.tools.test_server", "-s", self.manager.spec,
-             *argv], capture_output=True, text=True, timeout=60, env=env)
-        return process.stdout.splitlines()[0] if process.stdout else process.stderr
+        from tests.peers.fixtures import send_with_test_server
+
+        return send_with_test_server(self.manager.spec, *argv)
 
     def scrape(self, accept):
         request = urllib.request.Request(f"http://127.0.0.1:{self.web_port}/metrics",

@@ -2,8 +2,6 @@
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 from twisted.trial import unittest
@@ -52,13 +50,9 @@ class BrowserTests(unittest.TestCase):
         self.browser = start_browser(self, f"http://127.0.0.1:{self.web_port}")
 
     def send(self, *argv):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-             *filter(None, [os.environ.get("PYTHONPATH")])])}
-        process = subprocess.run(
-            [sys.executable, "-m", "miltermanager.tools.test_server", "-s", self.manager.spec,
-             *argv], capture_output=True, text=True, timeout=60, env=env)
-        return process.stdout.splitlines()[0] if process.stdout else process.stderr
+        from tests.peers.fixtures import send_with_test_server
+
+        return send_with_test_server(self.manager.spec, *argv)
 
     def text(self, css):
         return self.browser.find(css).text.strip()

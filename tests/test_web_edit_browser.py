@@ -1,8 +1,6 @@
 """The configuration editor in headless Chromium, against a real manager and two libmilter children."""
 
 import os
-import subprocess
-import sys
 
 from twisted.trial.unittest import TestCase
 
@@ -57,13 +55,9 @@ class EditInBrowserTests(TestCase):
         self.browser.login("admin", "admin-password")
 
     def send(self, *argv):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [REPO, *filter(None, [os.environ.get("PYTHONPATH")])])}
-        process = subprocess.run(
-            [sys.executable, "-m", "miltermanager.tools.test_server", "-s", self.manager.spec,
-             *argv], capture_output=True, text=True, timeout=60, env=env)
-        return (process.stdout.splitlines()[0] if process.stdout else process.stderr).split(
-            " [")[0]
+        from tests.peers.fixtures import send_with_test_server
+
+        return send_with_test_server(self.manager.spec, *argv).split(" [")[0]
 
     def screenshot(self, name):
         path = self.browser.screenshot(name)

@@ -814,3 +814,16 @@ def _make_reachable(path, user=POSTFIX_USER):
 def _reply(code, text):
     """Turn smtplib's (code, bytes) into (code, str)."""
     return code, text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+
+
+def send_with_test_server(spec, *argv):
+    """One session of milter-test-server (this checkout's) against spec: its first output line.
+
+    "status: pass", "status: reject [...]", ...; standard error when it printed nothing.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [REPO, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    process = subprocess.run(
+        [sys.executable, "-m", "miltermanager.tools.test_server", "-s", spec, *argv],
+        capture_output=True, text=True, timeout=60, env=env)
+    return process.stdout.splitlines()[0] if process.stdout else process.stderr
