@@ -183,8 +183,13 @@ def connect(store_url):
 
 
 def _describe(error):
-    """A RedisError as one line: its class (ConnectionError, ReadOnlyError, ...) and message."""
-    message = str(error).strip() or "no message"
+    """A RedisError as one line: its class (ConnectionError, ReadOnlyError, ...) and message.
+
+    A pipeline's error quotes the command (with its keys' NUL separators):
+    only the server's message is kept.
+    """
+    message = str(error).strip().rpartition(" of pipeline caused error: ")[2] or "no message"
+    message = "".join(char if char.isprintable() else repr(char)[1:-1] for char in message)
     return f"redis {type(error).__name__}: {message}"
 
 
