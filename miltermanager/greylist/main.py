@@ -46,8 +46,7 @@ class Options(usage.Options):
     optParameters = [
         ["connection-spec", "s", DEFAULT_CONNECTION_SPEC,
          "where to listen: unix:PATH, inet:PORT@HOST, inet:PORT@[ADDRESS], inet6:..."],
-        ["database", None, None,
-         f"the SQLite file (created if missing; default {DEFAULT_DATABASE})"],
+        ["database", None, DEFAULT_DATABASE, "the SQLite file (created if missing)"],
         ["store", None, None,
          "keep the state in Redis instead of SQLite: redis://[:PASSWORD@]HOST[:PORT][/DB], "
          "rediss://..., unix://PATH[?db=DB] or sentinel://HOST[:PORT][,HOST[:PORT]...]/MASTER"
@@ -92,11 +91,11 @@ class Options(usage.Options):
         sys.exit(0)
 
     def postOptions(self):
-        if self["store"] is not None and self["database"] is not None:
-            raise usage.UsageError("--store and --database: the state is kept in one of them; "
-                                   "give one")
-        if self["store"] is None and self["database"] is None:
-            self["database"] = DEFAULT_DATABASE
+        if self["store"] is not None:
+            if self["database"] != DEFAULT_DATABASE:
+                raise usage.UsageError("--store and --database: the state is kept in one of "
+                                       "them; give one")
+            self["database"] = None
         for name in ("delay", "retry-window", "expiry"):
             self[name] = parse_duration(self[name], f"--{name}")
         self["auto-whitelist"] = _count(self["auto-whitelist"], "--auto-whitelist", 0)
