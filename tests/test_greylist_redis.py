@@ -18,7 +18,7 @@ import tests.test_greylist as sqlite_tests
 from miltermanager.greylist import main as greylist_main
 from miltermanager.greylist import redis_store
 from miltermanager.greylist.interfaces import IGreylist
-from miltermanager.greylist.milter import GreylistMilter, server_factory
+from miltermanager.greylist.milter import GreylistMilter
 from miltermanager.greylist.redis_store import TTL_SLACK, RedisGreylist, parse_url
 from miltermanager.greylist.store import Reason, StoreError, Triplet, Verdict
 from miltermanager.greylist.threaded import ThreadedGreylist
