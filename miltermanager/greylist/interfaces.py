@@ -27,5 +27,6 @@ class IGreylist(Interface):
         """Decide on a store.Triplet and record the attempt.
 
         Returns a store.Verdict, or a Deferred that fires with one; a
-        database failure raises or fails the Deferred (sqlite3.Error).
+        store failure raises or fails the Deferred with one of
+        store.STORE_ERRORS (sqlite3.Error, store.StoreError).
         """

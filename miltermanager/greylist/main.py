@@ -12,6 +12,8 @@ from . import store
 PROGRAM = "milter-manager-greylist"
 DEFAULT_CONNECTION_SPEC = "inet:10030@[127.0.0.1]"
 DEFAULT_DATABASE = "/var/lib/milter-manager/greylist.sqlite3"
+# Threads deciding on Redis at once: each mostly waits for the network.
+REDIS_THREADS = 4
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -38,12 +40,17 @@ class Options(usage.Options):
     synopsis = f"{PROGRAM} [options]"
     longdesc = ("A greylisting milter: the first delivery attempt for each (client network, "
                 "sender, recipient) gets a temporary failure; a retry after --delay passes. "
-                "State is kept in an SQLite file that several processes may share.")
+                "State is kept in an SQLite file that several processes may share, or with "
+                "--store in Redis that several hosts may share.")
 
     optParameters = [
         ["connection-spec", "s", DEFAULT_CONNECTION_SPEC,
          "where to listen: unix:PATH, inet:PORT@HOST, inet:PORT@[ADDRESS], inet6:..."],
         ["database", None, DEFAULT_DATABASE, "the SQLite file (created if missing)"],
+        ["store", None, None,
+         "keep the state in Redis instead of SQLite: redis://[:PASSWORD@]HOST[:PORT][/DB], "
+         "rediss://..., unix://PATH[?db=DB] or sentinel://HOST[:PORT][,HOST[:PORT]...]/MASTER"
+         "[/DB], each optionally ending ?prefix=KEYPREFIX&timeout=SECONDS"],
         ["delay", None, str(store.DEFAULT_DELAY),
          "seconds a new triplet waits before a retry passes (also 5m, 1h, ...)"],
         ["retry-window", None, str(store.DEFAULT_RETRY_WINDOW),
@@ -84,6 +91,11 @@ class Options(usage.Options):
         sys.exit(0)
 
     def postOptions(self):
+        if self["store"] is not None:
+            if self["database"] != DEFAULT_DATABASE:
+                raise usage.UsageError("--store and --database: the state is kept in one of "
+                                       "them; give one")
+            self["database"] = None
         for name in ("delay", "retry-window", "expiry"):
             self[name] = parse_duration(self[name], f"--{name}")
         self["auto-whitelist"] = _count(self["auto-whitelist"], "--auto-whitelist", 0)
@@ -148,15 +160,23 @@ def main(argv=None, reactor=None, stderr=None):
 
     from miltermanager.tools.serve import serve
 
-    from .milter import server_factory
+    from .milter import GreylistMilter, server_factory
+    from .outage import StoreOutage
     from .threaded import ThreadedGreylist
 
-    database = options["database"]
-    try:
-        greylist_store = store.Greylist(database, reactor, **options.store_settings())
-    except (sqlite3.Error, OSError) as error:
-        stderr.write(f"{PROGRAM}: cannot open the database {database}: {error}\n")
-        return 1
+    if options["store"] is not None:
+        greylist_store = _redis_store(options, reactor, stderr)
+        if greylist_store is None:
+            return 1
+        where = f"store {greylist_store.name}"
+    else:
+        database = options["database"]
+        try:
+            greylist_store = store.Greylist(database, reactor, **options.store_settings())
+        except (sqlite3.Error, OSError) as error:
+            stderr.write(f"{PROGRAM}: cannot open the database {database}: {error}\n")
+            return 1
+        where = f"database {database}"
     _start_logging(options, stderr)
     log = Logger(namespace=PROGRAM)
     metrics = None
@@ -164,28 +184,68 @@ def main(argv=None, reactor=None, stderr=None):
         from .metrics import GreylistMetrics
 
         metrics = GreylistMetrics()
-    greylist = ThreadedGreylist(greylist_store, reactor, metrics=metrics)
+    if options["store"] is not None:
+        # Redis keys expire by themselves; each decision waits on the network.
+        greylist = ThreadedGreylist(greylist_store, reactor, metrics=metrics,
+                                    threads=REDIS_THREADS, purge_interval=0)
+    else:
+        greylist = ThreadedGreylist(greylist_store, reactor, metrics=metrics)
     if metrics is not None:
         metrics.greylist = greylist
     hostname = socket.gethostname().encode("ascii", "replace")
-    factory = server_factory(greylist, reactor, hostname, metrics)
+    outage = StoreOutage(reactor, GreylistMilter.log)
+    factory = server_factory(greylist, reactor, hostname, metrics, outage)
     spec_text = options["connection-spec"]
     state = {"status": 0}
 
     def start():
         greylist.start()
+        if options["store"] is not None:
+            _ping(greylist, outage)
         if metrics is not None:
             _serve_metrics(reactor, options["metrics-listen"], metrics, stderr, state, log)
 
     def listening(port):
-        log.info("[greylist][listen] {spec}; database {database}, delay {delay} s, retry window "
+        log.info("[greylist][listen] {spec}; {where}, delay {delay} s, retry window "
                  "{window} s, expiry {expiry} s, auto-whitelist {auto}", spec=spec_text,
-                 database=database, delay=options["delay"], window=options["retry-window"],
+                 where=where, delay=options["delay"], window=options["retry-window"],
                  expiry=options["expiry"], auto=options["auto-whitelist"])
 
     status = serve(reactor, spec_text, factory, PROGRAM, stderr,
                    listening=listening, start=start, stop=greylist.stop)
     return status or state["status"]
+
+
+def _ping(greylist, outage):
+    """Ask Redis at start: one line if it does not answer (mail passes until it does)."""
+    from twisted.internet import threads
+
+    def answered(result):
+        outage.answered()
+
+    def failed(failure):
+        outage.failed(failure.value)
+
+    threads.deferToThreadPool(greylist.reactor, greylist.pool, greylist.greylist.ping
+                              ).addCallbacks(answered, failed)
+
+
+def _redis_store(options, reactor, stderr):
+    """The RedisGreylist of --store, or None after one line on stderr (bad URL, no redis-py)."""
+    from . import redis_store
+
+    try:
+        store_url = redis_store.parse_url(options["store"])
+    except ValueError as error:
+        stderr.write(f"{PROGRAM}: --store: {error}\n")
+        return None
+    try:
+        return redis_store.RedisGreylist.from_url(store_url, reactor,
+                                                  **options.store_settings())
+    except ImportError:
+        stderr.write(f"{PROGRAM}: --store {store_url.text}: the redis Python library is not "
+                     "installed (Debian: python3-redis; pip: redis)\n")
+        return None
 
 
 def _serve_metrics(reactor, spec_text, metrics, stderr, state, log):

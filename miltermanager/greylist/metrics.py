@@ -75,10 +75,10 @@ class GreylistMetrics:
             self.store_counts = counts
 
         def failed(failure):
-            import sqlite3
+            from .store import STORE_ERRORS
 
             self.store_counts = None
-            self.failed("count", "database" if failure.check(sqlite3.Error) else "internal")
+            self.failed("count", "database" if failure.check(*STORE_ERRORS) else "internal")
             self.log.error("[greylist][metrics][error] cannot count the triplets: {error}",
                            error=failure.getErrorMessage())
 

@@ -2,11 +2,11 @@
 
 It fails open: a database error, an odd address or a bug lets the recipient
 pass with a log line, because greylisting only delays spam and must never
-lose or block mail.
+lose or block mail. A failing store (SQLite or Redis) is logged once when
+it starts failing and once when it answers again (outage.StoreOutage).
 """
 
 import email.utils
-import sqlite3
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -15,7 +15,10 @@ from ..protocol import constants as c
 from ..protocol import messages
 from ..server import Milter, MilterServerFactory
 from .metrics import BAD_INPUT, ERROR, NOT_IP, WHITELISTED
-from .store import BadInput, Reason, Triplet, normalize_address, normalize_recipient
+from .outage import StoreOutage
+from .store import (
+    STORE_ERRORS, BadInput, Reason, Triplet, normalize_address, normalize_recipient,
+)
 
 NAME = "milter-manager-greylist"
 HEADER_NAME = b"X-Greylist"
@@ -47,18 +50,21 @@ class GreylistMilter(Milter):
     greylist provides IGreylist; clock (IReactorTime) dates the header;
     hostname (bytes) names this host in it when the MTA sends no j macro;
     metrics (a metrics.GreylistMetrics, or None) is told of each recipient's
-    decision.
+    decision; outage (an outage.StoreOutage, shared by the process's milters)
+    of each store failure and answer.
     """
 
     log = Logger()
     actions = c.SMFIF_ADDHDRS
 
-    def __init__(self, greylist, clock, hostname=b"localhost", server=None, metrics=None):
+    def __init__(self, greylist, clock, hostname=b"localhost", server=None, metrics=None,
+                 outage=None):
         super().__init__(server)
         self.greylist = greylist
         self.clock = clock
         self.hostname = hostname
         self.metrics = metrics
+        self.outage = outage if outage is not None else StoreOutage(clock, self.log)
         self.may_add_header = True
         self.network = None  # None: this client is not greylisted
         self.not_greylisted = NOT_IP  # why, for the metrics, when network is None
@@ -150,6 +156,7 @@ class GreylistMilter(Milter):
             self.metrics.decided(passed, reason)
 
     def _decided(self, verdict, triplet, asked):
+        self.outage.answered()
         self._count(asked, verdict.passed, verdict.reason.value)
         if verdict.passed:
             if verdict.reason is Reason.RETRIED:
@@ -172,9 +179,9 @@ class GreylistMilter(Milter):
         return messages.ReplyCode(reply_text(verdict.remaining))
 
     def _failed_now(self, error, triplet, asked):
-        self._count_error(asked, isinstance(error, sqlite3.Error))
-        if isinstance(error, sqlite3.Error):
-            self._log_database_error(error, triplet)
+        self._count_error(asked, isinstance(error, STORE_ERRORS))
+        if isinstance(error, STORE_ERRORS):
+            self.outage.failed(error, triplet)
         else:
             self.log.failure("[greylist][error] deciding on {triplet} failed; passing "
                              "(fail open)", triplet=triplet)
@@ -183,9 +190,9 @@ class GreylistMilter(Milter):
     def _failed(self, failure, triplet, asked):
         if failure.check(CancelledError):
             return None  # the MTA went away; nobody reads the answer
-        self._count_error(asked, bool(failure.check(sqlite3.Error)))
-        if failure.check(sqlite3.Error):
-            self._log_database_error(failure.value, triplet)
+        self._count_error(asked, bool(failure.check(*STORE_ERRORS)))
+        if failure.check(*STORE_ERRORS):
+            self.outage.failed(failure.value, triplet)
         else:
             self.log.failure("[greylist][error] deciding on {triplet} failed; passing "
                              "(fail open)", failure, triplet=triplet)
@@ -195,11 +202,6 @@ class GreylistMilter(Milter):
         self._count(asked, True, ERROR)
         if self.metrics is not None:
             self.metrics.failed("decide", "database" if database else "internal")
-
-    def _log_database_error(self, error, triplet):
-        self.log.error("[greylist][error] database: {error}; passing {network} <{sender}> -> "
-                       "<{recipient}> (fail open)", error=error, network=triplet.network,
-                       sender=triplet.sender, recipient=triplet.recipient)
 
     def end_of_message(self, command, macros):
         delayed = self.delayed
@@ -214,20 +216,27 @@ class GreylistMilter(Milter):
         self._reset_message()
 
 
-def milter_factory(greylist, clock, hostname=b"localhost", metrics=None):
-    """The milter_factory for MilterServerFactory: one GreylistMilter per MTA connection."""
+def milter_factory(greylist, clock, hostname=b"localhost", metrics=None, outage=None):
+    """The milter_factory for MilterServerFactory: one GreylistMilter per MTA connection.
+
+    They share outage (a new outage.StoreOutage by default), so that a store
+    outage is logged once for all connections.
+    """
+    if outage is None:
+        outage = StoreOutage(clock, GreylistMilter.log)
+
     def build(server):
-        return GreylistMilter(greylist, clock, hostname, server, metrics)
+        return GreylistMilter(greylist, clock, hostname, server, metrics, outage)
     return build
 
 
-def server_factory(greylist, clock, hostname=b"localhost", metrics=None):
+def server_factory(greylist, clock, hostname=b"localhost", metrics=None, outage=None):
     """A MilterServerFactory serving GreylistMilters that fails open on a bug too.
 
     Listen with it (connection_spec.parse(spec).server_endpoint(reactor).listen)
     to run the greylisting milter in process, as the program does.
     """
-    factory = MilterServerFactory(milter_factory(greylist, clock, hostname, metrics),
+    factory = MilterServerFactory(milter_factory(greylist, clock, hostname, metrics, outage),
                                   clock=clock)
     factory.error_reply = messages.CONTINUE
     factory.noisy = False

@@ -1,5 +1,9 @@
 """Greylisting state in one SQLite file and the decision taken on it for each triplet.
 
+GreylistRules is the policy every store shares (the decision on a triplet's
+Seen, the whitelist, the networks); Greylist keeps its state in SQLite,
+redis_store.RedisGreylist in Redis.
+
 Everything here blocks: each decision is one short ``BEGIN IMMEDIATE``
 transaction on a connection of the calling thread. ``threaded.py`` runs it off
 the reactor thread; tests call it directly with a ``task.Clock``.
@@ -64,6 +68,14 @@ class BadInput(ValueError):
     """An address the greylist cannot judge; the milter lets such mail pass."""
 
 
+class StoreError(Exception):
+    """A store other than SQLite failed: unreachable, timed out, read-only, ... (fail open)."""
+
+
+# What a failing store raises: the milter passes the recipient and counts a database error.
+STORE_ERRORS = (sqlite3.Error, StoreError)
+
+
 class Reason(enum.Enum):
     """Why a triplet passed or was greylisted."""
 
@@ -96,6 +108,20 @@ class Verdict:
     reason: Reason
     remaining: int = 0
     delayed: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What a store keeps of one triplet.
+
+    first_seen: when its current greylisting started; last_seen: for a
+    passed triplet, the last time it let a message through (for a pending
+    one, equal to first_seen).
+    """
+
+    first_seen: float
+    last_seen: float
+    passed: bool
 
 
 def normalize_address(address):
@@ -159,9 +185,8 @@ def parse_networks(networks):
     return tuple(parsed)
 
 
-@implementer(IGreylist)
-class Greylist:
-    """The greylisting policy and its state in an SQLite file.
+class GreylistRules:
+    """The greylisting policy, apart from where its state is kept.
 
     clock provides seconds() (IReactorTime; a task.Clock in tests). Times are
     in seconds: delay before a retry passes, retry_window after the delay in
@@ -169,14 +194,14 @@ class Greylist:
     network after their last use. auto_whitelist is the number of passed
     triplets after which their network passes without greylisting (0: never).
 
-    Each thread gets its own connection; decide and purge may run in any
-    number of threads and processes at once.
+    A store (Greylist here, redis_store.RedisGreylist) reads a triplet's Seen,
+    asks judge() and writes back what it answers, in one atomic step.
     """
 
-    def __init__(self, path, clock, *, delay=DEFAULT_DELAY, retry_window=DEFAULT_RETRY_WINDOW,
+    def __init__(self, clock, *, delay=DEFAULT_DELAY, retry_window=DEFAULT_RETRY_WINDOW,
                  expiry=DEFAULT_EXPIRY, auto_whitelist=DEFAULT_AUTO_WHITELIST,
                  whitelist=DEFAULT_WHITELIST, ipv4_prefix=DEFAULT_IPV4_PREFIX,
-                 ipv6_prefix=DEFAULT_IPV6_PREFIX, busy_timeout=DEFAULT_BUSY_TIMEOUT):
+                 ipv6_prefix=DEFAULT_IPV6_PREFIX):
         if not 0 <= ipv4_prefix <= 32:
             raise ValueError(f"IPv4 prefix {ipv4_prefix} is not within 0..32")
         if not 0 <= ipv6_prefix <= 128:
@@ -185,7 +210,6 @@ class Greylist:
                             ("expiry", expiry), ("auto-whitelist", auto_whitelist)):
             if value < 0:
                 raise ValueError(f"{name} {value} is negative")
-        self.path = path
         self.clock = clock
         self.delay = delay
         self.retry_window = retry_window
@@ -194,12 +218,6 @@ class Greylist:
         self.whitelist = parse_networks(whitelist)
         self.ipv4_prefix = ipv4_prefix
         self.ipv6_prefix = ipv6_prefix
-        self.busy_timeout = busy_timeout
-        self._local = threading.local()
-        self._connections = []
-        self._lock = threading.Lock()
-        self._closed = False
-        self._create_schema()
 
     # ------------------------------------------------------------ the client
 
@@ -225,6 +243,66 @@ class Greylist:
             return Verdict(True, Reason.WHITELISTED)
         return self.decide(self.triplet(address, sender, recipient))
 
+    def decide(self, triplet, now=None):
+        """Decide on a Triplet and record it, atomically; a Verdict. Blocks.
+
+        Each store implements it: read the triplet's Seen, judge() it, write
+        back the Seen judge() answers. now defaults to clock.seconds().
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ the decision
+
+    def judge(self, seen, now):
+        """(Verdict, the Seen to store or None to leave it) for a triplet's Seen (None: unknown)."""
+        if seen is None:
+            return self._greylisted(Reason.NEW, 0.0), Seen(now, now, False)
+        if seen.passed and now - seen.last_seen <= self.expiry:
+            return Verdict(True, Reason.KNOWN), Seen(seen.first_seen, now, True)
+        age = now - seen.first_seen
+        if not seen.passed and age < self.delay:
+            return self._greylisted(Reason.EARLY, age), None
+        if not seen.passed and age <= self.delay + self.retry_window:
+            return Verdict(True, Reason.RETRIED, delayed=age), Seen(seen.first_seen, now, True)
+        # Retried too late, or passed but expired: it starts over.
+        return self._greylisted(Reason.NEW, 0.0), Seen(now, now, False)
+
+    def forget_after(self, seen):
+        """The time after which seen can no longer change a decision (purge or expire it)."""
+        if seen.passed:
+            return seen.last_seen + self.expiry
+        return seen.first_seen + self.delay + self.retry_window
+
+    def network_whitelisted(self, last_seen, now):
+        """Is an auto-whitelisted network last used at last_seen still whitelisted at now?"""
+        return now - last_seen <= self.expiry
+
+    def earns_auto_whitelist(self, passed):
+        """Does a network with this many unexpired passed triplets get auto-whitelisted?"""
+        return bool(self.auto_whitelist) and passed >= self.auto_whitelist
+
+    def _greylisted(self, reason, age):
+        return Verdict(False, reason, remaining=max(0, math.ceil(self.delay - age)))
+
+
+@implementer(IGreylist)
+class Greylist(GreylistRules):
+    """The greylisting policy (GreylistRules) and its state in an SQLite file.
+
+    Each thread gets its own connection; decide and purge may run in any
+    number of threads and processes at once.
+    """
+
+    def __init__(self, path, clock, *, busy_timeout=DEFAULT_BUSY_TIMEOUT, **settings):
+        super().__init__(clock, **settings)
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._connections = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._create_schema()
+
     # ------------------------------------------------------------ the state
 
     def decide(self, triplet, now=None):
@@ -242,36 +320,23 @@ class Greylist:
             row = db.execute(
                 "SELECT first_seen, last_seen, passed FROM triplets"
                 " WHERE network = ? AND sender = ? AND recipient = ?", key).fetchone()
-            if row is None:
+            verdict, seen = self.judge(None if row is None else Seen(row[0], row[1], bool(row[2])),
+                                       now)
+            if seen is not None:
                 db.execute("INSERT INTO triplets (network, sender, recipient, first_seen,"
-                           " last_seen, passed) VALUES (?, ?, ?, ?, ?, 0)", (*key, now, now))
-                return self._greylisted(Reason.NEW, 0.0)
-            first_seen, last_seen, passed = row
-            if passed and now - last_seen <= self.expiry:
-                db.execute("UPDATE triplets SET last_seen = ?"
-                           " WHERE network = ? AND sender = ? AND recipient = ?", (now, *key))
-                return Verdict(True, Reason.KNOWN)
-            age = now - first_seen
-            if not passed and age < self.delay:
-                return self._greylisted(Reason.EARLY, age)
-            if not passed and age <= self.delay + self.retry_window:
-                db.execute("UPDATE triplets SET last_seen = ?, passed = 1"
-                           " WHERE network = ? AND sender = ? AND recipient = ?", (now, *key))
-                if self.auto_whitelist:
-                    self._count_for_auto_whitelist(db, triplet.network, now)
-                return Verdict(True, Reason.RETRIED, delayed=age)
-            # Retried too late, or passed but expired: it starts over.
-            db.execute("UPDATE triplets SET first_seen = ?, last_seen = ?, passed = 0"
-                       " WHERE network = ? AND sender = ? AND recipient = ?", (now, now, *key))
-            return self._greylisted(Reason.NEW, 0.0)
-
-    def _greylisted(self, reason, age):
-        return Verdict(False, reason, remaining=max(0, math.ceil(self.delay - age)))
+                           " last_seen, passed) VALUES (?, ?, ?, ?, ?, ?)"
+                           " ON CONFLICT (network, sender, recipient) DO UPDATE SET"
+                           " first_seen = excluded.first_seen, last_seen = excluded.last_seen,"
+                           " passed = excluded.passed",
+                           (*key, seen.first_seen, seen.last_seen, int(seen.passed)))
+            if verdict.reason is Reason.RETRIED and self.auto_whitelist:
+                self._count_for_auto_whitelist(db, triplet.network, now)
+            return verdict
 
     def _auto_whitelisted(self, db, network, now):
         row = db.execute("SELECT last_seen FROM auto_whitelist WHERE network = ?",
                          (network,)).fetchone()
-        if row is None or now - row[0] > self.expiry:
+        if row is None or not self.network_whitelisted(row[0], now):
             return False
         db.execute("UPDATE auto_whitelist SET last_seen = ? WHERE network = ?", (now, network))
         return True
@@ -280,7 +345,7 @@ class Greylist:
         (count,) = db.execute(
             "SELECT COUNT(*) FROM triplets WHERE network = ? AND passed = 1 AND last_seen >= ?",
             (network, now - self.expiry)).fetchone()
-        if count >= self.auto_whitelist:
+        if self.earns_auto_whitelist(count):
             db.execute("INSERT INTO auto_whitelist (network, since, last_seen) VALUES (?, ?, ?)"
                        " ON CONFLICT (network) DO UPDATE SET since = excluded.since,"
                        " last_seen = excluded.last_seen", (network, now, now))

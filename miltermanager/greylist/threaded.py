@@ -7,10 +7,10 @@ connection waits up to its busy timeout (seconds), and a WAL checkpoint or a
 slow disk can stall a commit for milliseconds. Run on the reactor thread, one
 such wait would stall every MTA connection of this process. The pool is small
 because SQLite admits one writer at a time anyway; the reactor never waits on
-it, a pending RCPT simply gets its answer a little later.
+it, a pending RCPT simply gets its answer a little later. The Redis store
+(redis_store.py) blocks on the network the same way; its keys expire by
+themselves, so it runs without the purge (purge_interval=0).
 """
-
-import sqlite3
 
 from twisted.internet import threads
 from twisted.internet.task import LoopingCall
@@ -19,6 +19,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from .interfaces import IGreylist
+from .store import STORE_ERRORS
 
 DEFAULT_THREADS = 2
 DEFAULT_PURGE_INTERVAL = 3600.0
@@ -42,7 +43,7 @@ class ThreadedGreylist:
         self.metrics = metrics  # a metrics.GreylistMetrics told of purges, or None
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
-        self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="greylist-sqlite")
+        self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="greylist-store")
         self.purge_interval = purge_interval
         self._purging = None
 
@@ -92,7 +93,7 @@ class ThreadedGreylist:
 
         def failed(failure):
             if self.metrics is not None:
-                self.metrics.failed("purge", "database" if failure.check(sqlite3.Error)
+                self.metrics.failed("purge", "database" if failure.check(*STORE_ERRORS)
                                     else "internal")
             self.log.error("[greylist][purge][error] {error}",
                            error=failure.getErrorMessage())
