@@ -51,7 +51,8 @@ setup(
         "pyasn1",
         "prometheus_client",
     ],
-    extras_require={"test": ["hypothesis", "dkimpy", "selenium"]},
+    extras_require={"test": ["hypothesis", "dkimpy", "selenium", "redis"],
+                    "redis": ["redis>=4.3"]},  # milter-manager-greylist --store redis://
     entry_points={
         "console_scripts": [
             "milter-test-server = miltermanager.tools.test_server:main",
