@@ -333,6 +333,7 @@ class PageTests(EditorTestsMixin, SynchronousTestCase):
         request.method = method
         cookies = {auth.COOKIE: session.encode("ascii")}
         request.getCookie = cookies.get
+        request.isSecure = lambda: False  # (DummyRequest has none; the guard asks)
         for key, value in (args or {}).items():
             request.args[key.encode()] = [item if isinstance(item, bytes) else item.encode()
                                           for item in (value if isinstance(value, list)
