@@ -45,13 +45,16 @@ setup(
                   "miltermanager.web": ["static/*"], **SHIPPED},
     cmdclass={"build_py": BuildPy},
     install_requires=[
-        "twisted[tls]>=22.4",  # tls: pyOpenSSL for web.tls_certificate
+        "twisted>=22.4",
         "zope.interface",
         "ldap3",
         "pyasn1",
         "prometheus_client",
     ],
-    extras_require={"test": ["hypothesis", "dkimpy", "selenium", "redis"],
+    # tls: pyOpenSSL for web.tls_certificate. Not required: once installed, Twisted's
+    # endpoints import it in every manager (+13 MiB resident) even without HTTPS.
+    extras_require={"test": ["hypothesis", "dkimpy", "selenium", "redis", "twisted[tls]"],
+                    "tls": ["twisted[tls]"],
                     "redis": ["redis>=4.3"]},  # milter-manager-greylist --store redis://
     entry_points={
         "console_scripts": [
