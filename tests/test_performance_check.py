@@ -121,6 +121,37 @@ class OptionTests(SynchronousTestCase):
                                       r"127\.0\.0\.1:1: .*refused[^\n]*\n\Z")
 
 
+class ManualPageTests(SynchronousTestCase):
+    """milter-performance-check(1), made as debian/rules makes it, has every option."""
+
+    def test_every_option(self):
+        """Every option of build_parser() is on the page, and man finds nothing to warn about."""
+        from tests import test_manpages
+
+        with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as file:
+            setup = file.read()
+        line = '"milter-performance-check = miltermanager.tools.performance_check:main",'
+        if line not in setup:  # until setup.py installs the command
+            setup = setup.replace('"console_scripts": [', '"console_scripts": [\n' + line, 1)
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        with open(os.path.join(work, "setup.py"), "w", encoding="utf-8") as file:
+            file.write(setup)
+        status, output = test_manpages.make_pages("--setup", os.path.join(work, "setup.py"),
+                                                  os.path.join(work, "man"))
+        self.assertEqual(status, 0, output)
+        page = os.path.join(work, "man", "milter-performance-check.1")
+        shown = test_manpages.render(page)
+        self.assertEqual(shown.returncode, 0, shown.stderr)
+        options = test_manpages.option_names(pc.build_parser())
+        self.assertIn("--report-interval", options)
+        self.assertNotIn("--worker", options)
+        self.assertEqual([option for option in options
+                          if not test_manpages.mentions(shown.stdout, option)], [])
+        checked = test_manpages.render(page, warnings=True)
+        self.assertEqual((checked.returncode, checked.stderr), (0, ""))
+
+
 # ------------------------------------------------------------------ mails and report
 
 
@@ -140,7 +171,8 @@ class MailTests(SynchronousTestCase):
 
     def test_data(self):
         """Line ends become CRLF, leading dots are doubled, the "." line ends the data."""
-        self.assertEqual(pc.dot_stuff(pc.to_crlf(b".a\n.\nb\r\nc")), b"..a\r\n..\r\nb\r\nc\r\n.\r\n")
+        self.assertEqual(pc.dot_stuff(pc.to_crlf(b".a\n.\nb\r\nc")),
+                         b"..a\r\n..\r\nb\r\nc\r\n.\r\n")
 
     def test_generated_mail(self):
         """The generated mail takes --from in turn, --n-additional-lines, a fresh Message-Id."""

@@ -1034,8 +1034,8 @@ class Checker:
     # --- several processes
 
     async def _run_workers(self):
-        argv = [sys.executable, "-m", "miltermanager.tools.performance_check", *self.settings.argv, "--worker",
-                "--no-progress"]
+        argv = [sys.executable, "-m", "miltermanager.tools.performance_check",
+                *self.settings.argv, "--worker", "--no-progress"]
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
