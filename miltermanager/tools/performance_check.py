@@ -913,7 +913,8 @@ class Progress:
         text = (f"{PROGRAM_NAME}: {done}" + (f"/{self.total}" if self.total else "")
                 + f" mails, {counts['success']} ok, {counts['temporary-failure']} 4XX,"
                   f" {counts['reject']} 5XX, {counts['error']} errors,"
-                  f" {in_flight} in flight, {statistics.throughput(now):.1f} mails/s")
+                + ("" if in_flight is None else f" {in_flight} in flight,")
+                + f" {statistics.throughput(now):.1f} mails/s")
         self.stream.write(f"\r{text}\x1b[K" if self.tty else text + "\n")
         self.stream.flush()
         self.shown = True
@@ -946,6 +947,7 @@ class Checker:
         self.data_file = None
         self.on_result = None  # a worker's: write each Result to the parent instead
         self._workers = []
+        self._worker_started = False
         self._interrupts = 0
 
     # --- results
@@ -967,6 +969,15 @@ class Checker:
             stamp = datetime.fromtimestamp(result.finished).astimezone()
             self.data_file.write(f"{stamp.isoformat(timespec='microseconds')},"
                                  f"{result.response_time:.6f},{result.size}\n")
+
+    def worker_started(self, wall):
+        """A worker began sending at wall (epoch seconds): the run's clock starts there."""
+        if not self._worker_started:
+            self._worker_started = True
+            started = time.monotonic() - max(0.0, time.time() - wall)
+            self.statistics.started = started
+            if self.periodic is not None:
+                self.periodic.started = started
 
     async def _send(self, path):
         self.in_flight += 1
@@ -1068,6 +1079,10 @@ class Checker:
 
     # --- the whole run
 
+    def _in_flight(self):
+        """Mails being sent now; None when workers send them (they do not say)."""
+        return None if self.settings.n_workers > 1 else self.in_flight
+
     def _open_data_file(self):
         path = self.settings.data_file
         try:
@@ -1091,7 +1106,7 @@ class Checker:
                 total = len(self.mails.paths) * settings.n_workers
             progress = Progress(self.stderr, total)
             loops.append(task.LoopingCall(
-                lambda: progress.show(self.statistics, time.monotonic(), self.in_flight)))
+                lambda: progress.show(self.statistics, time.monotonic(), self._in_flight())))
             loops[-1].clock = self.clock
             loops[-1].start(PROGRESS_INTERVAL, now=False)
         if settings.report_interval is not None:
@@ -1116,6 +1131,9 @@ class Checker:
         settings = self.settings
         self.statistics = Statistics(time.monotonic())
         if settings.worker:
+            # The parent's clock starts when the first worker starts sending, not at the
+            # interpreters' start-up.
+            self.stdout.write(json.dumps({"started": time.time()}) + "\n")
             await self._load()
             return 0
         if settings.data_file is not None:
@@ -1137,7 +1155,7 @@ class Checker:
                 self.periodic.finish(now)  # the last, shorter interval
                 self.stdout.write(periodic_row(self.periodic, now, time.time()) + "\n")
             if progress is not None:
-                progress.show(self.statistics, time.monotonic(), self.in_flight)
+                progress.show(self.statistics, time.monotonic(), self._in_flight())
                 progress.finish()
             if self.data_file is not None:
                 self.data_file.close()
@@ -1181,7 +1199,9 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         lines = (self.buffer + data).split(b"\n")
         self.buffer = lines.pop()
         for line in lines:
-            if line:
+            if line.startswith(b"{"):
+                self.checker.worker_started(json.loads(line)["started"])
+            elif line:
                 self.checker.record(Result.from_json(line))
 
     def signal(self, name):
