@@ -65,6 +65,7 @@ setup(
             "milter-manager-detect = miltermanager.detect.main:main",
             "milter-manager-log-analyzer = miltermanager.tools.log_analyzer:main",
             "milter-manager-ctl = miltermanager.tools.ctl:main",
+            "milter-performance-check = miltermanager.tools.performance_check:main",
         ],
     },
 )
