@@ -399,9 +399,10 @@ class WorkerService(TwistdService):
         self.reactor.stop()
 
     def stopService(self):
-        if self._stdin is not None:
-            self.reactor.removeReader(self._stdin)
-            self._stdin = None
+        watch, self._stdin = self._stdin, None
+        if watch is not None:
+            watch._gone = None
+            self.reactor.removeReader(watch)
         return super().stopService()
 
     def _rebind(self, settings):
@@ -413,12 +414,21 @@ class WorkerService(TwistdService):
 
 
 class SupervisorWatch:
-    """IReadDescriptor on the pipe from the supervisor: end of file calls gone()."""
+    """IReadDescriptor on the pipe from the supervisor: its end (EOF or hang-up) calls gone().
+
+    The reactor may report a hang-up without a read (epoll's EPOLLHUP):
+    connectionLost then says it.
+    """
 
     def __init__(self, reactor, fd, gone):
         os.set_blocking(fd, False)
         self.fd = fd
-        self.gone = gone
+        self._gone = gone
+
+    def gone(self):
+        gone, self._gone = self._gone, None
+        if gone is not None:
+            gone()
 
     def fileno(self):
         return self.fd
@@ -441,7 +451,7 @@ class SupervisorWatch:
         return None
 
     def connectionLost(self, reason):
-        pass
+        self.gone()
 
 
 def adopt_listening_socket(reactor, fd, factory):

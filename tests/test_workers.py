@@ -2,9 +2,11 @@
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -19,7 +21,7 @@ from miltermanager.service import startup_problems
 from miltermanager.tap import Options
 
 from .peers.fixtures import (
-    HOST, REPO, LibmilterMilter, MiltermanagerProcess, _alive, _stop_process,
+    HOST, REPO, TWISTD, LibmilterMilter, MiltermanagerProcess, _alive, _stop_process,
 )
 
 
@@ -324,3 +326,60 @@ class WorkersProcessTests(TestCase):
                       self.manager.log()[-3000:])
         for pid in after.values():
             _wait(lambda: not _alive(pid), 10, f"worker pid {pid} gone")
+
+
+class WorkersLifeTests(TestCase):
+    """Two real workers without a child: the UNIX socket, and the supervisor's death."""
+
+    timeout = 120
+
+    def start(self, text):
+        manager = MiltermanagerProcess(self.mktemp(), text)
+        manager.start()
+        self.addCleanup(manager.stop)
+        _wait(lambda: manager.log().count("[worker][start]") == 2, 30, "two workers serving")
+        pids = [int(pid) for _, pid in _STARTED.findall(manager.log())]
+        self.addCleanup(lambda: [os.kill(pid, signal.SIGKILL) for pid in pids if _alive(pid)])
+        return manager, pids
+
+    def test_workers_stop_when_the_supervisor_is_killed(self):
+        """SIGKILL to the supervisor: its workers notice and stop instead of serving on."""
+        manager, pids = self.start('manager.connection_spec = "{spec}"\nmanager.n_workers = 2\n')
+        os.kill(manager.process.pid, signal.SIGKILL)
+        manager.process.wait(10)
+        for pid in pids:
+            _wait(lambda: not _alive(pid), 20, f"worker {pid} gone")
+        self.assertEqual(manager.log().count("[worker][orphan] the supervisor is gone"), 2)
+
+    def test_unix_socket_keeps_its_mode_and_is_removed_at_stop(self):
+        """Workers serve a UNIX socket without changing its mode; it is gone after SIGTERM."""
+        # A short directory: a UNIX socket's path must fit in 108 bytes.
+        directory = tempfile.mkdtemp(prefix="mm-workers-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "manager.sock")
+        env = dict(os.environ, PYTHONPATH=REPO)
+        config_path = os.path.join(os.path.dirname(path), "unix.conf")
+        with open(config_path, "w") as out:
+            out.write(f'manager.connection_spec = "unix:{path}"\n'
+                      'manager.unix_socket_mode = 0o660\nmanager.n_workers = 2\n')
+        log_path = config_path + ".log"
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "milter-manager",
+                 "--config", config_path], env=env, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        self.addCleanup(_stop_process, process)
+
+        def log_text():
+            with open(log_path, encoding="utf-8", errors="replace") as log:
+                return log.read()
+
+        _wait(lambda: log_text().count("[worker][start]") == 2, 30, "two workers serving")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o660)
+        load = _load(f"unix:{path}", 40, 4)
+        sessions, _, errors, out = _report(load)
+        self.assertEqual((sessions, errors), (40, 0), out)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o660)
+        os.kill(process.pid, signal.SIGTERM)
+        self.assertIn(process.wait(60), (0, -signal.SIGTERM), log_text())
+        self.assertFalse(os.path.exists(path))
