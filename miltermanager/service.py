@@ -519,6 +519,9 @@ def startup_problems(configuration):
                 f"{section.SECTION}.{name}: no such {kind} {value!r}", section.origins.get(name)))
     errors, warnings = configuration_problems(configuration)
     problems.extend(errors)
+    from .workers import problems as worker_problems
+
+    problems.extend(worker_problems(configuration))
     warnings.extend(_without_effect(configuration.manager))
     from .web.app import problems as web_problems
 
@@ -548,9 +551,6 @@ def _without_effect(manager):
         return located(origin, f"manager.{name} = {shown}: {text}")
 
     checking = manager.connection_check_interval > 0 and manager.connection_checkers
-    if manager.n_workers:
-        yield said("n_workers", "several worker processes are not implemented yet; "
-                                "one process serves")
     if manager.connection_check_interval > 0 and not manager.connection_checkers:
         yield said("connection_check_interval",
                    "no connection checker is registered (manager.use_netstat_connection_"

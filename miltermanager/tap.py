@@ -179,7 +179,11 @@ class Options(usage.Options):
         """
         from miltermanager.config import ConfigurationError
 
-        if self["check-reload"] or (self["show-config"] and not self["check-config"]):
+        from miltermanager.workers import worker_number
+
+        # A worker serves the supervisor's socket: binding its address again would fail.
+        if self["check-reload"] or worker_number() is not None or (
+                self["show-config"] and not self["check-config"]):
             problems = startup_problems(configuration)
         else:
             problems = start_problems(configuration) + self._twistd_problems()
@@ -326,11 +330,26 @@ def refuse(problems):
 
 
 def makeService(options):
-    """The manager service: listens for the MTA, reloads on SIGHUP (miltermanager.service)."""
+    """The manager service: listens for the MTA, reloads on SIGHUP (miltermanager.service).
+
+    With manager.n_workers > 0, the supervisor of that many workers, and in
+    each worker the worker's service (miltermanager.workers).
+    """
     from twisted.internet import reactor
 
+    from miltermanager import workers
+
+    number = workers.worker_number()
+    if number is not None:
+        return workers.WorkerService(reactor, options.configuration, number,
+                                     load=options.load_configuration,
+                                     twistd_options=options.parent)
+    if options.configuration.manager.n_workers:
+        return workers.SupervisorService(reactor, options.configuration,
+                                         load=options.load_configuration,
+                                         twistd_options=options.parent, plugin_options=options)
     return TwistdService(reactor, options.configuration, load=options.load_configuration,
-                          twistd_options=options.parent)
+                         twistd_options=options.parent)
 
 
 class TwistdService(ManagerService):
