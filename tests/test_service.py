@@ -96,15 +96,11 @@ class ServiceTests(SynchronousTestCase):
             function(*args, **kwargs)
         self.assertEqual(seen, [made.reactor])
 
-    def test_n_workers_said(self):
-        """n_workers > 0 is a configuration warning, logged once: one process serves."""
+    def test_n_workers_alone_is_no_warning(self):
+        """n_workers > 0 is served by worker processes: no warning, no problem."""
         settings = configuration(n_workers=4)
-        events = capture(self, service.ManagerService)
         self.assertEqual(service.startup_problems(settings), [])
-        warning = ("manager.n_workers = 4: several worker processes are not implemented yet; "
-                   "one process serves")
-        self.assertEqual(settings.warnings, [warning])
-        self.assertEqual(texts(events), [f"[configuration][warning] {warning}"])
+        self.assertEqual(settings.warnings, [])
 
     def test_stop_goes_on_when_the_port_does_not_close(self):
         """A listening port failing to close is logged; the stop still drains and fires."""

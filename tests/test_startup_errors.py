@@ -253,20 +253,21 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertEqual((code, out), (1, ""))
         self.assertEqual(err, f"{warning[len('warning: '):]} (an error with --strict)\n")
 
-    def test_n_workers_warning(self):
-        """n_workers > 0 from a file or the command line is a warning: one process serves."""
+    def test_n_workers_checks(self):
+        """n_workers alone checks clean; with a controller socket it is refused at its line."""
         path = os.path.join(self.dir, "milter-manager.conf")
         with open(path, "w") as file:
             file.write(f'manager.connection_spec = "inet:{free_port()}@[{HOST}]"\n'
                        'manager.n_workers = 2\n')
         code, out, err = finish(twistd(["-c", path, "--check-config"], self.dir))
-        self.assertEqual((code, out), (0, f"configuration OK: {path}\n"))
-        self.assertEqual(err, f"warning: {path}:2: manager.n_workers = 2: several worker "
-                              "processes are not implemented yet; one process serves\n")
-        code, out, err = finish(twistd(["-c", path, "--check-config", "--n-workers", "3"],
-                                       self.dir))
-        self.assertEqual(err, "warning: --n-workers: manager.n_workers = 3: several worker "
-                              "processes are not implemented yet; one process serves\n")
+        self.assertEqual((code, out, err), (0, f"configuration OK: {path}\n", ""))
+        with open(path, "a") as file:
+            file.write(f'controller.connection_spec = "inet:{free_port()}@[{HOST}]"\n')
+        code, out, err = finish(twistd(["-c", path, "--check-config"], self.dir))
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("controller.connection_spec: not available with manager.n_workers = 2",
+                      err)
+        self.assertEqual(len(err.splitlines()), 1, err)
 
     def test_check_reload(self):
         """--check-reload and --show-config pass the address a running manager holds.
