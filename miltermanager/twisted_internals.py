@@ -9,6 +9,8 @@ the running Twisted that the attributes are still there and used.
 
 import os
 
+from twisted.python import log as twisted_log
+
 # twisted.internet.abstract.FileDescriptor's write buffer: data queued by
 # write() waits in _tempDataBuffer (its size in _tempDataLen) and then in
 # dataBuffer from offset on. The same three names from 22.4 to 26.x.
@@ -78,5 +80,7 @@ def forget_socket_file(port, path):
         current = getattr(port, name, None)
         if isinstance(current, (bytes, str)) and os.fsencode(current) == wanted:
             setattr(port, name, b"\0" if isinstance(current, bytes) else "\0")
+            # Its "(UNIX Port PATH Closed)" line would print that NUL into the log.
+            port._logConnectionLostMsg = lambda: twisted_log.msg(f"(UNIX Port {path} Closed)")
             return True
     return False

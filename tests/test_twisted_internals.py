@@ -9,6 +9,7 @@ import tempfile
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
+from twisted.python import log
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from miltermanager import twisted_internals
@@ -226,8 +227,14 @@ class ForgetSocketFileTests(TestCase):
                      if getattr(port, name, None) in (b"\0", "\0")]
         self.assertEqual(len(rewritten), 1)  # _bindPath, or port on 22.4
         self.assertEqual(port.getHost().name, os.fsencode(self.path))
+        messages = []
+        log.addObserver(messages.append)
+        self.addCleanup(log.removeObserver, messages.append)
         yield port.stopListening()
         self.assertTrue(os.path.exists(self.path))
+        closed = [" ".join(map(str, event["message"])) for event in messages
+                  if "Closed" in " ".join(map(str, event.get("message", ())))]
+        self.assertEqual(closed, [f"(UNIX Port {self.path} Closed)"])  # no NUL in the log
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(probe.close)
         self.assertRaises(ConnectionRefusedError, probe.connect, self.path)
