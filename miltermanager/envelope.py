@@ -30,7 +30,7 @@ class Envelope:
             return session.no_child_reply(stage)
         runner = session.stoppers
         started = session.clock.seconds() if session.observer is not None else None
-        stage_macros = macros.stage(stage.code)
+        stage_macros = macros.message(stage.code)
         # A child without stoppers is sent the command at once (the common case); a lone
         # one is answered with one callback.
         if len(targets) == 1:

@@ -246,7 +246,7 @@ class MilterServerProtocol(Protocol):
         if self.stage is stages.CLOSED:
             return
         try:
-            frames = self._decoder.feed(data)
+            frames = self._decoder.feed_packets(data)
         except ProtocolError as error:
             self._protocol_error(error)
             return
@@ -257,11 +257,11 @@ class MilterServerProtocol(Protocol):
         queue = self._queue
         self._handling = True
         try:
-            for code, payload in frames:
+            for code, payload, packet in frames:
                 if self.stage is stages.CLOSED:
                     return
                 try:
-                    message = messages.decode_command(code, payload)
+                    message = messages.decode_command(code, payload, packet)
                 except ProtocolError as error:
                     self._protocol_error(error)
                     return
@@ -389,7 +389,7 @@ class MilterServerProtocol(Protocol):
 
     def _macro(self, macro):
         if macro.stage in _KNOWN_MACRO_STAGES:
-            self.macros.set_stage(macro.stage, macro.macros)
+            self.macros.set_message(macro)
         else:
             self.log.debug("[server][macro] macros for unknown stage {stage!r} ignored",
                            stage=macro.stage)
