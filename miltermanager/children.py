@@ -207,13 +207,18 @@ class Child:
 
     # ------------------------------------------------------------ commands
 
-    def send(self, command, macros=None):
-        """Send command with its stage's macros; fire with a Response or None."""
-        macro = None
+    def send(self, command, macro=None):
+        """Send command with its stage's macros (the MTA's Macro, or None); fire with a Response or None.
+
+        The MTA's Macro goes on as it came unless this child asked for some
+        macros only or a stopper set some of its own.
+        """
         if self._set_macros is not None:
+            macros = macro.macros if macro is not None else None
             macros = {**macros, **self._set_macros} if macros else self._set_macros
-        if macros:
             macro = self._macro_for(command.code, macros)
+        elif macro is not None and command.code in self._macro_filters:
+            macro = self._macro_for(command.code, macro.macros)
         if self.convert_leading_space and command.code == c.HEADER:
             value = command.value
             if value[:1] == b" ":

@@ -25,6 +25,7 @@ COMMAND_NAMES = {
 }
 # Before negotiation every command is sent and answered, as in the base protocol.
 _UNNEGOTIATED = negotiation.Options(protocol=0)
+_COMMAND_CODES = tuple(COMMAND_NAMES)
 # The length and the code byte before a packet's data.
 _HEADER_SIZE = 5
 
@@ -108,6 +109,20 @@ def _name(command):
     return COMMAND_NAMES.get(command.code, repr(command.code))
 
 
+_STEPS = {}
+
+
+def _steps(options):
+    """(commands not sent, commands not answered) under options, as frozensets of codes."""
+    key = (options.version, options.protocol)
+    steps = _STEPS.get(key)
+    if steps is None:
+        steps = _STEPS[key] = (
+            frozenset(code for code in _COMMAND_CODES if not options.sends(code)),
+            frozenset(code for code in _COMMAND_CODES if not options.replies(code)))
+    return steps
+
+
 def _fired(d):
     """Fire d (or a new Deferred) with None: the command gets no reply."""
     if d is None:
@@ -127,7 +142,7 @@ class MilterClientProtocol(Protocol):
     def __init__(self, clock, timeouts=None, max_packet_size=c.DEFAULT_MAX_PACKET_SIZE):
         self.clock = clock
         self.timeouts = timeouts or Timeouts()
-        self.options = None
+        self.options = None  # see the property: sets _unsent and _unanswered
         self.negotiate_reply = None
         self._decoder = FrameDecoder(max_packet_size)
         # The command on the wire whose final reply we wait for, and its state.
@@ -153,6 +168,18 @@ class MilterClientProtocol(Protocol):
         self._ended = "not connected yet"
         self._socket = None  # the TCP socket, for quick ACKs
         self._send = None  # writes a packet: see sockets.writer
+
+    @property
+    def options(self):
+        """The negotiation.Options the child accepted; None before negotiation."""
+        return self._options
+
+    @options.setter
+    def options(self, options):
+        # Which commands are not sent and which get no reply, worked out once
+        # here rather than asked of the Options for every command.
+        self._options = options
+        self._unsent, self._unanswered = _steps(options or _UNNEGOTIATED)
 
     # ------------------------------------------------------------ Protocol
 
@@ -265,8 +292,7 @@ class MilterClientProtocol(Protocol):
 
     def _write(self, command, macro, d):
         code = command.code
-        options = self.options or _UNNEGOTIATED
-        if not options.sends(code):
+        if code in self._unsent:
             if macro is not None:
                 self._send(macro.encode())
             return _fired(d)
@@ -275,7 +301,7 @@ class MilterClientProtocol(Protocol):
         # itself, and identity is the cheapest test on this path.
         packet = command.encode()
         if code is c.BODY and len(packet) > self._max_body_packet:
-            if not options.replies(code):
+            if code in self._unanswered:
                 return self._write_pieces(packet, macro, d)
             # The first piece goes out now; _received sends the rest.
             end = _HEADER_SIZE + self._max_body
@@ -285,17 +311,20 @@ class MilterClientProtocol(Protocol):
             self._send(packet)
         else:
             self._send(macro.encode() + packet)
-        if not options.replies(code):
+        if code in self._unanswered:
             return _fired(d)
         if code == c.END_OF_MESSAGE:
             self._quick_ack()
+            seconds = self.timeouts.end_of_message
+        else:
+            seconds = self.timeouts.reading
         if d is None:
             d = defer.Deferred(self._canceller)
         self._command = command
         self._deferred = d
         self._modifications = None
         self._progress = 0
-        self._timer = self.clock.callLater(self._timeout_for(code), self._reading_timed_out)
+        self._timer = self.clock.callLater(seconds, self._reading_timed_out)
         return d
 
     def _write_pieces(self, packet, macro, d):

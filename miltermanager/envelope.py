@@ -12,6 +12,7 @@ exactly as that reply would.
 """
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from . import stages
 from .merge import Status
@@ -30,7 +31,7 @@ class Envelope:
             return session.no_child_reply(stage)
         runner = session.stoppers
         started = session.clock.seconds() if session.observer is not None else None
-        stage_macros = macros.stage(stage.code)
+        stage_macros = macros.message(stage.code)
         # A child without stoppers is sent the command at once (the common case); a lone
         # one is answered with one callback.
         if len(targets) == 1:
@@ -43,9 +44,11 @@ class Envelope:
                 return answer.addCallback(self._one_merged, stage)
             return session.merged([answer], stage)
         if runner is None:
-            answers = [child.send(command, stage_macros).addBoth(
-                self._answered, child, stage, started) for child in targets]
-            return defer.gatherResults(answers).addCallback(session.merged, stage)
+            gather = _Gather(session, stage, len(targets))
+            for index, child in enumerate(targets):
+                gather.add(child.send(command, stage_macros).addBoth(
+                    self._gathered, child, stage, started, gather, index))
+            return gather.deferred
         answers = []
         for child in targets:
             if child.stoppers is None:
@@ -59,6 +62,12 @@ class Envelope:
 
     def _one_merged(self, answer, stage):
         return self.session.merged([answer], stage)
+
+    def _gathered(self, result, child, stage, started, gather, index):
+        try:
+            gather.answered(index, self._answered(result, child, stage, started))
+        except Exception:
+            gather.failed(Failure())
 
     def _alone_answered(self, result, child, stage, started):
         return self.session.merged([self._answered(result, child, stage, started)], stage)
@@ -114,3 +123,50 @@ class Envelope:
         elif stage is not stages.UNKNOWN and status is not Status.CONTINUE:
             child.leave_message()
         return status, reply, child.name
+
+
+class _Gather:
+    """Several children's answers to one command; deferred fires with the merged reply.
+
+    What defer.gatherResults did here, with one plain callback per child
+    instead of a DeferredList: the answers (status, reply, name) are kept in
+    target order, and the session merges them once the last is in.
+    Cancelling deferred cancels the children's Deferreds still pending; as
+    with gatherResults, their fallbacks may then complete it at once.
+    """
+
+    __slots__ = ("session", "stage", "answers", "left", "deferred", "_pending")
+
+    def __init__(self, session, stage, count):
+        self.session = session
+        self.stage = stage
+        self.answers = [None] * count
+        self.left = count
+        self.deferred = defer.Deferred(self._cancel)
+        self._pending = []
+
+    def add(self, d):
+        """d fires (through answered) with one child's answer."""
+        if not d.called:
+            self._pending.append(d)
+
+    def answered(self, index, answer):
+        self.answers[index] = answer
+        self.left -= 1
+        if self.left == 0 and not self.deferred.called:
+            self._pending = None
+            try:
+                reply = self.session.merged(self.answers, self.stage)
+            except Exception:
+                self.deferred.errback(Failure())
+            else:
+                self.deferred.callback(reply)
+
+    def failed(self, failure):
+        if not self.deferred.called:
+            self._pending = None
+            self.deferred.errback(failure)
+
+    def _cancel(self, d):
+        for pending in self._pending or ():
+            pending.cancel()

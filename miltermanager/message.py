@@ -99,7 +99,7 @@ class MessageChain:
     def _send_live(self, child, stage, command, macros):
         session = self.session
         started = session.clock.seconds() if session.observer is not None else None
-        d = child.send(command, macros.stage(stage.code))
+        d = child.send(command, macros.message(stage.code))
         return d.addBoth(self._live_answered, child, stage, started)
 
     def _live_decided(self, stop, stage, command, macros, child):
@@ -234,7 +234,7 @@ class MessageChain:
                     return _Stopped(stage, stop)
             started = self.session.clock.seconds() if observed else None
             try:
-                response = yield child.send(command, macros.stage(stage.code))
+                response = yield child.send(command, macros.message(stage.code))
             except defer.CancelledError:
                 raise  # the MTA went away: the session's close() cleans up
             except Exception:

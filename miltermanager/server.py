@@ -5,6 +5,7 @@ from collections import deque
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from . import sockets, stages
@@ -180,6 +181,26 @@ _SILENT = "silent"  # NR_* negotiated: the MTA reads no reply
 _FAKED = "faked"  # the milter wanted NR_* but the MTA does not know it: CONTINUE for it
 
 _PROGRESS_PACKET = messages.PROGRESS.encode()
+_CONTINUE = messages.CONTINUE
+_CONTINUE_PACKET = _CONTINUE.encode()
+# Event commands whose CONTINUE needs no more than writing it, when answered.
+_PLAIN_EVENTS = frozenset(_EVENTS) - {c.END_OF_MESSAGE}
+_MODES = {}
+
+
+def _modes(protocol, faked):
+    """({command: how it is answered}, the commands whose CONTINUE is written as it is).
+
+    Worked out once per negotiated (protocol, faked) and shared by connections.
+    """
+    key = (protocol, faked)
+    modes = _MODES.get(key)
+    if modes is None:
+        answer = {code: _SILENT if protocol & flag else _FAKED if faked & flag else _ANSWER
+                  for code, flag in c.NO_REPLY_FLAG.items()}
+        modes = _MODES[key] = (answer, frozenset(
+            code for code in _PLAIN_EVENTS if answer.get(code, _ANSWER) is not _SILENT))
+    return modes
 
 
 def _command_name(code):
@@ -212,6 +233,7 @@ class MilterServerProtocol(Protocol):
         self.options = None  # negotiation.Options as sent to the MTA
         self.faked_no_reply = 0  # NR_* flags answered with CONTINUE on the milter's behalf
         self._reply_modes = {}
+        self._continued = frozenset()  # commands whose CONTINUE goes out as it is: see _answer
         self._decoder = None
         self._queue = deque()
         self._waiting = None  # the milter's pending Deferred
@@ -246,7 +268,7 @@ class MilterServerProtocol(Protocol):
         if self.stage is stages.CLOSED:
             return
         try:
-            frames = self._decoder.feed(data)
+            frames = self._decoder.feed_packets(data)
         except ProtocolError as error:
             self._protocol_error(error)
             return
@@ -257,11 +279,11 @@ class MilterServerProtocol(Protocol):
         queue = self._queue
         self._handling = True
         try:
-            for code, payload in frames:
+            for code, payload, packet in frames:
                 if self.stage is stages.CLOSED:
                     return
                 try:
-                    message = messages.decode_command(code, payload)
+                    message = messages.decode_command(code, payload, packet)
                 except ProtocolError as error:
                     self._protocol_error(error)
                     return
@@ -389,7 +411,7 @@ class MilterServerProtocol(Protocol):
 
     def _macro(self, macro):
         if macro.stage in _KNOWN_MACRO_STAGES:
-            self.macros.set_stage(macro.stage, macro.macros)
+            self.macros.set_message(macro)
         else:
             self.log.debug("[server][macro] macros for unknown stage {stage!r} ignored",
                            stage=macro.stage)
@@ -433,7 +455,6 @@ class MilterServerProtocol(Protocol):
         self._waiting_code = code
         deferred.addCallbacks(self._answered_later, self._failed_later,
                               callbackArgs=(code,), errbackArgs=(code,))
-        deferred.addErrback(self._bug)
 
     def _answered_later(self, result, code):
         self._waiting = None
@@ -441,10 +462,20 @@ class MilterServerProtocol(Protocol):
             return
         if self._seconds is not None:
             self._active_at = self._seconds()  # idleness counts from the answer
-        self._answer(code, result)
-        self._resume()
+        try:
+            self._answer(code, result)
+            self._resume()
+        except Exception:
+            # Not an errback of its own: one callback fewer to run for every command.
+            self._bug(Failure())
 
     def _failed_later(self, failure, code):
+        try:
+            self._milter_failed(failure, code)
+        except Exception:
+            self._bug(Failure())
+
+    def _milter_failed(self, failure, code):
         self._waiting = None
         if self.stage is stages.CLOSED:
             if not failure.check(CancelledError):
@@ -481,6 +512,9 @@ class MilterServerProtocol(Protocol):
 
     def _answer(self, code, result):
         """Send what the milter answered to command code, as the protocol allows."""
+        if result is _CONTINUE and code in self._continued:
+            self._write(_CONTINUE_PACKET)  # the hot path: nothing to check
+            return
         mode = self._reply_modes.get(code, _ANSWER)
         if mode is _SILENT:
             if result is not None and result != messages.CONTINUE:
@@ -617,10 +651,7 @@ class MilterServerProtocol(Protocol):
         self.options = negotiation.Options(
             reply.version, reply.actions, reply.protocol, reply.macros)
         self.faked_no_reply = faked
-        self._reply_modes = {
-            code: _SILENT if reply.protocol & flag else _FAKED if faked & flag else _ANSWER
-            for code, flag in c.NO_REPLY_FLAG.items()
-        }
+        self._reply_modes, self._continued = _modes(reply.protocol, faked)
         self.stage = stages.CONNECT
         self._write(reply.encode())
 

@@ -29,6 +29,27 @@ class FrameDecoder:
 
     def feed(self, data):
         """Add received bytes; return the list of complete (code, payload) frames."""
+        if not self._buffer and data.__class__ is bytes and len(data) >= 5:
+            # The common case: one whole packet in one read, taken without copying it.
+            (length,) = _unpack_length(data)
+            if len(data) == length + 4 and 0 < length <= self.max_size:
+                return [(data[4:5], data[5:])]
+        return self._split(data, False)
+
+    def feed_packets(self, data):
+        """As feed, but (code, payload, packet): packet is the frame's bytes, length included.
+
+        A proxy relays a packet it does not change as it came (see
+        messages.decode_command); when one read brings exactly one packet,
+        that packet is the received bytes themselves.
+        """
+        if not self._buffer and data.__class__ is bytes and len(data) >= 5:
+            (length,) = _unpack_length(data)
+            if len(data) == length + 4 and 0 < length <= self.max_size:
+                return [(data[4:5], data[5:], data)]
+        return self._split(data, True)
+
+    def _split(self, data, packets):
         buffer = self._buffer
         if buffer:
             buffer += data
@@ -47,8 +68,9 @@ class FrameDecoder:
             end = position + 4 + length
             if end > size:
                 break
-            frames.append((bytes(data[position + 4:position + 5]),
-                           bytes(data[position + 5:end])))
+            code, payload = bytes(data[position + 4:position + 5]), bytes(data[position + 5:end])
+            frames.append((code, payload, bytes(data[position:end])) if packets
+                          else (code, payload))
             position = end
         if position < size:
             if data is buffer:

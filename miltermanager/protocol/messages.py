@@ -71,6 +71,10 @@ class _Empty(Message):
 
     __slots__ = ()
     instance: ClassVar["_Empty"]
+    _encoded: ClassVar[bytes]
+
+    def encode(self):
+        return self._encoded  # the same five bytes every time: see _singleton
 
     def __eq__(self, other):
         return type(self) is type(other)
@@ -101,7 +105,26 @@ class _EmptyReply(_Empty):
 
 def _singleton(cls):
     cls.instance = cls()
+    cls._encoded = encode_frame(cls.code)
     return cls
+
+
+@dataclass(slots=True)
+class _Relayed(Message):
+    """A command a proxy may pass on unchanged: it keeps the packet it was decoded from.
+
+    encode() then returns that packet instead of building it again. Only
+    decode_command sets it, so a command built or replaced in code (even
+    dataclasses.replace of a decoded one) is encoded from its fields.
+    """
+
+    _packet: bytes = field(default=None, init=False, repr=False, compare=False)
+
+    def encode(self):
+        packet = self._packet
+        if packet is None:
+            return encode_frame(self.code, self.payload())
+        return packet
 
 
 # ---------------------------------------------------------------- commands
@@ -161,7 +184,7 @@ class Negotiate(Message):
 
 
 @dataclass(slots=True)
-class Macro(Message):
+class Macro(_Relayed):
     """Macros for the command whose code is stage; sent just before it."""
 
     code: ClassVar[bytes] = c.MACRO
@@ -188,7 +211,7 @@ class Macro(Message):
 
 
 @dataclass(slots=True)
-class Connect(Message):
+class Connect(_Relayed):
     """An SMTP client connected: its host name, address family, port and address."""
 
     code: ClassVar[bytes] = c.CONNECT
@@ -225,7 +248,7 @@ class Connect(Message):
 
 
 @dataclass(slots=True)
-class Helo(Message):
+class Helo(_Relayed):
     code: ClassVar[bytes] = c.HELO
     name: bytes
 
@@ -238,7 +261,7 @@ class Helo(Message):
 
 
 @dataclass(slots=True)
-class Mail(Message):
+class Mail(_Relayed):
     """MAIL FROM: the address as the client typed it (with <>) and ESMTP arguments."""
 
     code: ClassVar[bytes] = c.MAIL
@@ -256,7 +279,7 @@ class Mail(Message):
 
 
 @dataclass(slots=True)
-class Rcpt(Message):
+class Rcpt(_Relayed):
     """RCPT TO: the address as the client typed it (with <>) and ESMTP arguments."""
 
     code: ClassVar[bytes] = c.RCPT
@@ -280,7 +303,7 @@ class Data(_Empty):
 
 
 @dataclass(slots=True)
-class Header(Message):
+class Header(_Relayed):
     """One header: name without colon, value as sent (folds are bare LF)."""
 
     code: ClassVar[bytes] = c.HEADER
@@ -304,7 +327,7 @@ class EndOfHeaders(_Empty):
 
 
 @dataclass(slots=True)
-class Body(Message):
+class Body(_Relayed):
     """A body chunk: raw bytes, CRLF line ends, at most 65535 bytes on the wire."""
 
     code: ClassVar[bytes] = c.BODY
@@ -319,7 +342,7 @@ class Body(Message):
 
 
 @dataclass(slots=True)
-class EndOfMessage(Message):
+class EndOfMessage(_Relayed):
     """End of the body. MTAs send it empty; libmilter takes data as a last chunk."""
 
     code: ClassVar[bytes] = c.END_OF_MESSAGE
@@ -354,7 +377,7 @@ class QuitNewConnection(_Empty):
 
 
 @dataclass(slots=True)
-class Unknown(Message):
+class Unknown(_Relayed):
     """An SMTP command line the MTA did not recognise."""
 
     code: ClassVar[bytes] = c.UNKNOWN
@@ -588,6 +611,7 @@ class ReplaceBody(Message):
 
 
 END_OF_MESSAGE = EndOfMessage()
+END_OF_MESSAGE._packet = encode_frame(c.END_OF_MESSAGE)
 DATA = Data.instance
 END_OF_HEADERS = EndOfHeaders.instance
 ABORT = Abort.instance
@@ -617,15 +641,23 @@ REPLY_TYPES = {
 _COMMAND_DECODERS = {code: cls.decode for code, cls in COMMAND_TYPES.items()}
 _COMMAND_DECODERS[c.NEGOTIATE] = Negotiate.decode_offer
 _REPLY_DECODERS = {code: cls.decode for code, cls in REPLY_TYPES.items()}
+_RELAYED = frozenset(code for code, cls in COMMAND_TYPES.items() if issubclass(cls, _Relayed))
 
 
-def decode_command(code, payload):
-    """Decode one MTA -> milter packet."""
+def decode_command(code, payload, packet=None):
+    """Decode one MTA -> milter packet.
+
+    packet: the whole packet (framing.FrameDecoder.feed_packets gives it);
+    a command that can be relayed keeps it, and encode() returns it.
+    """
     try:
         decoder = _COMMAND_DECODERS[code]
     except KeyError:
         raise UnknownCodeError(code, "command") from None
-    return decoder(payload)
+    command = decoder(payload)
+    if packet is not None and code in _RELAYED:
+        command._packet = packet
+    return command
 
 
 def decode_reply(code, payload):
