@@ -324,7 +324,13 @@ class MilterClientProtocol(Protocol):
         self._deferred = d
         self._modifications = None
         self._progress = 0
-        self._timer = self.clock.callLater(seconds, self._reading_timed_out)
+        # One reading timer per connection, pushed back for each command rather than made
+        # anew: a reset to a later time is two assignments, a callLater an object and a heap push.
+        timer = self._timer
+        if timer is None:
+            self._timer = self.clock.callLater(seconds, self._reading_timed_out)
+        else:
+            timer.reset(seconds)
         return d
 
     def _write_pieces(self, packet, macro, d):
@@ -402,8 +408,9 @@ class MilterClientProtocol(Protocol):
 
     def _finish(self, result):
         d = self._deferred
-        self._timer.cancel()
-        self._command = self._deferred = self._timer = self._modifications = None
+        # The reading timer stays armed: the next command pushes it back, and if it
+        # fires first it finds nothing waiting (_reading_timed_out).
+        self._command = self._deferred = self._modifications = None
         # The caller's callback may send more: send() queues it behind the
         # commands already queued because the queue is not empty yet.
         d.callback(result)
@@ -414,12 +421,11 @@ class MilterClientProtocol(Protocol):
 
     def _fail_all(self, problem):
         """Fail the waiting command with problem (None: connection lost), then every queued one."""
+        self._stop_reading_timer()
         d = self._deferred
         if d is not None:
             command = self._command
-            if self._timer.active():
-                self._timer.cancel()
-            self._command = self._deferred = self._timer = self._modifications = None
+            self._command = self._deferred = self._modifications = None
             self._body_rest = None
             d.errback(problem or MilterConnectionLost(_name(command), self._ended))
         queue = self._queue
@@ -437,9 +443,8 @@ class MilterClientProtocol(Protocol):
                     break
             return  # Deferred.cancel fires d with CancelledError
         command = self._command
-        if self._timer.active():
-            self._timer.cancel()
-        self._command = self._deferred = self._timer = self._modifications = None
+        self._stop_reading_timer()
+        self._command = self._deferred = self._modifications = None
         self._body_rest = None
         if self._ended is not None:
             return  # closing already
@@ -457,6 +462,9 @@ class MilterClientProtocol(Protocol):
         self.transport.abortConnection()
 
     def _reading_timed_out(self):
+        self._timer = None
+        if self._command is None:
+            return  # it ran out while nothing was waiting: the connection is idle
         code = self._command.code
         kind = "end-of-message" if code == c.END_OF_MESSAGE else "reading"
         self._abort(MilterTimeoutError(kind, self._timeout_for(code), _name(self._command)))
@@ -465,6 +473,11 @@ class MilterClientProtocol(Protocol):
         self._writing_timer = None
         command = self._command and _name(self._command)
         self._abort(MilterTimeoutError("writing", self.timeouts.writing, command))
+
+    def _stop_reading_timer(self):
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
 
     def _cancel_writing_timer(self):
         if self._writing_timer is not None:

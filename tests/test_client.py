@@ -72,6 +72,12 @@ class ClientTestCase(unittest.TestCase):
         """Simulate the transport closing under the protocol."""
         self.protocol.connectionLost(Failure(error.ConnectionDone(message)))
 
+    def assertIdleTimerHarmless(self):
+        """The reading timer a reply leaves armed runs out without a word: no drop, nothing left."""
+        self.clock.advance(max(self.timeouts.reading, self.timeouts.end_of_message) + 1)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
 
 class NegotiationTests(ClientTestCase):
     """negotiate(): the offer, the checks on the reply, Options."""
@@ -267,6 +273,7 @@ class SendTests(ClientTestCase):
         commands = [CONNECT, HELO, MAIL, RCPT, DATA, Header(b"Subject", b"Hi"), END_OF_HEADERS,
                     Body(b"x"), Unknown(b"XCMD")]
         for command in commands:
+            self.lose()  # the previous connection, whose reading timer is still armed
             self.connect()
             self.negotiated()
             d = self.protocol.send(command)
@@ -453,7 +460,7 @@ class LongBodyTests(ClientTestCase):
         self.assertEqual(b"".join(received), chunk)
         self.assertEqual(self.successResultOf(d), Response(CONTINUE, [], 0))
         self.assertEqual(self.written(), b"")
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertIdleTimerHarmless()
 
     def test_pre_encoded_body(self):
         """A ready packet (code and encode(), as milter-test-server sends) is split too."""
@@ -556,7 +563,7 @@ class LongBodyTests(ClientTestCase):
         self.assertEqual([(code, len(payload)) for code, payload in frames[1:]],
                          [(c.BODY, 65535)] * 3 + [(c.BODY, 3395)])
         self.assertEqual(b"".join(payload for _, payload in frames[1:]), chunk)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertIdleTimerHarmless()
 
     def test_negotiated_away(self):
         """A long BODY to a child that negotiated NOBODY is not written at all."""
@@ -735,12 +742,28 @@ class TimeoutTests(ClientTestCase):
         self.clock.advance(5)
         self.assertIn("reply to NEGOTIATE", self.failureResultOf(d, MilterTimeoutError).getErrorMessage())
 
-    def test_reply_cancels_timer(self):
-        """After the reply, the timer is gone: nothing fires later."""
+    def test_reply_leaves_timer_harmless(self):
+        """After the reply the timer stays armed for the next command, but firing does nothing."""
         d = self.protocol.send(RCPT)
         self.reply(CONTINUE)
         self.successResultOf(d)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertIdleTimerHarmless()
+
+    def test_timer_pushed_back_for_the_next_command(self):
+        """The next command gets its whole timeout from when it is sent, on the same timer."""
+        d = self.protocol.send(RCPT)
+        self.clock.advance(4)
+        self.reply(CONTINUE)
+        self.successResultOf(d)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(3)  # 7 s after the first command, 3 s into the idle time
+        d = self.protocol.send(RCPT)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(self.timeouts.reading - 0.5)
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        self.failureResultOf(d, MilterTimeoutError)
+        self.assertTrue(self.transport.disconnecting)
 
     def test_progress_does_not_hold_reading_timeout(self):
         """A child sending progress before EOM is dropped at once, not kept waiting for ever."""
