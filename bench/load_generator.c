@@ -761,6 +761,7 @@ static void
 start_session(struct session *session)
 {
 	int fd, one = 1;
+	ssize_t sent;
 	struct epoll_event event = {.events = EPOLLOUT, .data.ptr = session};
 
 	load.started_sessions++;
@@ -787,6 +788,29 @@ start_session(struct session *session)
 		fail(session, "connect: %s", strerror(errno));
 		return;
 	}
+	/*
+	 * On loopback the handshake is usually over when connect() returns: send
+	 * the offer at once, and wait for writability only if it is not.
+	 */
+	buffer_add(&session->out, script.offer.data, script.offer.length);
+	sent = send(fd, session->out.data, session->out.length, MSG_NOSIGNAL);
+	if (sent < 0 && errno != EAGAIN) {
+		fail(session, "connect: %s", strerror(errno));
+		return;
+	}
+	if (sent > 0) {
+		session->out_sent = sent;
+		n_sessions_connected++;
+		session->phase = NEGOTIATING;
+		wait_for(session, 'O');
+		if (session->out_sent == session->out.length) {
+			session->out.length = session->out_sent = 0;
+			session->polling_out = 0;
+			event.events = EPOLLIN;
+		} else {
+			event.events = EPOLLIN | EPOLLOUT;
+		}
+	}
 	if (epoll_ctl(load.epoll, EPOLL_CTL_ADD, fd, &event) < 0)
 		fail(session, "epoll_ctl: %s", strerror(errno));
 }
@@ -804,8 +828,7 @@ connected(struct session *session)
 		return;
 	}
 	n_sessions_connected++;
-	session->phase = NEGOTIATING;
-	buffer_add(&session->out, script.offer.data, script.offer.length);
+	session->phase = NEGOTIATING;  /* the offer is queued already */
 	wait_for(session, 'O');
 	flush(session);
 }
@@ -945,6 +968,7 @@ readable(struct session *session)
 {
 	struct buffer *in = &session->in;
 	size_t position = 0;
+	int at_end_of_message = session->waiting == 'E';
 
 	for (;;) {
 		ssize_t got;
@@ -986,8 +1010,8 @@ readable(struct session *session)
 		memmove(in->data, in->data + position, in->length - position);
 		in->length -= position;
 	}
-	if (session->waiting == 'E')
-		quick_ack(session);
+	if (at_end_of_message && session->waiting == 'E')
+		quick_ack(session);  /* part of the end-of-message reply came: ACK the rest at once too */
 }
 
 static void
