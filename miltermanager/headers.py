@@ -100,6 +100,11 @@ class HeaderList:
         original header (and below the hidden Received:) is appended instead.
         """
         original = self._original
+        origins = self._origins
+        if self._headers == original and len(origins) == len(original) and _NEW not in origins:
+            # Nothing deleted (only new headers lengthen the list) and every value as it
+            # came: no edit, found in C, as on most messages.
+            return []
         per_name = []
         counts = {}
         for name, _ in original:
@@ -107,7 +112,6 @@ class HeaderList:
             count = counts[key] = counts.get(key, 0) + 1
             per_name.append(count)
 
-        origins = self._origins
         received = self._received
         last = received  # last surviving MTA header, counting the hidden one
         for position in range(len(origins) - 1, -1, -1):
