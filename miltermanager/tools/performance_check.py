@@ -31,6 +31,8 @@ from email.utils import formatdate
 from twisted.internet import defer, error, protocol
 from twisted.protocols.basic import LineOnlyReceiver
 
+from . import arguments
+
 PROGRAM_NAME = "milter-performance-check"
 STATUSES = ("success", "temporary-failure", "reject", "error")
 AUTH_MECHANISMS = ("auto", "plain", "login", "cram-md5")
@@ -62,46 +64,6 @@ def parse_period(text):
     return float(match.group(1)) * _UNIT[(match.group(2) or "s")[0].lower()]
 
 
-def _positive(value):
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value!r}")
-    return number
-
-
-def _not_negative(value):
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {value!r}")
-    return number
-
-
-def _seconds(value):
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value!r}")
-    return seconds
-
-
-def _port(value):
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
-    if not 0 < port < 65536:
-        raise argparse.ArgumentTypeError(f"not a port number: {value!r}")
-    return port
-
-
 def _mechanism(value):
     value = value.lower().replace("_", "-")
     if value not in AUTH_MECHANISMS:
@@ -126,7 +88,7 @@ def build_parser():
     add = smtp.add_argument
     add("--smtp-server", default="localhost", metavar="SERVER",
         help="the SMTP server (%(default)s)")
-    add("--smtp-port", type=_port, default=25, metavar="PORT", help="its port (%(default)s)")
+    add("--smtp-port", type=arguments.port, default=25, metavar="PORT", help="its port (%(default)s)")
     add("--connect-host", metavar="HOST",
         help="send XCLIENT NAME=HOST (Postfix: smtpd_authorized_xclient_hosts)")
     add("--connect-address", metavar="ADDRESS",
@@ -152,19 +114,19 @@ def build_parser():
     add("--force-from", metavar="FROM", help="envelope sender of every mail")
     add("--force-recipient", dest="force_recipients", action="append", metavar="RECIPIENT",
         help="envelope recipient of every mail (repeatable)")
-    add("--reading-timeout", type=_seconds, default=60.0, metavar="SECONDS",
+    add("--reading-timeout", type=arguments.seconds, default=60.0, metavar="SECONDS",
         help="seconds to wait for the connection and for each reply (%(default)g)")
 
     load = parser.add_argument_group("Load options")
     add = load.add_argument
-    add("--n-mails", type=_positive, default=100, metavar="N",
+    add("--n-mails", type=arguments.positive, default=100, metavar="N",
         help="send the test mail (or the one mail file) N times (%(default)s)")
-    add("--n-additional-lines", type=_not_negative, default=0, metavar="N",
+    add("--n-additional-lines", type=arguments.not_negative, default=0, metavar="N",
         help="append N lines to the generated test mail (%(default)s)")
-    add("--n-concurrent-connections", type=_positive, default=1, metavar="N",
+    add("--n-concurrent-connections", type=arguments.positive, default=1, metavar="N",
         help="SMTP connections at once, one mail each (%(default)s, as upstream's code; "
              "its documentation says 10)")
-    add("--n-workers", type=_positive, default=1, metavar="N",
+    add("--n-workers", type=arguments.positive, default=1, metavar="N",
         help="run N processes, each sending the whole load (%(default)s)")
     timing = load.add_mutually_exclusive_group()
     timing.add_argument(

@@ -24,6 +24,7 @@ from ..protocol import constants as c
 from ..protocol import messages as m
 from ..protocol import negotiation
 from ..protocol.errors import ProtocolError
+from . import arguments
 from . import message as msg
 
 PROGRAM_NAME = "milter-test-server"
@@ -135,26 +136,6 @@ def _header(value):
     return name.rstrip(" \t"), header_value.lstrip(" \t")
 
 
-def _seconds(value):
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"a timeout must be positive: {value!r}")
-    return seconds
-
-
-def _positive(value):
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value!r}")
-    return number
-
-
 def build_parser():
     """upstream's options; -h is --header as upstream, so only --help shows the help."""
     parser = argparse.ArgumentParser(
@@ -205,23 +186,23 @@ def build_parser():
     add("--output-message", action="store_true", help="print the message as the milter left it")
     add("--color", nargs="?", const="yes", default="auto", choices=COLOR_CHOICES,
         help="color the message diff (auto: when stdout is a terminal)")
-    add("--connection-timeout", type=_seconds, default=300.0, metavar="SECONDS",
+    add("--connection-timeout", type=arguments.seconds, default=300.0, metavar="SECONDS",
         help="seconds to connect to the milter (%(default)s)")
-    add("--reading-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+    add("--reading-timeout", type=arguments.seconds, default=10.0, metavar="SECONDS",
         help="seconds to wait for each reply (%(default)s)")
-    add("--writing-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+    add("--writing-timeout", type=arguments.seconds, default=10.0, metavar="SECONDS",
         help="seconds to write each command (%(default)s)")
-    add("--end-of-message-timeout", type=_seconds, default=300.0, metavar="SECONDS",
+    add("--end-of-message-timeout", type=arguments.seconds, default=300.0, metavar="SECONDS",
         help="seconds to wait for the end-of-message reply (%(default)s)")
-    add("--all-timeouts", type=_seconds, metavar="SECONDS", help="set all four timeouts")
+    add("--all-timeouts", type=arguments.seconds, metavar="SECONDS", help="set all four timeouts")
     add("-t", "--threads", type=int, default=0, metavar="N",
         help="run N sessions at once and print each result (upstream's option)")
     add("-v", "--verbose", action="store_true", help="log every packet to stderr")
     load = parser.add_argument_group("load generation (prints a summary instead)")
-    load.add_argument("--n-sessions", type=_positive, metavar="N", help="sessions to run")
-    load.add_argument("--concurrency", type=_positive, default=1, metavar="C",
+    load.add_argument("--n-sessions", type=arguments.positive, metavar="N", help="sessions to run")
+    load.add_argument("--concurrency", type=arguments.positive, default=1, metavar="C",
                       help="sessions at once (%(default)s)")
-    load.add_argument("--n-messages-per-session", type=_positive, default=1, metavar="M",
+    load.add_argument("--n-messages-per-session", type=arguments.positive, default=1, metavar="M",
                       help="messages per connection, ABORT between them (%(default)s)")
     return parser
 
