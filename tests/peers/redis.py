@@ -167,8 +167,8 @@ class Sentinel(_Process):
         ports = []
         for state in replicas:
             state = dict(zip(state[::2], state[1::2])) if isinstance(state, list) else state
-            flags = state["flags"].split(",")
-            if state.get("master-link-status") == "ok" and not {"s_down", "disconnected"} & set(flags):
+            flags = set(state["flags"].split(","))
+            if state.get("master-link-status") == "ok" and not {"s_down", "disconnected"} & flags:
                 ports.append(int(state["port"]))
         return sorted(ports)
 
@@ -219,11 +219,14 @@ class ReplicatedRedis:
             process.stop()
 
     def replicated(self, timeout=5):
-        """Wait until the replica acknowledged every write made so far on the master (WAIT)."""
-        with self.master.client() as client:
-            acknowledged = client.execute_command("WAIT", 1, int(timeout * 1000))
-        if acknowledged != 1:
-            raise TimeoutError(f"the replica did not acknowledge the writes in {timeout} s")
+        """Wait until the replica has applied every write made so far on the master.
+
+        By replication offsets: WAIT would only count the writes of the
+        connection it is sent on, and this one has made none.
+        """
+        target = int(info(self.master, "master_repl_offset"))
+        wait_until(lambda: int(info(self.replica, "master_repl_offset") or 0) >= target,
+                   timeout, f"the replica at the master's replication offset {target}")
 
     def wait_master(self, server, timeout=15):
         """Wait until the Sentinel names server (a RedisServer) as the master and it is one."""
