@@ -1,4 +1,4 @@
-"""The greylist's Redis store against a real redis-server on loopback, shared by two "hosts"."""
+"""The greylist's Redis store on real redis-servers on loopback: two "hosts", Sentinel failovers."""
 
 import io
 import os
@@ -24,7 +24,7 @@ from miltermanager.greylist.store import Reason, StoreError, Triplet, Verdict
 from miltermanager.greylist.threaded import ThreadedGreylist
 from miltermanager.protocol import messages
 from tests.peers import redis as redis_peer
-from tests.peers.fixtures import free_port, wait_for_port
+from tests.peers.fixtures import Postfix, free_port, wait_for_port
 
 try:
     import redis
@@ -319,6 +319,191 @@ class SentinelTests(RedisTestCase):
         self.assertIn("MasterNotFoundError", str(error))
 
 
+class FailoverTests(unittest.TestCase):
+    """A master, its replica and a Sentinel: the store follows failovers by itself."""
+
+    def setUp(self):
+        self.assertIsNone(MISSING, "scripts/install-test-deps installs redis-server and redis-py")
+        self.redis = redis_peer.ReplicatedRedis(self.mktemp())
+        self.addCleanup(self.redis.stop)
+        self.redis.start()
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.events = []
+        self.patch(GreylistMilter, "log", Logger(observer=self.events.append))
+
+    def store(self, query="?timeout=0.5"):
+        greylist = RedisGreylist.from_url(parse_url(self.redis.url + query), self.clock)
+        self.addCleanup(greylist.close)
+        return greylist
+
+    def logged(self, level):
+        from twisted.logger import formatEvent
+        return [formatEvent(event) for event in self.events if event["log_level"].name == level]
+
+    def stored_on(self, server, greylist, triplet):
+        """Does server (a RedisServer) hold the triplet's record?"""
+        with server.client() as client:
+            return client.exists(greylist.keys(triplet).triplet) == 1
+
+    def test_master_killed(self):
+        """Master killed: fails open, logs once; replica promoted: one recovery line, data kept."""
+        greylist = self.store()
+        driver = Driver(greylist, self.clock)
+        self.assertEqual(len(driver.send(sqlite_tests.OFFER_V6)), 1)
+        greylisted = messages.ReplyCode(b"451 4.7.1 Greylisted, please try again in 300 seconds")
+        self.assertEqual(driver.message(b"<waiting@example.org>")[0], greylisted)
+        self.assertEqual(driver.message(b"<passed@example.org>")[0], greylisted)
+        self.clock.advance(301)
+        self.assertEqual(driver.message(b"<passed@example.org>")[0], messages.CONTINUE)
+        self.redis.replicated()
+        self.redis.master.kill()
+        failed_open = 0
+        deadline = time.monotonic() + 15
+        while True:  # a new triplet each time: 451 once a decision is taken again
+            reply, end = driver.message(f"<during-{failed_open}@example.org>".encode())
+            if reply != messages.CONTINUE:
+                break
+            self.assertEqual(end, [messages.CONTINUE])  # failed open: no X-Greylist
+            failed_open += 1
+            self.assertLess(time.monotonic(), deadline, "no decision 15 s after the kill")
+            time.sleep(0.02)
+        self.assertEqual(reply, greylisted)
+        self.assertGreater(failed_open, 0)
+        self.assertEqual(self.redis.sentinel.master_port(), self.redis.replica.port)
+        (error,) = self.logged("error")
+        self.assertRegex(error, r"^\[greylist\]\[error\] database: redis "
+                                r"(ConnectionError|MasterNotFoundError): .*; passing "
+                                r"192\.0\.2\.0/24 <s@example\.com> -> <during-0@example\.org> "
+                                r"\(fail open\)")
+        (recovered,) = self.logged("warn")
+        self.assertRegex(recovered, r"^\[greylist\]\[recovered\] the store answers again after "
+                                    rf"[0-9.]+ s; {failed_open} decisions failed open meanwhile$")
+        self.assertEqual(self.logged("critical"), [])
+        # What the old master had replicated decides on the new one.
+        self.clock.advance(300)
+        waiting = Triplet("192.0.2.0/24", "s@example.com", "waiting@example.org")
+        self.assertEqual(greylist.decide(waiting).reason, Reason.RETRIED)
+        passed = Triplet("192.0.2.0/24", "s@example.com", "passed@example.org")
+        self.assertEqual(greylist.decide(passed).reason, Reason.KNOWN)
+        self.assertTrue(self.stored_on(self.redis.replica, greylist, waiting))
+
+    def test_manual_failover_moves_writes(self):
+        """SENTINEL FAILOVER, old master still up and writable: writes move within about 1 s."""
+        greylist = self.store()
+        triplet = Triplet("192.0.2.0/24", "s@example.com", "r@example.org")
+        self.assertEqual(greylist.decide(triplet).reason, Reason.NEW)
+        self.redis.replicated()
+        with self.redis.sentinel.client() as sentinel:
+            self.assertTrue(sentinel.execute_command("SENTINEL", "FAILOVER", "mymaster"))
+        self.redis.wait_master(self.redis.replica)
+        named = time.monotonic()
+        count = 0
+        while True:  # every decision is taken; the first ones may still land on the old master
+            count += 1
+            fresh = Triplet("192.0.2.0/24", "s@example.com", f"r{count}@example.org")
+            self.assertEqual(greylist.decide(fresh).reason, Reason.NEW)
+            if self.stored_on(self.redis.replica, greylist, fresh):
+                break
+            self.assertLess(time.monotonic() - named, 3, "still writing to the old master")
+            time.sleep(0.02)
+        # The Sentinel has not reconfigured the old master yet (it waits some 10 s): the store
+        # moved by itself, not because the Sentinel closed its connections.
+        self.assertEqual(redis_peer.info(self.redis.master, "role"), "master")
+        self.assertFalse(self.stored_on(self.redis.master, greylist, fresh))
+        self.clock.advance(301)
+        self.assertEqual(greylist.decide(triplet).reason, Reason.RETRIED)
+
+    def test_readonly_rediscovers(self):
+        """A pooled connection to a master demoted under it (READONLY): the decision moves on."""
+        greylist = self.store()
+        greylist.master.interval = 3600  # only the READONLY reply can tell of the failover
+        triplet = Triplet("192.0.2.0/24", "s@example.com", "r@example.org")
+        self.assertEqual(greylist.decide(triplet).reason, Reason.NEW)
+        self.redis.replicated()
+        with self.redis.sentinel.client() as sentinel:
+            sentinel.execute_command("SENTINEL", "FAILOVER", "mymaster")
+        self.redis.wait_master(self.redis.replica)
+        # What the Sentinel does some 10 s later, but without closing the clients' connections.
+        with self.redis.master.client() as old_master:
+            old_master.replicaof(redis_peer.HOST, self.redis.replica.port)
+        self.assertEqual(redis_peer.info(self.redis.master, "role"), "slave")
+        fresh = Triplet("192.0.2.0/24", "s@example.com", "fresh@example.org")
+        self.assertEqual(greylist.decide(fresh).reason, Reason.NEW)
+        with self.redis.replica.client() as new_master:
+            self.assertEqual(new_master.exists(greylist.keys(fresh).triplet), 1)
+        self.clock.advance(301)
+        self.assertEqual(greylist.decide(triplet).reason, Reason.RETRIED)
+
+
+class _Sentinels:
+    """A stand-in for redis.sentinel.Sentinel: names answers in turn, counts the questions."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.asked = 0
+
+    def discover_master(self, service_name):
+        assert service_name == "mymaster"
+        self.asked += 1
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+class SentinelMasterTests(unittest.TestCase):
+    """How often the store asks the Sentinels where the master is."""
+
+    def setUp(self):
+        self.assertIsNone(MISSING, "scripts/install-test-deps installs redis-server and redis-py")
+        self.now = 100.0
+
+    def master(self, *answers):
+        self.sentinels = _Sentinels(*answers)
+        return redis_store.SentinelMaster(self.sentinels, "mymaster", interval=1.0,
+                                          monotonic=lambda: self.now)
+
+    def test_asks_once_an_interval(self):
+        """Within the interval the last answer serves; after it, the Sentinels are asked again."""
+        master = self.master(("127.0.0.1", 1), ("127.0.0.1", 2))
+        self.assertEqual(master.address(), ("127.0.0.1", 1))
+        self.now += 0.9
+        self.assertEqual(master.address(), ("127.0.0.1", 1))
+        self.now += 0.1
+        self.assertEqual(master.address(), ("127.0.0.1", 2))
+        self.assertEqual(self.sentinels.asked, 2)
+
+    def test_now(self):
+        """now=True asks at once, whatever the interval."""
+        master = self.master(("127.0.0.1", 1), ("127.0.0.1", 2))
+        master.address()
+        self.assertEqual(master.address(now=True), ("127.0.0.1", 2))
+
+    def test_no_master(self):
+        """No master named (down, failing over, no Sentinel answers): None, asked again later."""
+        from redis.sentinel import MasterNotFoundError
+
+        master = self.master(("127.0.0.1", 1), MasterNotFoundError("No master found"),
+                             ("127.0.0.1", 2))
+        master.address()
+        self.now += 1
+        self.assertIsNone(master.address())
+        self.now += 0.5
+        self.assertIsNone(master.address())
+        self.now += 0.5
+        self.assertEqual(master.address(), ("127.0.0.1", 2))
+
+    def test_one_asker(self):
+        """A thread finding another one asking takes the last answer instead of waiting."""
+        master = self.master(("127.0.0.1", 1))
+        master.address()
+        self.now += 5
+        with master._lock:
+            self.assertEqual(master.address(), ("127.0.0.1", 1))
+        self.assertEqual(self.sentinels.asked, 1)
+
+
 class URLTests(unittest.TestCase):
     """--store URLs."""
 
@@ -398,6 +583,12 @@ def _no_redis(store_url):
     raise ImportError("No module named 'redis'")
 
 
+def _postfix_spec(spec):
+    """inet:PORT@[127.0.0.1] (the milter's -s) as Postfix writes it: inet:127.0.0.1:PORT."""
+    port = spec.partition(":")[2].partition("@")[0]
+    return f"inet:127.0.0.1:{port}"
+
+
 def run_test_server(spec, *args):
     return sqlite_tests.run_test_server(spec, *args)
 
@@ -425,6 +616,51 @@ class ProcessTests(RedisTestCase):
         self.addCleanup(stop)
         wait_for_port(port, timeout=30, process=process)
         return process, f"inet:{port}@[127.0.0.1]", log_path
+
+    def test_two_hosts_behind_postfix(self):
+        """Postfix A answers a first attempt 451; the retry via Postfix B after --delay passes."""
+        delay = 2
+        # Postfix connects from 127.0.0.1: a whitelist without loopback greylists it.
+        options = ["--delay", str(delay), "--verbose", "--whitelist", "192.0.2.0/24"]
+        (_, spec_a, log_a), (_, spec_b, log_b) = self.start(*options), self.start(*options)
+        postfix_a = Postfix(self.mktemp(), milters=[_postfix_spec(spec_a)])
+        postfix_b = Postfix(self.mktemp(), milters=[_postfix_spec(spec_b)])
+        for postfix in (postfix_a, postfix_b):
+            self.addCleanup(postfix.stop)
+            postfix.start()
+        message = (b"From: s@example.com\nTo: r@example.org\nSubject: greylisted once\n\n"
+                   b"hello\n")
+        first = postfix_a.send("s@example.com", ["r@example.org"], message)
+        self.assertEqual(first.rcpts, {"r@example.org": (
+            451, f"4.7.1 Greylisted, please try again in {delay} seconds")})
+        self.assertIsNone(first.data)
+        key = "greylist:triplet:127.0.0.0/24\0s@example.com\0r@example.org"
+        record = self.client.hgetall(key)
+        self.assertEqual(record[b"passed"], b"0")
+        early = postfix_b.send("s@example.com", ["r@example.org"], message)
+        self.assertEqual(early.rcpts["r@example.org"][0], 451)  # B knows A's record: still early
+        self.assertEqual(float(self.client.hget(key, "first_seen")),
+                         float(record[b"first_seen"]))
+        # The processes decide on the wall clock: wait until the delay is over by it.
+        time.sleep(max(0.0, float(record[b"first_seen"]) + delay + 0.1 - time.time()))
+        retry = postfix_b.send("s@example.com", ["r@example.org"], message)
+        self.assertEqual(retry.rcpts, {"r@example.org": (250, "2.1.5 Ok")})
+        self.assertTrue(retry.accepted, retry)
+        (delivered,) = postfix_b.wait_delivered(1)
+        self.assertRegex(delivered.decode(), r"(?m)^X-Greylist: delayed [0-9]+ seconds by "
+                                             r"milter-manager-greylist at mta\.harness\.test; ")
+        self.assertEqual(self.client.hget(key, "passed"), b"1")
+        with open(log_a) as log:
+            self.assertIn("[greylist][greylisted] 127.0.0.0/24 <s@example.com> -> "
+                          f"<r@example.org> (new): retry in {delay} s", log.read())
+        with open(log_b) as log:
+            text = log.read()
+        self.assertRegex(text, r"\[greylist\]\[greylisted\] 127\.0\.0\.0/24 <s@example\.com> -> "
+                               r"<r@example\.org> \(early\): retry in [0-9]+ s")
+        self.assertRegex(text, r"\[greylist\]\[pass\] 127\.0\.0\.0/24 <s@example\.com> -> "
+                               r"<r@example\.org> retried after [0-9]+ s")
+        self.assertNotIn("Traceback", text)
+        postfix_b.wait_maillog("status=sent (250 2.0.0 Ok")
 
     def test_two_hosts(self):
         """Greylisted on host A; retried on host B after --delay: passes; Redis down: passes."""

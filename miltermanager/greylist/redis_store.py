@@ -20,8 +20,13 @@ live is counted by the Redis server and outlives its last use by TTL_SLACK.
 Everything blocks (redis-py's blocking client, with socket timeouts);
 threaded.ThreadedGreylist runs it off the reactor thread. redis is imported
 only when a store is built, so that parse_url works without it.
+
+Through Sentinel, a failover moves the master; SentinelMaster and decide
+make sure that no pooled connection keeps writing to the old one.
 """
 
+import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -41,6 +46,8 @@ TTL_SLACK = 60
 # a few times at most, since each retry reads what that host wrote.
 MAX_ATTEMPTS = 10
 SCAN_BATCH = 1000
+# How often, at most, decide asks the Sentinels where the master is (see SentinelMaster).
+MASTER_CHECK_INTERVAL = 1.0
 _SEPARATOR = "\0"
 SCHEMES = ("redis", "rediss", "unix", "sentinel")
 
@@ -159,9 +166,11 @@ def _hide_password(parts):
 def connect(store_url):
     """A blocking redis-py client for a StoreURL (ImportError without redis-py).
 
-    Connection and socket timeouts are the URL's timeout; redis-py never
-    retries on its own (RedisGreylist.decide does, once, on a dropped
-    connection), so a down server costs one timeout, not a backoff.
+    Connection and socket timeouts are the URL's timeout, for the Sentinels
+    as well; redis-py never retries on its own (RedisGreylist.decide does,
+    once, on a dropped connection), so a down server costs one timeout, not
+    a backoff. A sentinel:// client's connection pool asks the Sentinels for
+    the master each time it opens a connection.
     """
     import redis
     from redis.backoff import NoBackoff
@@ -180,6 +189,76 @@ def connect(store_url):
                         socket_timeout=store_url.timeout)
     return sentinel.master_for(store_url.master, db=store_url.db, password=store_url.password,
                                **settings)
+
+
+class SentinelMaster:
+    """Where the Sentinels say the master is, asked again at most every interval seconds.
+
+    redis-py asks the Sentinels only when it opens a connection. After a
+    failover with the old master still up (SENTINEL FAILOVER, a partition),
+    the old master accepts writes until the Sentinel reconfigures it, some
+    10 s later; pooled connections would keep writing there, and what they
+    wrote is lost when it turns replica. RedisGreylist.decide compares each
+    connection with address() and drops those that point elsewhere, so a
+    failover costs at most about interval seconds of such writes.
+    """
+
+    def __init__(self, sentinel, service_name, interval=MASTER_CHECK_INTERVAL,
+                 monotonic=time.monotonic):
+        self.sentinel = sentinel  # a redis.sentinel.Sentinel
+        self.service_name = service_name
+        self.interval = interval
+        self.monotonic = monotonic
+        self._lock = threading.Lock()
+        self._address = None  # (host, port) as last named; None: unknown
+        self._asked = None  # monotonic time of the last question
+
+    def address(self, now=False):
+        """The master's (host, port), or None when no Sentinel names one. May block.
+
+        Asks the Sentinels when the last answer is older than interval, or
+        now; a thread that finds another one asking takes the last answer.
+        None while the master is down or being failed over, or when no
+        Sentinel answers: then there is nothing to compare connections with.
+        """
+        import redis
+
+        if not now and self._asked is not None and \
+                self.monotonic() - self._asked < self.interval:
+            return self._address
+        if not self._lock.acquire(blocking=now):
+            return self._address
+        try:
+            try:
+                self._address = self.sentinel.discover_master(self.service_name)
+            except redis.RedisError:  # MasterNotFoundError above all
+                self._address = None
+            self._asked = self.monotonic()
+            return self._address
+        finally:
+            self._lock.release()
+
+
+class _StaleConnection(Exception):
+    """A pooled connection points at another server than the master the Sentinels name."""
+
+
+def _connection_failure(error):
+    """The ConnectionError or TimeoutError behind error, or None.
+
+    redis-py turns a connection that fails inside a WATCH into a WatchError
+    ("A ConnectionError occurred ... while watching"), raised while handling
+    the real error: that is a connection failure, not another host's write.
+    Through Sentinel, READONLY from a demoted master arrives as a
+    ConnectionError ("The previous master is now a slave").
+    """
+    import redis
+
+    if isinstance(error, redis.WatchError):
+        error = error.__context__
+    if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+        return error
+    return None
 
 
 def _describe(error):
@@ -206,21 +285,29 @@ class RedisGreylist(GreylistRules):
     """The greylisting policy (store.GreylistRules) and its state in Redis.
 
     client is a blocking redis-py client (connect()); name says where it
-    points in log lines; prefix starts every key. The client's connection
+    points in log lines; prefix starts every key; master, a SentinelMaster
+    for a client through Sentinel, else None. The client's connection
     pool lets decide run in any number of threads and hosts at once. A Redis
     failure raises store.StoreError.
     """
 
-    def __init__(self, client, clock, *, name="redis", prefix=DEFAULT_PREFIX, **settings):
+    def __init__(self, client, clock, *, name="redis", prefix=DEFAULT_PREFIX, master=None,
+                 **settings):
         super().__init__(clock, **settings)
         self.client = client
         self.name = name
         self.prefix = prefix
+        self.master = master
 
     @classmethod
     def from_url(cls, store_url, clock, **settings):
         """A RedisGreylist on a StoreURL (parse_url); ImportError without redis-py."""
-        return cls(connect(store_url), clock, name=store_url.text, prefix=store_url.prefix,
+        client = connect(store_url)
+        master = None
+        if store_url.scheme == "sentinel":
+            pool = client.connection_pool
+            master = SentinelMaster(pool.sentinel_manager, pool.service_name)
+        return cls(client, clock, name=store_url.text, prefix=store_url.prefix, master=master,
                    **settings)
 
     def keys(self, triplet):
@@ -235,6 +322,13 @@ class RedisGreylist(GreylistRules):
 
         now defaults to clock.seconds(). Raises store.StoreError when Redis
         fails (unreachable, timed out, a read-only replica, ...).
+
+        A connection that failed (the server closed it: a restart, a
+        failover; or READONLY through Sentinel: a demoted master) gets one
+        fresh try on a new connection, which through Sentinel asks where
+        the master is now; so does a connection to a server the Sentinels
+        no longer name. The idle pooled connections are closed first: they
+        point where the failed one did.
         """
         import redis
 
@@ -246,20 +340,27 @@ class RedisGreylist(GreylistRules):
             try:
                 with self.client.pipeline() as pipe:
                     return self._decide(pipe, keys, now)
-            except redis.WatchError:
-                continue  # another host changed the triplet: decide on what it wrote
-            except redis.ConnectionError as error:
-                # A pooled connection the server closed (a restart): one fresh try.
-                if dropped:
-                    raise StoreError(_describe(error)) from error
-                dropped = True
+            except _StaleConnection:
+                self._close_idle()
             except redis.RedisError as error:
-                raise StoreError(_describe(error)) from error
+                failure = _connection_failure(error)
+                if failure is None and isinstance(error, redis.WatchError):
+                    continue  # another host changed the triplet: decide on what it wrote
+                if not isinstance(failure, redis.ConnectionError) or dropped:
+                    raise StoreError(_describe(failure or error)) from error
+                dropped = True
+                self._close_idle()
         raise StoreError(f"the triplet changed under {MAX_ATTEMPTS} attempts in a row")
+
+    def _close_idle(self):
+        """Close the pool's idle connections (redis-py reconnects them when used)."""
+        self.client.connection_pool.disconnect(inuse_connections=False)
 
     def _decide(self, pipe, keys, now):
         """One attempt: WATCH, read, judge, MULTI/EXEC (WatchError when another host won)."""
         pipe.watch(keys.triplet, keys.passed, keys.network)
+        if self.master is not None:
+            self._check_master(pipe.connection)
         self._read(pipe, keys)
         if self.auto_whitelist:
             last_seen = pipe.get(keys.network)
@@ -294,6 +395,19 @@ class RedisGreylist(GreylistRules):
             pipe.set(keys.network, repr(now), px=self._ttl(now + self.expiry, now))
         pipe.execute()
         return verdict
+
+    def _check_master(self, connection):
+        """Raise _StaleConnection if connection is not to the master the Sentinels name.
+
+        A mismatch with the last answer is asked again at once: the
+        connection may be newer than the answer (opened after a failover).
+        """
+        where = (connection.host, connection.port)
+        named = self.master.address()
+        if named is not None and named != where:
+            named = self.master.address(now=True)
+            if named is not None and named != where:
+                raise _StaleConnection(f"{where} is not the master {named}")
 
     def _read(self, pipe, keys):
         """Called between WATCH and the reads (a seam for tests that race two hosts)."""
