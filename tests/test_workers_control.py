@@ -577,9 +577,25 @@ class WorkersControlProcessTests(TestCase):
                       self.manager.log())
         self.assertNotIn("asking 3 workers to reload\n", self.manager.log())  # SIGHUP's
         self.assertEqual(self.status()["configuration"]["generation"], 2)
+        # A stopped worker (SIGSTOP) is reported unreachable within the timeout; once it
+        # runs again, its late answers are dropped and it answers the next command.
+        before = self.pids()
+        self.assertEqual(self.scrape()[(p + "sessions_total", ())], sessions)
+        os.kill(before[3], signal.SIGSTOP)
+        self.addCleanup(lambda: _alive(before[3]) and os.kill(before[3], signal.SIGCONT))
+        asked = time.monotonic()
+        status = self.status()
+        self.assertLess(time.monotonic() - asked, ANSWER_TIMEOUT + 2)
+        three = status["workers"][2]
+        self.assertEqual((three["state"], three["reason"]),
+                         ("unreachable", "no answer to get-worker-status within 2 s"))
+        found = self.scrape()
+        self.assertEqual(found[(p + "workers", (("state", "unreachable"),))], 1)
+        self.assertEqual(found[(p + "sessions_total", ())], sessions)  # its last counts
+        os.kill(before[3], signal.SIGCONT)
+        self.assertEqual([w["state"] for w in self.status()["workers"]], ["running"] * 3)
         # A killed worker is restarted; its counts start again in get-status, but /metrics
         # keeps its last scraped counts.
-        before = self.pids()
         self.assertEqual(self.scrape()[(p + "sessions_total", ())], sessions)
         os.kill(before[2], signal.SIGKILL)
         _wait(lambda: self.pids()[2] != before[2], 30, "worker 2 restarted")
