@@ -10,6 +10,11 @@ or down) from the factory at that moment. prometheus_client writes the text:
 OpenMetrics when the scraper's Accept header asks for it, Prometheus' text
 format otherwise, as its own handlers choose.
 
+With manager.n_workers, each worker counts in its own Metrics and sends
+as_data() to the supervisor when /metrics is scraped; the supervisor adds
+them up in a MergedMetrics, which the same MetricsCollector renders
+(WorkersCollector adds the workers' own gauges).
+
 The web endpoint (web.connection_spec) serves a twisted.web Resource tree:
 web_root() gives the root, to which /metrics is one child; other pages are
 further children (see web_root).
@@ -190,6 +195,96 @@ class Metrics:
             result.append((milter.name, record is None or record.down_since is None))
         return result
 
+    def as_data(self):
+        """The counts and the states now, as JSON-ready data (MergedMetrics.add reads it)."""
+        def table(counts, key=lambda key: key):
+            return [[*key(k), value] for k, value in counts.items()]
+
+        return {
+            "sessions": self.sessions,
+            "messages": self.messages,
+            "replies": [[child, stage.name, status.name, histogram.counts, histogram.sum]
+                        for (child, stage, status), histogram in self.replies.items()],
+            "fallbacks": table(self.fallbacks, lambda k: (k[0], k[1].name, k[2].value)),
+            "stops": table(self.stops),
+            "health_changes": table(self.health_changes),
+            "spooled_bodies": self.spooled_bodies,
+            "spooled_bytes": self.spooled_bytes,
+            "dnsbl": table(self.dnsbl),
+            "dnsbl_latency": [self.dnsbl_latency.counts, self.dnsbl_latency.sum],
+            "ldap_lookups": self.ldap_lookups,
+            "ldap_searches": self.ldap_searches,
+            "ldap_latency": [self.ldap_latency.counts, self.ldap_latency.sum],
+            "in_flight": self.in_flight(),
+            "children_up": [[child, up] for child, up in self.children_up()],
+        }
+
+
+class MergedMetrics(Metrics):
+    """The sum of several processes' Metrics.as_data() (the workers'), for MetricsCollector.
+
+    add(data) adds a worker's counts; with live, also its sessions in flight
+    and its view of the children (a child is up only where every worker
+    has it up). workers ({state: n}) and restarts are the supervisor's,
+    rendered by WorkersCollector.
+    """
+
+    def __init__(self):
+        super().__init__(None)
+        self._in_flight = 0
+        self._up = {}  # child -> up in every worker that answered, in first-seen order
+        self.workers = {}
+        self.restarts = 0
+
+    def add(self, data, live=True):
+        from . import stages
+        from .events import Cause
+        from .merge import Status
+
+        def add_to(counts, key, value):
+            counts[key] = counts.get(key, 0) + value
+
+        self.sessions += data["sessions"]
+        for verdict, value in data["messages"].items():
+            add_to(self.messages, verdict, value)
+        for child, stage, status, counts, total in data["replies"]:
+            key = (child, stages.BY_NAME[stage], Status[status])
+            histogram = self.replies.get(key)
+            if histogram is None:
+                histogram = self.replies[key] = Histogram(LATENCY_BUCKETS)
+            _add_histogram(histogram, counts, total)
+        for child, stage, cause, value in data["fallbacks"]:
+            add_to(self.fallbacks, (child, stages.BY_NAME[stage], Cause(cause)), value)
+        for name in ("stops", "health_changes", "dnsbl"):
+            counts = getattr(self, name)
+            for *key, value in data[name]:
+                add_to(counts, tuple(key), value)
+        for name in ("ldap_lookups", "ldap_searches"):
+            counts = getattr(self, name)
+            for key, value in data[name].items():
+                add_to(counts, key, value)
+        self.spooled_bodies += data["spooled_bodies"]
+        self.spooled_bytes += data["spooled_bytes"]
+        _add_histogram(self.dnsbl_latency, *data["dnsbl_latency"])
+        _add_histogram(self.ldap_latency, *data["ldap_latency"])
+        if live:
+            self._in_flight += data["in_flight"]
+            for child, up in data["children_up"]:
+                self._up[child] = self._up.get(child, True) and up
+
+    def in_flight(self):
+        return self._in_flight
+
+    def children_up(self):
+        return list(self._up.items())
+
+
+def _add_histogram(histogram, counts, total):
+    if len(counts) != len(histogram.counts):
+        raise ValueError(f"a histogram of {len(counts)} buckets, not {len(histogram.counts)}")
+    histogram.counts = [a + b for a, b in zip(histogram.counts, counts)]
+    histogram.sum += total
+
 
 class MetricsCollector:
     """A prometheus_client collector that reads a Metrics when scraped."""
@@ -261,16 +356,43 @@ class MetricsCollector:
         yield histogram("ldap_policy_search", "Time of LDAP policy searches", [], single)
 
 
+class WorkersCollector(MetricsCollector):
+    """MetricsCollector of a MergedMetrics, with the supervisor's gauges of its workers."""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield from super().collect()
+        m = self.metrics
+        workers = GaugeMetricFamily(f"{PREFIX}_workers", "Worker processes by state: running "
+                                    "(answered this scrape), unreachable (running, no answer "
+                                    "in time), restarting (waiting to be started again)",
+                                    labels=["state"])
+        for state in ("running", "unreachable", "restarting"):
+            workers.add_metric([state], m.workers.get(state, 0))
+        yield workers
+        restarts = CounterMetricFamily(f"{PREFIX}_worker_restarts", "Workers that exited "
+                                       "while the supervisor was not stopping, and were "
+                                       "restarted")
+        restarts.add_metric([], m.restarts)
+        yield restarts
+
+
 def _sort_key(item):
     return tuple(str(getattr(part, "name", part)) for part in item[0])
 
 
 def registry_for(metrics):
     """A new CollectorRegistry holding metrics' collector (and nothing else)."""
+    return registry_of(MetricsCollector(metrics))
+
+
+def registry_of(collector):
+    """A new CollectorRegistry holding collector (and nothing else)."""
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(MetricsCollector(metrics))
+    registry.register(collector)
     return registry
 
 

@@ -83,6 +83,7 @@ class ManagerService(service.Service):
     name = "milter-manager"
     log = Logger()
     statistics = None  # the StatisticsObserver while the statistics log level is on
+    web_scrape = None  # the supervisor's (workers.py): what /metrics gathers from its workers
 
     def __init__(self, reactor, configuration, load=None, twistd_options=None, clock=None):
         self.reactor = reactor
@@ -105,10 +106,15 @@ class ManagerService(service.Service):
         if configuration.controller.connection_spec is not None or (
                 configuration.web.connection_spec is not None
                 and configuration.web.password_file is not None):
-            from .controller.server import Controller
+            self.controller = self._build_controller(clock or reactor)
 
-            self.controller = Controller(self, clock or reactor)
-            self.controller.observe()
+    def _build_controller(self, clock):
+        """The Controller the controller socket and the web pages act on."""
+        from .controller.server import Controller
+
+        controller = Controller(self, clock)
+        controller.observe()
+        return controller
 
     # ------------------------------------------------------------ logging
 
@@ -258,7 +264,7 @@ class ManagerService(service.Service):
         try:
             from .web import app  # twisted.web and prometheus_client only when asked for
 
-            self.web = _now(app.start(self, self.reactor, web))
+            self.web = _now(app.start(self, self.reactor, web, self.web_scrape))
         except ImportError as error:
             self._close_port_now()
             raise StartError(_located(web, "connection_spec", f"the web interface needs the "

@@ -6,7 +6,8 @@ stops by condition, the fallbacks by cause and its reply latency. Memory is
 bounded: counters are keyed by names from the configuration and a fixed
 set of stages, statuses and causes, and latency keeps the last
 LATENCY_SAMPLES replies per child. snapshot() turns it into plain data
-(JSON-ready) with the children's health and the configuration.
+(JSON-ready) with the children's health and the configuration;
+merge_snapshots() adds up the snapshots of several workers (manager.n_workers).
 """
 
 import collections
@@ -62,10 +63,13 @@ class ChildCounters:
         self.fallbacks = {}  # cause -> n
         self.latency = collections.deque(maxlen=LATENCY_SAMPLES)
 
-    def as_data(self):
-        return {"messages": self.messages, "replies": self.replies, "stops": self.stops,
+    def as_data(self, samples=False):
+        data = {"messages": self.messages, "replies": self.replies, "stops": self.stops,
                 "fallbacks": self.fallbacks, "latency_ms": percentiles(self.latency),
                 "latency_samples": len(self.latency)}
+        if samples:  # for merge_snapshots: percentiles over several workers need the samples
+            data["latency_raw"] = [round(value, 6) for value in self.latency]
+        return data
 
 
 def _count(table, key):
@@ -130,13 +134,15 @@ class StatusObserver:
     def child_health_changed(self, event):
         self.health_changes[event.child] = (event.up, self.clock.seconds())
 
-    def snapshot(self, configuration, health, in_flight, generation=1, loaded_at=None):
+    def snapshot(self, configuration, health, in_flight, generation=1, loaded_at=None,
+                 samples=False):
         """The status as plain data: see docs/operating.md for every field.
 
         health: the factory's ChildHealth; in_flight: MTA connections open
         now; generation: how many configurations this process has run
         (1 + successful reloads); loaded_at: clock time the current one
-        was adopted.
+        was adopted; samples: add each child's raw latency samples (seconds)
+        as "latency_raw", for merge_snapshots.
         """
         now = self.clock.seconds()
         down = {}
@@ -163,7 +169,7 @@ class StatusObserver:
                 "connection_spec": milter.connection_spec if milter is not None else None,
                 "configured": milter is not None,
             }
-            entry.update((self.children.get(name) or ChildCounters()).as_data())
+            entry.update((self.children.get(name) or ChildCounters()).as_data(samples))
             children.append(entry)
         return {
             "pid": _pid(),
@@ -179,6 +185,62 @@ class StatusObserver:
             "messages": {"total": self.messages, "verdicts": dict(self.verdicts)},
             "children": children,
         }
+
+
+def merge_snapshots(snapshots):
+    """The sessions, messages and children of several workers' snapshots, added up.
+
+    snapshots were taken with samples=True, in the workers' order. Counts
+    are summed; a child's latency percentiles are computed over all the
+    workers' samples; a child is "down" when any worker has it down
+    ("down_in" says in how many, "since" is the earliest), "disabled" when
+    every worker has it disabled, else "up" ("since": the latest). Returns
+    {"sessions", "messages", "children"} as snapshot() shapes them.
+    """
+    sessions = {"started": 0, "finished": 0, "in_flight": 0}
+    messages = {"total": 0, "verdicts": {}}
+    merged = {}  # name -> the entries of every worker, in order of first appearance
+    for snapshot in snapshots:
+        for key in sessions:
+            sessions[key] += snapshot["sessions"][key]
+        messages["total"] += snapshot["messages"]["total"]
+        _add(messages["verdicts"], snapshot["messages"]["verdicts"])
+        for child in snapshot["children"]:
+            merged.setdefault(child["name"], []).append(child)
+    return {"sessions": sessions, "messages": messages,
+            "children": [_merge_child(entries) for entries in merged.values()]}
+
+
+def _add(into, counts):
+    for key, value in counts.items():
+        into[key] = into.get(key, 0) + value
+
+
+def _merge_child(entries):
+    first = entries[0]
+    down = [entry for entry in entries if entry["state"] == "down"]
+    if down:
+        state, since = "down", min(entry["since"] for entry in down)
+    elif all(entry["state"] == "disabled" for entry in entries):
+        state, since = "disabled", None
+    else:
+        state = "up"
+        since = max(entry["since"] for entry in entries if entry["state"] == "up")
+    replies, stops, fallbacks, raw = {}, {}, {}, []
+    for entry in entries:
+        for stage, statuses in entry["replies"].items():
+            _add(replies.setdefault(stage, {}), statuses)
+        _add(stops, entry["stops"])
+        _add(fallbacks, entry["fallbacks"])
+        raw.extend(entry.get("latency_raw", ()))
+    return {
+        "name": first["name"], "state": state, "since": since, "down_in": len(down),
+        "failures_in_row": max(entry["failures_in_row"] for entry in entries),
+        "connection_spec": first["connection_spec"], "configured": first["configured"],
+        "messages": sum(entry["messages"] for entry in entries), "replies": replies,
+        "stops": stops, "fallbacks": fallbacks, "latency_ms": percentiles(raw),
+        "latency_samples": len(raw),
+    }
 
 
 def _pid():

@@ -37,11 +37,23 @@ The supervisor
   standard input reaches end of file (the supervisor is gone, even by
   SIGKILL) stops as at SIGTERM instead of serving on, unsupervised.
 
-Not with workers yet (problems() refuses them, so nothing half works):
-the controller socket and the web interface (their status, statistics and
-metrics would be one worker's), and security.privilege_mode's process
-launcher (the workers run without root). Settings that are per process
-(max_connections, connection checks, maintenance) are per worker.
+With controller.connection_spec or web.connection_spec, the supervisor
+also makes a private channel per worker (a socketpair; the worker's end is
+its descriptor 4, named by MILTER_MANAGER_CONTROL_FD), made anew at each
+restart (controller.channel). The supervisor listens on the controller
+socket (after dropping privileges, as a single manager does) and answers
+get-status, get-trace and reload from its workers over their channels
+(controller.supervisor.SupervisorController); get-configuration and
+set-configuration are its own. With web.connection_spec in metrics-only
+mode it serves /metrics whose counts are the workers' added up at each
+scrape (controller.supervisor.WorkersScrape). Statistics need nothing: the
+workers' statistics lines share the log, each tagged with its worker.
+
+Not with workers (problems() refuses them, so nothing half works): the web
+pages (web.password_file; their live views of the sessions are per
+worker), and security.privilege_mode's process launcher (the workers run
+without root). Settings that are per process (max_connections, connection
+checks, maintenance) are per worker.
 """
 
 import os
@@ -56,9 +68,10 @@ from twisted.logger import Logger, formatTime
 
 from .config import ConfigurationError
 from .config.model import located
+from .controller.channel import CONTROL_FD, CONTROL_FD_ENV, WorkerChannel, open_channel
 from .logs import STATISTICS, SYSLOG_PATH, LogFile, LogRouter, Stream, twistd_base, upstream_level
 from .logs import _write_text
-from .service import DRAIN_TIMEOUT
+from .service import DRAIN_TIMEOUT, error_lines, startup_problems
 from .tap import _FLAG_OVERRIDES, _OVERRIDES, TwistdService
 
 WORKER_ENV = "MILTER_MANAGER_WORKER"
@@ -100,11 +113,13 @@ def problems(configuration):
         found.append(ConfigurationError(located(where, f"{section.SECTION}.{name}: {text}")
                                         if where else f"{section.SECTION}.{name}: {text}"))
 
-    for section in (configuration.controller, configuration.web):
-        if section.connection_spec is not None:
-            refuse(section, "connection_spec",
-                   f"not available with manager.n_workers = {manager.n_workers} yet (its "
-                   "status, statistics and metrics would be one worker's); unset one of them")
+    web = configuration.web
+    if web.connection_spec is not None and web.password_file is not None:
+        refuse(web, "password_file",
+               f"the web pages are not available with manager.n_workers = "
+               f"{manager.n_workers} (their live views of the sessions are per worker); "
+               "unset it to serve /metrics alone (web.metrics_without_login = True, summed "
+               "over the workers), or use the controller (milter-manager-ctl)")
     security = configuration.security
     if security.privilege_mode and any(milter.command for milter in configuration.enabled_milters):
         refuse(security, "privilege_mode",
@@ -163,6 +178,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.number = number
         self.pid = None
         self.started = None
+        self.channel = None  # controller.channel.WorkerChannel, when the supervisor asks it
         self.ended = defer.Deferred()  # fires with the exit status (or -signal) at exit
 
     def connectionMade(self):
@@ -199,8 +215,21 @@ class SupervisorService(TwistdService):
         self.workers = {}  # number -> WorkerProcess running now
         self.restarts = {}  # number -> the pending restart's DelayedCall
         self.delays = {}  # number -> the delay before its next quick restart
+        self.restart_counts = {}  # number -> how many times it was restarted
         self.stopping = False
         self.listen_fd = None
+        # The controller and /metrics ask the workers over a channel each (controller.channel).
+        self.with_channels = (configuration.controller.connection_spec is not None
+                              or configuration.web.connection_spec is not None)
+        if configuration.web.connection_spec is not None:
+            from .controller.supervisor import WorkersScrape
+
+            self.web_scrape = WorkersScrape(self)
+
+    def _build_controller(self, clock):
+        from .controller.supervisor import SupervisorController
+
+        return SupervisorController(self, clock)
 
     def privilegedStartService(self):
         # Listen, pid file, cleanup process, drop privileges: as a single manager does.
@@ -233,14 +262,25 @@ class SupervisorService(TwistdService):
         env = dict(os.environ)
         env[WORKER_ENV] = str(number)
         env[LISTEN_FD_ENV] = str(LISTEN_FD)
+        child_fds = {0: "w", 1: 1, 2: 2, LISTEN_FD: self.listen_fd}
+        theirs = None
         try:
+            if self.with_channels:
+                worker.channel = WorkerChannel(self.clock)
+                theirs = open_channel(self.reactor, worker.channel)
+                child_fds[CONTROL_FD] = theirs.fileno()
+                env[CONTROL_FD_ENV] = str(CONTROL_FD)
             self.reactor.spawnProcess(worker, self.command[0], self.command, env=env,
-                                      childFDs={0: "w", 1: 1, 2: 2, LISTEN_FD: self.listen_fd})
+                                      childFDs=child_fds)
         except OSError as error:
             self.log.error("[workers][error] cannot start worker {number}: {error}",
                            number=number, error=error)
+            _close_channel(worker)
             self._restart_later(number)
             return None
+        finally:
+            if theirs is not None:
+                theirs.close()  # the worker has its own copy
         worker.started = self.clock.seconds()
         self.workers[number] = worker
         self.log.info("[workers][started] worker {number} is pid {pid}", number=number,
@@ -253,12 +293,14 @@ class SupervisorService(TwistdService):
 
         if self.workers.get(worker.number) is worker:
             del self.workers[worker.number]
+        _close_channel(worker)
         if self.stopping:
             self.log.info("[workers][stopped] worker {number} (pid {pid}) {how}",
                           number=worker.number, pid=worker.pid, how=status_text(status))
             return
         self.log.error("[workers][exit] worker {number} (pid {pid}) {how}; restarting it",
                        number=worker.number, pid=worker.pid, how=status_text(status))
+        self.restart_counts[worker.number] = self.restart_counts.get(worker.number, 0) + 1
         if self.clock.seconds() - worker.started >= MIN_UPTIME:
             self.delays.pop(worker.number, None)
             self.start_worker(worker.number)
@@ -284,22 +326,43 @@ class SupervisorService(TwistdService):
         self.reactor.callFromThread(self.reopen_logs)
 
     def reload(self):
-        """SIGHUP: every worker reloads; the supervisor takes the new log settings."""
+        """SIGHUP: every worker reloads; the supervisor takes the new log settings.
+
+        (The controller's reload asks the workers over their channels and
+        answers how each did: controller.supervisor.)
+        """
         self.log.info("[workers][reload] asking {n} workers to reload", n=len(self.workers))
         self.signal_workers("HUP")
+        return defer.succeed(not self.reload_own())
+
+    def reload_own(self, log_errors=False):
+        """Load the configuration again for the supervisor itself: [] once it is in use.
+
+        Else why not, as lines, logged with log_errors (on SIGHUP each worker
+        logs them itself).
+        """
         if self.load is None:
-            return defer.succeed(False)
+            return ["no configuration to load again"]
         try:
             configuration = self.load()
-        except ConfigurationError:
-            return defer.succeed(False)  # each worker logs why it keeps its configuration
+            problems = startup_problems(configuration)
+        except ConfigurationError as error:
+            problems = [error]
+        lines = [line for error in problems for line in error_lines(error)]
+        if lines:
+            if log_errors:
+                for line in lines:
+                    self.log.error("[reload][error] {error}", error=line)
+                self.log.error("[reload][error] keeping the running configuration")
+            return lines
         if configuration.manager.n_workers != self.n_workers:
             self.log.warn("[reload][restart-needed] manager.n_workers changed from {before} to "
                           "{after}: it takes effect at the next start", before=self.n_workers,
                           after=configuration.manager.n_workers)
         self.configuration = configuration
         self._configure_log(configuration, "reload")
-        return defer.succeed(True)
+        self.log.info("[workers][reload] the supervisor uses the new configuration")
+        return []
 
     def reopen_logs(self):
         super().reopen_logs()
@@ -341,14 +404,22 @@ class SupervisorService(TwistdService):
     def _close(self):
         from .process import remove_pid_file
 
-        stopping = defer.succeed(None)
+        stopping = self._close_controller()
+        stopping.addCallback(lambda _: self._stop_web())
         if self.port is not None:
             port, self.port = self.port, None
-            stopping = defer.maybeDeferred(port.stopListening).addErrback(
-                self._log_failure, "[stop][error] cannot close the listening socket")
+            stopping.addCallback(lambda _: port.stopListening())
+            stopping.addErrback(self._log_failure,
+                                "[stop][error] cannot close the listening socket")
         if self.pid_file is not None:
             remove_pid_file(self.pid_file, os.getpid(), None if self._cleaner else self.log)
         return stopping
+
+
+def _close_channel(worker):
+    channel, worker.channel = worker.channel, None
+    if channel is not None and channel.transport is not None:
+        channel.transport.loseConnection()
 
 
 # ---------------------------------------------------------------- a worker
@@ -364,10 +435,18 @@ class WorkerService(TwistdService):
         self.number = number
         self.listen_fd = listen_fd if listen_fd is not None else int(
             os.environ.get(LISTEN_FD_ENV, LISTEN_FD))
+        control = os.environ.get(CONTROL_FD_ENV)
+        self.control_fd = int(control) if control and control.isdigit() else None
         self._stdin = None
         # Not for the child milters this worker may start or anything else it runs.
-        os.environ.pop(WORKER_ENV, None)
-        os.environ.pop(LISTEN_FD_ENV, None)
+        for name in (WORKER_ENV, LISTEN_FD_ENV, CONTROL_FD_ENV):
+            os.environ.pop(name, None)
+        # The supervisor's /metrics adds up the workers' own counts.
+        self.metrics = None
+        if self.control_fd is not None and configuration.web.connection_spec is not None:
+            from .metrics import Metrics
+
+            self.metrics = Metrics(self.factory)
 
     def start_logging(self, syslog_path=None):
         self.log_router = WorkerLogRouter(self.number, twistd_base(self.twistd_options),
@@ -383,6 +462,19 @@ class WorkerService(TwistdService):
     def startService(self):
         super().startService()
         self.reactor.callWhenRunning(self._watch_supervisor)
+        if self.metrics is not None:
+            self.factory.add_observer(self.metrics)
+            self.metrics.start()
+        if self.control_fd is not None:
+            from .controller.channel import WorkerControl, serve_channel
+
+            fd, self.control_fd = self.control_fd, None
+            try:
+                serve_channel(self.reactor, fd, WorkerControl(self, self.metrics))
+            except OSError as error:
+                self.log.error("[worker][error] cannot use the supervisor's channel (fd "
+                               "{fd}): {error}; the controller and /metrics will not reach "
+                               "worker {number}", fd=fd, error=error, number=self.number)
         self.log.info("[worker][start] worker {number} (pid {pid}) serving",
                       number=self.number, pid=os.getpid())
 
@@ -403,6 +495,8 @@ class WorkerService(TwistdService):
         if watch is not None:
             watch._gone = None
             self.reactor.removeReader(watch)
+        if self.metrics is not None:
+            self.metrics.stop()
         return super().stopService()
 
     def _rebind(self, settings):

@@ -254,19 +254,24 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertEqual(err, f"{warning[len('warning: '):]} (an error with --strict)\n")
 
     def test_n_workers_checks(self):
-        """n_workers alone checks clean; with a controller socket it is refused at its line."""
+        """n_workers with a controller and /metrics checks clean; the web pages are refused."""
         path = os.path.join(self.dir, "milter-manager.conf")
+        users = os.path.join(self.dir, "users")
+        open(users, "w").close()
         with open(path, "w") as file:
             file.write(f'manager.connection_spec = "inet:{free_port()}@[{HOST}]"\n'
-                       'manager.n_workers = 2\n')
+                       'manager.n_workers = 2\n'
+                       f'controller.connection_spec = "inet:{free_port()}@[{HOST}]"\n'
+                       f'web.connection_spec = "inet:{free_port()}@[{HOST}]"\n'
+                       'web.metrics_without_login = True\n')
         code, out, err = finish(twistd(["-c", path, "--check-config"], self.dir))
         self.assertEqual((code, out, err), (0, f"configuration OK: {path}\n", ""))
         with open(path, "a") as file:
-            file.write(f'controller.connection_spec = "inet:{free_port()}@[{HOST}]"\n')
+            file.write(f'web.password_file = "{users}"\n')
         code, out, err = finish(twistd(["-c", path, "--check-config"], self.dir))
         self.assertEqual((code, out), (1, ""))
-        self.assertIn("controller.connection_spec: not available with manager.n_workers = 2",
-                      err)
+        self.assertIn(f"{path}:6: web.password_file: the web pages are not available with "
+                      "manager.n_workers = 2", err)
         self.assertEqual(len(err.splitlines()), 1, err)
 
     def test_check_reload(self):

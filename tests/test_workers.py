@@ -138,17 +138,18 @@ class SupervisorTests(SynchronousTestCase):
 class ConfigurationTests(SynchronousTestCase):
     """What n_workers refuses, and the worker's command line."""
 
-    def test_controller_and_web_refused(self):
-        """controller and web endpoints with n_workers are errors naming both settings."""
-        settings = configuration(2, controller={"connection_spec": "inet:1@[127.0.0.1]"},
-                                 web={"connection_spec": "tcp:2:interface=127.0.0.1"})
-        texts = [str(problem) for problem in workers.problems(settings)]
-        self.assertEqual(len(texts), 2)
-        self.assertIn("controller.connection_spec: not available with manager.n_workers = 2",
-                      texts[0])
-        self.assertIn("web.connection_spec: not available", texts[1])
-        self.assertEqual(workers.problems(configuration(0, controller={
-            "connection_spec": "inet:1@[127.0.0.1]"})), [])
+    def test_web_pages_refused_controller_and_metrics_not(self):
+        """With n_workers the controller and /metrics alone are fine; the web pages are refused."""
+        self.assertEqual(workers.problems(configuration(
+            2, controller={"connection_spec": "inet:1@[127.0.0.1]"},
+            web={"connection_spec": "inet:2@[127.0.0.1]", "metrics_without_login": True})), [])
+        texts = [str(problem) for problem in workers.problems(configuration(
+            2, web={"connection_spec": "inet:2@[127.0.0.1]", "password_file": "/x"}))]
+        self.assertEqual(len(texts), 1)
+        self.assertIn("web.password_file: the web pages are not available with "
+                      "manager.n_workers = 2", texts[0])
+        self.assertEqual(workers.problems(configuration(0, web={
+            "connection_spec": "inet:2@[127.0.0.1]", "password_file": "/x"})), [])
 
     def test_no_warning_any_more(self):
         """n_workers alone is neither a problem nor a warning."""

@@ -7,6 +7,11 @@ Commands: set-configuration (content: the configuration text),
 get-configuration, reload and get-status (no content); ours adds get-trace
 (content: a queue id or session number). Replies: success, failure\\0TEXT,
 error\\0TEXT, configuration\\0TEXT, status\\0TEXT, and ours trace\\0JSON.
+
+Between the supervisor and each of its workers (manager.n_workers), the
+same framing carries INTERNAL commands, which the admin's socket refuses:
+get-worker-status (status\\0JSON with the raw latency samples) and
+get-metrics (metrics\\0JSON: the worker's Metrics counts).
 """
 
 import struct
@@ -15,8 +20,11 @@ import struct
 MAX_PACKET = 1024 * 1024 + 64
 
 COMMANDS = ("set-configuration", "get-configuration", "reload", "get-status", "get-trace")
+# What a worker answers on its channel from the supervisor (controller.channel).
+INTERNAL = ("get-worker-status", "get-trace", "reload", "get-metrics")
 # The commands whose content must be empty (upstream checks the same).
-EMPTY = frozenset(("get-configuration", "reload", "get-status"))
+EMPTY = frozenset(("get-configuration", "reload", "get-status", "get-worker-status",
+                   "get-metrics"))
 
 
 class PacketError(Exception):
@@ -50,9 +58,9 @@ def split(payload):
         raise PacketError(f"unexpected command was received: <{name!r}>") from None
 
 
-def check_command(name, content):
-    """Raise PacketError unless name is a known command with the content it may carry."""
-    if name not in COMMANDS:
+def check_command(name, content, commands=COMMANDS):
+    """Raise PacketError unless name is one of commands, with the content it may carry."""
+    if name not in commands:
         raise PacketError(f"unexpected command was received: <{name}>")
     if name in EMPTY and content:
         raise PacketError(f"{name} command carries {len(content)} unexpected bytes")

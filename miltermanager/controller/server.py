@@ -28,74 +28,26 @@ class Refused(Exception):
     """A command understood but refused; str() is the reason sent back."""
 
 
-class Controller:
-    """What the commands act on: the running ManagerService, its status and trace.
+class ConfigurationCommands:
+    """get-configuration and set-configuration, on service's configuration.
 
-    Built when controller.connection_spec is set; observe() attaches the
-    status and trace observers to the service's factory.
+    The same for a single manager (Controller) and for the supervisor of
+    workers (controller.supervisor.SupervisorController).
     """
 
     log = Logger()
 
-    def __init__(self, service, clock):
+    def __init__(self, service):
         self.service = service
-        self.clock = clock
-        self.status = StatusObserver(clock)
-        limit = service.configuration.controller.trace_sessions
-        self.trace = TraceObserver(clock, limit) if limit else None
-        self.generation = 1
-        self.loaded_at = None
-
-    def observe(self):
-        factory = self.service.factory
-        factory.add_observer(self.status)
-        if self.trace is not None:
-            factory.add_observer(self.trace)
 
     @property
     def settings(self):
         return self.service.configuration.controller
 
-    # ------------------------------------------------------------ commands
-
-    def get_status(self):
-        factory = self.service.factory
-        data = self.status.snapshot(self.service.configuration, factory.health,
-                                    factory.connections, self.generation, self.loaded_at)
-        data["trace_sessions"] = self.trace.limit if self.trace is not None else 0
-        return json.dumps(data, indent=1, sort_keys=False)
-
     def get_configuration(self):
         from ..config import dump
 
         return dump(self.service.configuration)
-
-    def get_trace(self, query):
-        if self.trace is None:
-            raise Refused("no trace is kept: controller.trace_sessions is 0")
-        try:
-            text = query.decode("utf-8")
-        except UnicodeDecodeError:
-            raise Refused("a queue id or session number is ASCII text") from None
-        found = self.trace.find(text)
-        if found is None:
-            raise Refused(f"no session or queue id {text!r} among the "
-                          f"{len(self.trace.in_flight)} sessions in flight and the last "
-                          f"{len(self.trace.finished)} finished (controller.trace_sessions = "
-                          f"{self.trace.limit})")
-        return json.dumps(found, indent=1)
-
-    def reload(self):
-        """Fires with None when the new configuration is in use, or the reason it is not."""
-        def done(adopted):
-            if adopted:
-                self.generation += 1
-                self.loaded_at = self.clock.seconds()
-                return None
-            errors = getattr(self.service, "reload_errors", None) or []
-            return "reload failed; the running configuration is kept: " + "; ".join(errors)
-
-        return self.service.reload().addCallback(done)
 
     def set_configuration(self, content):
         """Write content as milter-manager.custom.conf, as upstream does; nothing is reloaded.
@@ -159,6 +111,79 @@ class Controller:
         return None
 
 
+class Controller(ConfigurationCommands):
+    """What the commands act on: the running ManagerService, its status and trace.
+
+    Built when controller.connection_spec is set; observe() attaches the
+    status and trace observers to the service's factory.
+    """
+
+    def __init__(self, service, clock):
+        super().__init__(service)
+        self.clock = clock
+        self.status = StatusObserver(clock)
+        limit = service.configuration.controller.trace_sessions
+        self.trace = TraceObserver(clock, limit) if limit else None
+        self.generation = 1
+        self.loaded_at = None
+
+    def observe(self):
+        factory = self.service.factory
+        factory.add_observer(self.status)
+        if self.trace is not None:
+            factory.add_observer(self.trace)
+
+    # ------------------------------------------------------------ commands
+
+    def status_data(self, samples=False):
+        """The status as plain data; samples: with each child's raw latency samples."""
+        factory = self.service.factory
+        data = self.status.snapshot(self.service.configuration, factory.health,
+                                    factory.connections, self.generation, self.loaded_at,
+                                    samples=samples)
+        data["trace_sessions"] = self.trace.limit if self.trace is not None else 0
+        return data
+
+    def get_status(self):
+        return json.dumps(self.status_data(), indent=1, sort_keys=False)
+
+    def get_trace(self, query):
+        if self.trace is None:
+            raise Refused("no trace is kept: controller.trace_sessions is 0")
+        try:
+            text = query.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Refused("a queue id or session number is ASCII text") from None
+        found = self.trace.find(text)
+        if found is None:
+            raise Refused(f"no session or queue id {text!r} among the "
+                          f"{len(self.trace.in_flight)} sessions in flight and the last "
+                          f"{len(self.trace.finished)} finished (controller.trace_sessions = "
+                          f"{self.trace.limit})")
+        return json.dumps(found, indent=1)
+
+    def reload(self):
+        """Fires with None when the new configuration is in use, or the reason it is not."""
+        def done(problem):
+            if problem is None:
+                self.generation += 1
+                self.loaded_at = self.clock.seconds()
+            return problem
+
+        return reload_outcome(self.service).addCallback(done)
+
+
+def reload_outcome(service):
+    """Reload service: fires with None once the new configuration is in use, else the reason."""
+    def done(adopted):
+        if adopted:
+            return None
+        errors = getattr(service, "reload_errors", None) or []
+        return "reload failed; the running configuration is kept: " + "; ".join(errors)
+
+    return service.reload().addCallback(done)
+
+
 class ControllerProtocol(protocol.Protocol):
     """One admin connection: packets in, one reply per command, in order."""
 
@@ -186,20 +211,15 @@ class ControllerProtocol(protocol.Protocol):
     def _command(self, payload):
         try:
             name, content = wire.split(payload)
-            wire.check_command(name, content)
+            wire.check_command(name, content, self.factory.commands)
         except wire.PacketError as error:
             self._bad(error)
             return None
-        controller = self.factory.controller
         self.log.debug("[controller][command] {name}", name=name)
-        handler = {
-            "get-status": lambda: ("status", controller.get_status()),
-            "get-configuration": lambda: ("configuration", controller.get_configuration()),
-            "get-trace": lambda: ("trace", controller.get_trace(content)),
-            "set-configuration": lambda: _success(controller.set_configuration(content)),
-            "reload": lambda: controller.reload().addCallback(_outcome),
-        }[name]
-        d = defer.maybeDeferred(handler)
+        reply, method, with_content = HANDLERS[name]
+        call = getattr(self.factory.controller, method)
+        d = defer.maybeDeferred(call, content) if with_content else defer.maybeDeferred(call)
+        d.addCallback(_OUTCOMES.get(reply, lambda text, reply=reply: (reply, text)))
         d.addCallbacks(self._reply, self._failed, errbackArgs=(name,))
         return d
 
@@ -219,21 +239,29 @@ class ControllerProtocol(protocol.Protocol):
         self._reply(("error", text))
 
 
-def _success(_):
-    return ("success", "")
-
-
-def _outcome(problem):
-    if problem is None:
-        return ("success", "")
-    return ("failure", problem)
+# command -> (reply, the controller's method, whether it takes the command's content).
+HANDLERS = {
+    "get-status": ("status", "get_status", False),
+    "get-configuration": ("configuration", "get_configuration", False),
+    "get-trace": ("trace", "get_trace", True),
+    "set-configuration": ("success", "set_configuration", True),
+    "reload": ("outcome", "reload", False),
+    "get-worker-status": ("status", "get_worker_status", False),
+    "get-metrics": ("metrics", "get_metrics", False),
+}
+# How a method's result becomes the reply, for the replies that carry no text of the method.
+_OUTCOMES = {
+    "success": lambda _: ("success", ""),
+    "outcome": lambda problem: ("success", "") if problem is None else ("failure", problem),
+}
 
 
 class ControllerFactory(protocol.Factory):
-    """Admin connections to one Controller."""
+    """Connections to one controller, answering commands (the admin's: wire.COMMANDS)."""
 
     protocol = ControllerProtocol
     noisy = False
 
-    def __init__(self, controller):
+    def __init__(self, controller, commands=wire.COMMANDS):
         self.controller = controller
+        self.commands = commands

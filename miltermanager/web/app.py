@@ -18,14 +18,20 @@ from ..metrics import Metrics, MetricsResource, QuietSite, listen, registry_for
 
 
 class WebApp:
-    """What the pages share. service: the ManagerService; clock: its reactor (or a task.Clock)."""
+    """What the pages share. service: the ManagerService; clock: its reactor (or a task.Clock).
 
-    def __init__(self, service, clock):
+    scrape: the supervisor's WorkersScrape (manager.n_workers), whose
+    /metrics are the workers' counts added up at each scrape; None: this
+    process's own Metrics.
+    """
+
+    def __init__(self, service, clock, scrape=None):
         from . import activity, auth, editing
 
         self.service = service
         self.clock = clock
-        self.metrics = Metrics(service.factory)
+        self.scrape = scrape
+        self.metrics = Metrics(service.factory) if scrape is None else scrape.collector.metrics
         # Without a password file only /metrics is served (web.metrics_without_login): no
         # page, and none of the pages' observers on the sessions' path.
         self.pages = service.configuration.web.password_file is not None
@@ -45,6 +51,8 @@ class WebApp:
 
     def observers(self):
         """The event-stream observers the web endpoint adds to the factory."""
+        if self.scrape is not None:
+            return []  # the supervisor serves no session: its workers count
         return [self.metrics, self.activity] if self.pages else [self.metrics]
 
     def root(self):
@@ -56,12 +64,15 @@ class WebApp:
             auth_pages.install(self, root)
             pages.install(self, root)
             edit_pages.install(self, root)
-        root.putChild(b"metrics", MetricsResource(registry_for(self.metrics)))
+        if self.scrape is not None:
+            root.putChild(b"metrics", MetricsResource(self.scrape.registry, self.scrape.refresh))
+        else:
+            root.putChild(b"metrics", MetricsResource(registry_for(self.metrics)))
         return root
 
 
-def start(service, reactor, settings):
-    """Serve the web interface of service on settings.connection_spec.
+def start(service, reactor, settings, scrape=None):
+    """Serve the web interface of service on settings.connection_spec (scrape: see WebApp).
 
     Fires with a WebEndpoint whose stop() undoes it; fails as listening does
     (CannotListenError) or with a StartError-worthy ValueError for TLS files
@@ -69,7 +80,7 @@ def start(service, reactor, settings):
     """
     from . import tls
 
-    app = WebApp(service, reactor)
+    app = WebApp(service, reactor, scrape)
     site = QuietSite(app.root())
     factory = tls.wrap(settings, site)
     listening = listen(reactor, settings.connection_spec, factory)
@@ -77,7 +88,8 @@ def start(service, reactor, settings):
     def listening_now(port):
         for observer in app.observers():
             service.factory.add_observer(observer)
-        app.metrics.start()
+        if scrape is None:
+            app.metrics.start()
         return WebEndpoint(service.factory, app, site, port)
 
     return listening.addCallback(listening_now)
