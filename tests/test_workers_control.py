@@ -37,6 +37,7 @@ from miltermanager.tools.log_analyzer import main as analyzer_main
 from .peers.fixtures import (
     HOST, REPO, LibmilterMilter, MiltermanagerProcess, _alive, free_port,
 )
+from .test_ctl import run_tool
 from .test_metrics import openmetrics_text, samples
 from .test_workers import _ProcessReactor, _report, _wait, configuration
 
@@ -543,6 +544,15 @@ class WorkersControlProcessTests(TestCase):
         self.assertEqual({w["pid"] for w in status["workers"]}, set(self.pids().values()))
         child, = status["children"]
         self.assertEqual((child["name"], child["state"], child["messages"]), ("child", "up", 120))
+        # milter-manager-ctl status shows the workers as a table: one row each.
+        shown = run_tool("miltermanager.tools.ctl", "-s", f"inet:{self.controller_port}@{HOST}",
+                         "status").stdout.splitlines()
+        header = shown.index(next(line for line in shown if line.startswith("WORKER")))
+        rows = [line.split() for line in shown[header + 1:]]
+        self.assertEqual(shown[header].split(), ["WORKER", "PID", "STATE", "SESSIONS", "IN",
+                                                 "FLIGHT", "MESSAGES", "RESTARTS"])
+        self.assertEqual(rows, [[str(n), str(self.pids()[n]), "running", str(shares[n]), "0",
+                                 str(shares[n]), "0"] for n in (1, 2, 3)])
         self.assertEqual(child["replies"]["end-of-message"], {"continue": 120})
         # Ten replies a session (two headers), up to 1024 kept per worker.
         self.assertEqual(child["latency_samples"], sum(min(1024, 10 * n) for n in shares.values()))

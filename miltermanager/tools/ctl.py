@@ -166,8 +166,26 @@ def _ms(latency, key):
 
 def _state(child):
     if child["state"] == "down":
-        return f"down since {child['since']}"
+        # With manager.n_workers: down in some of the workers (down_in of them).
+        where = f" in {child['down_in']} workers" if child.get("down_in") else ""
+        return f"down since {child['since']}{where}"
     return child["state"]
+
+
+def _worker_state(worker):
+    if worker["state"] == "unreachable":
+        return f"unreachable: {worker.get('reason') or 'no answer'}"
+    return worker["state"]
+
+
+def _workers(workers):
+    """The table of a supervisor's workers (manager.n_workers), from get-status's workers."""
+    rows = [(worker["number"], worker["pid"] or "-", _worker_state(worker),
+             worker.get("sessions", {}).get("started", "-"),
+             worker.get("sessions", {}).get("in_flight", "-"), worker.get("messages", "-"),
+             worker["restarts"]) for worker in workers]
+    return _table(("WORKER", "PID", "STATE", "SESSIONS", "IN FLIGHT", "MESSAGES", "RESTARTS"),
+                  rows)
 
 
 def format_status(data):
@@ -191,6 +209,8 @@ def format_status(data):
              _counts(child["stops"])) for child in data["children"]]
     lines.append(_table(("CHILD", "STATE", "FAILS", "MESSAGES", "P50ms", "P90ms", "P99ms",
                          "FALLBACKS", "STOPPED"), rows) if rows else "no child milter")
+    if data.get("workers"):
+        lines += ["", _workers(data["workers"])]
     return "\n".join(lines)
 
 
