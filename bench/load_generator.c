@@ -603,7 +603,7 @@ struct series {
 
 static struct series latencies;		/* per message */
 static struct series lags;		/* --rate: how late each session started */
-static struct series command_times[128];	/* per command code: its write to its reply */
+static struct series command_times[256];	/* per command code: its write to its reply */
 static long n_messages, n_sessions_connected;
 
 static void
