@@ -2,7 +2,7 @@
  * load_generator: milter-test-server's --n-sessions load, in C, for bench/run.
  *
  *     load_generator -s SPEC --script FILE --n-sessions N [--concurrency C]
- *                    [--n-messages-per-session M] [--all-timeouts SECONDS]
+ *                    [--n-messages-per-session M] [--all-timeouts SECONDS] [--rate R]
  *
  * The Python load generator (milter-test-server --n-sessions) needs most of a
  * core to drive a trivial child at a few thousand messages a second, so it,
@@ -32,13 +32,34 @@
  *     elapsed-time: SECONDS seconds
  *     throughput: RATE messages/s
  *     latency p50/p90/p99/max: A/B/C/D ms
+ *     latency p99.9: E ms
+ *     sessions-in-flight mean/max: F/G
+ *     rate: R messages/s offered, at most C sessions at once      (--rate only)
+ *     start-lag p50/p99/max: A/B/C ms                             (--rate only)
+ *     command NAME p50/p90/p99/p99.9/max: A/B/C/D/E ms (N replies)
  *     status STATUS: COUNT
  *     error: COUNT × TEXT
  *     generator-cpu: SECONDS seconds (user U, system S)
  *
- * Latency is per message, from its MAIL (the ABORT before it included) to the
- * final reply that ends it. Exit status 0 if any session connected, 1 if none
- * did, 2 on a usage error.
+ * Closed loop (the default, as milter-test-server): C sessions at once, each
+ * starting as soon as the one before it in its slot ended. Latency is per
+ * message, from its MAIL (the ABORT before it included) to the final reply
+ * that ends it. Under load that hides how long a message would have waited
+ * for a free slot (coordinated omission).
+ *
+ * Open loop (--rate R, messages per second): session i is due at
+ * i * M / R seconds after the start, whatever the milter does; at most C are
+ * in flight, and a due session waits for a free slot. The first message of a
+ * session is timed from when the session was due, so the wait for a slot,
+ * connecting, NEGOTIATE, CONNECT and HELO count in its latency; later
+ * messages of the session (M > 1) from their MAIL. start-lag is how late
+ * sessions actually started: near zero unless the slots or this process were
+ * the limit.
+ *
+ * A command's time is from the write that carries it (with the macros and
+ * the commands without reply before it) to its final reply: what the milter
+ * took to answer it, whatever the schedule. Exit status 0 if any session
+ * connected, 1 if none did, 2 on a usage error.
  *
  * Built by bench/run: cc -O2 -o BUILD/load_generator bench/load_generator.c
  */
@@ -574,24 +595,42 @@ by_value(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-static double *latencies;
-static long n_latencies, n_messages, n_sessions_connected;
+/* Timings in seconds, sorted by report() before percentile() reads them. */
+struct series {
+	double *values;
+	long n, capacity;
+};
+
+static struct series latencies;		/* per message */
+static struct series lags;		/* --rate: how late each session started */
+static struct series command_times[256];	/* per command code: its write to its reply */
+static long n_messages, n_sessions_connected;
+
+static void
+series_add(struct series *series, double value)
+{
+	if (series->n == series->capacity) {
+		series->capacity = series->capacity ? 2 * series->capacity : 1024;
+		series->values = xrealloc(series->values, series->capacity * sizeof *series->values);
+	}
+	series->values[series->n++] = value;
+}
 
 static double
-percentile(double fraction)
+percentile(const struct series *series, double fraction)
 {
 	long rank;
 
-	if (n_latencies == 0)
+	if (series->n == 0)
 		return 0.0;
-	rank = (long)(fraction * n_latencies);
-	if (rank < fraction * n_latencies)
+	rank = (long)(fraction * series->n);
+	if (rank < fraction * series->n)
 		rank++;  /* nearest rank: ceil */
 	if (rank < 1)
 		rank = 1;
-	if (rank > n_latencies)
-		rank = n_latencies;
-	return latencies[rank - 1];
+	if (rank > series->n)
+		rank = series->n;
+	return series->values[rank - 1];
 }
 
 /* ------------------------------------------------------------------ sessions */
@@ -607,6 +646,9 @@ struct session {
 	int messages;			/* messages done in this session */
 	int refused;			/* recipients refused in this transaction */
 	double started;			/* this message's start */
+	double scheduled;		/* --rate: when this session was due to start */
+	double began;			/* when it started */
+	double sent;			/* when the unit awaiting a reply was written */
 	double deadline;
 	struct buffer out;
 	size_t out_sent;
@@ -620,9 +662,13 @@ static struct {
 	int family;
 	long n_sessions, started_sessions;
 	int concurrency, per_session;
+	double rate;			/* --rate: messages per second on a fixed schedule; 0: closed loop */
+	double first_start;		/* the schedule's origin */
 	double reading_timeout, end_of_message_timeout, connection_timeout;
 	int epoll;
 	int active;			/* sessions started and not ended */
+	int most_active;
+	double session_seconds;		/* the sessions' durations added up: the mean in flight */
 	struct session **idle;		/* slots whose session ended */
 	int n_idle;
 	double now;
@@ -659,6 +705,7 @@ end_session(struct session *session, int quit)
 	if (session->fd >= 0)
 		close(session->fd);
 	session->fd = -1;
+	load.session_seconds += now_seconds() - session->began;
 	load.active--;
 	load.idle[load.n_idle++] = session;  /* the main loop starts the next session in it */
 }
@@ -718,6 +765,7 @@ static void
 wait_for(struct session *session, char code)
 {
 	session->waiting = code;
+	session->sent = now_seconds();
 	session->deadline = load.now +
 		(code == 'E' ? load.end_of_message_timeout : load.reading_timeout);
 }
@@ -735,7 +783,8 @@ run_units(struct session *session)
 			session->phase = TRANSACTION;
 			session->unit = 0;
 			session->refused = 0;
-			session->started = now_seconds();
+			/* open loop: the first message waited for its session's start too */
+			session->started = load.rate ? session->scheduled : now_seconds();
 			continue;
 		}
 		buffer_add(&session->out, units[session->unit].bytes.data, units[session->unit].bytes.length);
@@ -757,6 +806,13 @@ quick_ack(struct session *session)
 		setsockopt(session->fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
 }
 
+/* When session number (from 0) is due under --rate. */
+static double
+due(long number)
+{
+	return load.first_start + number * load.per_session / load.rate;
+}
+
 static void
 start_session(struct session *session)
 {
@@ -764,8 +820,14 @@ start_session(struct session *session)
 	ssize_t sent;
 	struct epoll_event event = {.events = EPOLLOUT, .data.ptr = session};
 
+	session->began = now_seconds();
+	if (load.rate) {
+		session->scheduled = due(load.started_sessions);
+		series_add(&lags, session->began - session->scheduled);
+	}
 	load.started_sessions++;
-	load.active++;
+	if (++load.active > load.most_active)
+		load.most_active = load.active;
 	session->fd = -1;
 	session->phase = CONNECTING;
 	session->plan = NULL;
@@ -853,7 +915,7 @@ message_done(struct session *session, const char *status)
 {
 	double ended = now_seconds();
 
-	latencies[n_latencies++] = ended - session->started;
+	series_add(&latencies, ended - session->started);
 	n_messages++;
 	count(&statuses, &n_statuses, status);
 	session->messages++;
@@ -881,6 +943,7 @@ on_reply(struct session *session, unsigned char code, const unsigned char *paylo
 			fail(session, "'%c' in reply to NEGOTIATE", code);
 			return -1;
 		}
+		series_add(&command_times['O'], now_seconds() - session->sent);
 		session->plan = plan_for(payload, length);
 		if (session->plan->error) {
 			fail(session, "%s", session->plan->error);
@@ -930,6 +993,7 @@ on_reply(struct session *session, unsigned char code, const unsigned char *paylo
 		fail(session, "unknown reply code 0x%02x in reply to %s", code, command_name(waiting));
 		return -1;
 	}
+	series_add(&command_times[(unsigned char)waiting], now_seconds() - session->sent);
 	if (session->phase == GREETING) {
 		if (status) {
 			char text[64];
@@ -1092,12 +1156,29 @@ parse_spec(const char *spec)
 	freeaddrinfo(found);
 }
 
+/* epoll_wait to the nanosecond (epoll_pwait2, Linux 5.11), else rounded up to the millisecond. */
+static int
+wait_events(struct epoll_event *events, int size, const struct timespec *timeout)
+{
+	static int no_pwait2;
+
+	if (!no_pwait2) {
+		int n = epoll_pwait2(load.epoll, events, size, timeout, NULL);
+
+		if (n >= 0 || errno != ENOSYS)
+			return n;
+		no_pwait2 = 1;
+	}
+	return epoll_wait(load.epoll, events, size,
+			  timeout->tv_sec * 1000 + (timeout->tv_nsec + 999999) / 1000000);
+}
+
 static void
 usage(void)
 {
 	fprintf(stderr,
 		"usage: " PROGRAM " -s SPEC --script FILE --n-sessions N [--concurrency C]\n"
-		"       [--n-messages-per-session M] [--all-timeouts SECONDS]\n"
+		"       [--n-messages-per-session M] [--all-timeouts SECONDS] [--rate R]\n"
 		"SPEC: unix:PATH, inet:PORT@HOST, inet6:PORT@HOST; FILE: from bench/load_script.py\n");
 	exit(2);
 }
@@ -1120,15 +1201,39 @@ report(double elapsed)
 	double cpu_user, cpu_system;
 	int i;
 
-	qsort(latencies, n_latencies, sizeof *latencies, by_value);
+	static const char order[] = "OCHMRUTLNBE";  /* commands in the order they are sent */
+
+	qsort(latencies.values, latencies.n, sizeof *latencies.values, by_value);
+	qsort(lags.values, lags.n, sizeof *lags.values, by_value);
 	qsort(statuses, n_statuses, sizeof *statuses, by_text);
 	qsort(errors, n_errors, sizeof *errors, by_count);
 	printf("sessions: %ld\n", n_sessions_connected);
 	printf("messages: %ld\n", n_messages);
 	printf("elapsed-time: %g seconds\n", elapsed);
 	printf("throughput: %.1f messages/s\n", elapsed > 0 ? n_messages / elapsed : 0.0);
-	printf("latency p50/p90/p99/max: %.2f/%.2f/%.2f/%.2f ms\n", 1000 * percentile(0.5),
-	       1000 * percentile(0.9), 1000 * percentile(0.99), 1000 * percentile(1.0));
+	printf("latency p50/p90/p99/max: %.2f/%.2f/%.2f/%.2f ms\n", 1000 * percentile(&latencies, 0.5),
+	       1000 * percentile(&latencies, 0.9), 1000 * percentile(&latencies, 0.99),
+	       1000 * percentile(&latencies, 1.0));
+	printf("latency p99.9: %.2f ms\n", 1000 * percentile(&latencies, 0.999));
+	printf("sessions-in-flight mean/max: %.2f/%d\n",
+	       elapsed > 0 ? load.session_seconds / elapsed : 0.0, load.most_active);
+	if (load.rate) {
+		printf("rate: %.1f messages/s offered, at most %d sessions at once\n",
+		       load.rate, load.concurrency);
+		printf("start-lag p50/p99/max: %.3f/%.3f/%.3f ms\n", 1000 * percentile(&lags, 0.5),
+		       1000 * percentile(&lags, 0.99), 1000 * percentile(&lags, 1.0));
+	}
+	for (i = 0; order[i]; i++) {
+		struct series *times = &command_times[(unsigned char)order[i]];
+
+		if (times->n == 0)
+			continue;
+		qsort(times->values, times->n, sizeof *times->values, by_value);
+		printf("command %s p50/p90/p99/p99.9/max: %.3f/%.3f/%.3f/%.3f/%.3f ms (%ld replies)\n",
+		       command_name(order[i]), 1000 * percentile(times, 0.5), 1000 * percentile(times, 0.9),
+		       1000 * percentile(times, 0.99), 1000 * percentile(times, 0.999),
+		       1000 * percentile(times, 1.0), times->n);
+	}
 	for (i = 0; i < n_statuses; i++)
 		printf("status %s: %ld\n", statuses[i].text, statuses[i].count);
 	for (i = 0; i < n_errors; i++)
@@ -1150,6 +1255,7 @@ main(int argc, char **argv)
 		{"concurrency", required_argument, NULL, 'c'},
 		{"n-messages-per-session", required_argument, NULL, 'm'},
 		{"all-timeouts", required_argument, NULL, 't'},
+		{"rate", required_argument, NULL, 'r'},
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0},
 	};
@@ -1180,6 +1286,14 @@ main(int argc, char **argv)
 			load.reading_timeout = load.end_of_message_timeout = load.connection_timeout = seconds;
 			break;
 		}
+		case 'r': {
+			char *end;
+
+			load.rate = strtod(optarg, &end);
+			if (*optarg == '\0' || *end || !(load.rate > 0) || load.rate > 1e7)
+				die("--rate: not a positive number of messages per second: %s", optarg);
+			break;
+		}
 		default: usage();
 		}
 	}
@@ -1190,25 +1304,39 @@ main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 	if (load.concurrency > load.n_sessions)
 		load.concurrency = load.n_sessions;
-	latencies = xrealloc(NULL, load.n_sessions * load.per_session * sizeof *latencies);
 	sessions = calloc(load.concurrency, sizeof *sessions);
 	load.epoll = epoll_create1(EPOLL_CLOEXEC);
 	if (sessions == NULL || load.epoll < 0)
 		die("setting up: %s", strerror(errno));
-	started = last_scan = load.now = now_seconds();
+	started = last_scan = load.now = load.first_start = now_seconds();
 	load.idle = xrealloc(NULL, load.concurrency * sizeof *load.idle);
 	for (i = 0; i < load.concurrency; i++) {
 		sessions[i].fd = -1;
 		load.idle[load.n_idle++] = &sessions[load.concurrency - 1 - i];
 	}
 	for (;;) {
+		struct timespec wait = {0, 100 * 1000 * 1000};
 		int n;
 
-		while (load.n_idle && load.started_sessions < load.n_sessions)
+		/* closed loop: a session whenever a slot is free; --rate: also only once it is due */
+		if (load.rate)
+			load.now = now_seconds();
+		while (load.n_idle && load.started_sessions < load.n_sessions &&
+		       (!load.rate || due(load.started_sessions) <= load.now))
 			start_session(load.idle[--load.n_idle]);
-		if (load.active == 0)
+		if (load.active == 0 && load.started_sessions == load.n_sessions)
 			break;
-		n = epoll_wait(load.epoll, events, sizeof events / sizeof *events, 100);
+		if (load.rate && load.n_idle && load.started_sessions < load.n_sessions) {
+			double until = due(load.started_sessions) - now_seconds();
+
+			if (until < 0)
+				until = 0;
+			if (until < 0.1) {
+				wait.tv_sec = 0;
+				wait.tv_nsec = until * 1e9;
+			}
+		}
+		n = wait_events(events, sizeof events / sizeof *events, &wait);
 
 		if (n < 0 && errno != EINTR)
 			die("epoll_wait: %s", strerror(errno));
