@@ -554,7 +554,11 @@ def adopt_listening_socket(reactor, fd, factory):
     Twisted's adopted UNIX port would chmod the socket file to 0666 and
     unlink it at close; the supervisor owns the file, so the port is told
     it has none (twisted_internals.forget_socket_file) before it starts.
+    The socket is made non-blocking here: Twisted's adopted port does not,
+    and a blocking one would hang the worker in accept() whenever another
+    worker took the connection first.
     """
+    os.set_blocking(fd, False)
     probe = socket.socket(fileno=os.dup(fd))
     family = probe.family
     path = probe.getsockname() if family == socket.AF_UNIX else None

@@ -191,6 +191,28 @@ class _Lines:
         pass
 
 
+class AdoptTests(SynchronousTestCase):
+    """A worker's adoption of the listening socket it inherited."""
+
+    def test_blocking_socket_made_non_blocking(self):
+        """An inherited blocking socket is adopted non-blocking, and the inherited fd is closed."""
+        import socket
+
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(5)
+        os.set_blocking(listening.fileno(), True)
+        inherited = os.dup(listening.fileno())
+        reactor = MemoryReactorClock()
+        factory = object()
+        workers.adopt_listening_socket(reactor, inherited, factory)
+        self.assertFalse(os.get_blocking(listening.fileno()))  # one open file, shared
+        self.assertEqual([(port[1], port[2]) for port in reactor.adoptedPorts],
+                         [(socket.AF_INET, factory)])
+        self.assertRaises(OSError, os.fstat, inherited)
+
+
 class WorkerLogTests(SynchronousTestCase):
     """A worker's log lines carry its number."""
 
