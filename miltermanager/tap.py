@@ -42,7 +42,7 @@ from twisted.python import usage
 
 import miltermanager
 from miltermanager.paths import directory_problem
-from miltermanager.process import StartError, remove_pid_file
+from miltermanager.process import StartError, remove_pid_file, settle_heap
 from miltermanager.service import ManagerService, error_lines, start_problems, startup_problems
 
 # twistd's --pidfile when daemonized and neither --pidfile nor manager.pid_file is given.
@@ -361,7 +361,20 @@ class TwistdService(ManagerService):
     goes to the log, to the original standard error, and, daemonized, to
     twistd's status pipe, whose reader (the process the user started)
     prints it. twistd's own pid file, if any, is removed as twistd would.
+
+    It is also the process's own: it keeps the long-lived heap out of the
+    garbage collector's full passes (process.settle_heap) once the reactor
+    runs and after each reload.
     """
+
+    def startService(self):
+        super().startService()
+        self.reactor.callWhenRunning(settle_heap)
+
+    def _adopt(self, configuration):
+        adopted = super()._adopt(configuration)
+        settle_heap()
+        return adopted
 
     def setServiceParent(self, parent):
         try:
