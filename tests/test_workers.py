@@ -269,7 +269,29 @@ def _wait(predicate, timeout=30, what="condition"):
         time.sleep(0.05)
 
 
-class WorkersProcessTests(TestCase):
+class RealWorkers:
+    """For tests with a real supervisor in self.manager: its workers, as its log tells."""
+
+    def _stop_all(self):
+        pids = list(self.pids().values())
+        self.manager.stop()
+        for pid in pids:  # by pid, should the supervisor have left any behind
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    def pids(self):
+        """{worker number: its latest pid} from the supervisor's log."""
+        return {int(n): int(pid) for n, pid in _STARTED.findall(self.manager.log())}
+
+    def served(self):
+        """{worker number: sessions it logged as ended}."""
+        counts = {}
+        for number in _SESSION_END.findall(self.manager.log()):
+            counts[int(number)] = counts.get(int(number), 0) + 1
+        return counts
+
+
+class WorkersProcessTests(RealWorkers, TestCase):
     """A real supervisor with four real workers and a real libmilter child."""
 
     timeout = 240
@@ -283,26 +305,8 @@ class WorkersProcessTests(TestCase):
         self.addCleanup(self._stop_all)
         _wait(lambda: len(self.pids()) == N_WORKERS, what="four workers")
 
-    def _stop_all(self):
-        pids = list(self.pids().values())
-        self.manager.stop()
-        for pid in pids:  # by pid, should the supervisor have left any behind
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-    def pids(self):
-        """{worker number: its latest pid} from the supervisor's log."""
-        return {int(n): int(pid) for n, pid in _STARTED.findall(self.manager.log())}
-
     def eoms(self):
         return sum(1 for event in self.child.events() if event["event"] == "eom")
-
-    def served(self):
-        """{worker number: sessions it logged as ended}."""
-        counts = {}
-        for number in _SESSION_END.findall(self.manager.log()):
-            counts[int(number)] = counts.get(int(number), 0) + 1
-        return counts
 
     def test_workers_under_load_restart_reload_stop(self):
         """A killed worker is restarted and loses no other session; HUP and TERM reach all."""

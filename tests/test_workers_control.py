@@ -39,7 +39,7 @@ from .peers.fixtures import (
 )
 from .test_ctl import run_tool
 from .test_metrics import openmetrics_text, samples
-from .test_workers import _ProcessReactor, _report, _wait, configuration
+from .test_workers import _SESSION_END, RealWorkers, _ProcessReactor, _report, _wait, configuration
 
 
 def _child(name, state="up", since="2026-12-03T10:00:00+0000", failures=0, messages=0,
@@ -451,8 +451,6 @@ web.metrics_without_login = True
 with define_milter("child") as milter:
     milter.connection_spec = "{child}"
 """
-_STARTED = re.compile(r"\[workers\]\[started\] worker (\d+) is pid (\d+)")
-_SESSION_END = re.compile(r"\[worker (\d+) [^\]]*\] \[session\]\[end\]")
 
 
 def _load(spec, n_sessions, concurrency=6):
@@ -474,7 +472,7 @@ def _one_session(spec, queue_id):
     assert done.stdout.startswith("status: pass"), done.stdout + done.stderr
 
 
-class WorkersControlProcessTests(TestCase):
+class WorkersControlProcessTests(RealWorkers, TestCase):
     """A real supervisor of three workers with its controller and /metrics, a real child."""
 
     timeout = 240
@@ -493,24 +491,6 @@ class WorkersControlProcessTests(TestCase):
         self.spec = f"inet:{self.manager.port}@{HOST}"
         _wait(lambda: self.manager.log().count("[worker][start]") == self.n_workers, 30,
               "every worker serving")
-
-    def _stop_all(self):
-        pids = list(self.pids().values())
-        self.manager.stop()
-        for pid in pids:  # by pid, should the supervisor have left any behind
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-    def pids(self):
-        """{worker number: its latest pid} from the supervisor's log."""
-        return {int(n): int(pid) for n, pid in _STARTED.findall(self.manager.log())}
-
-    def served(self):
-        """{worker number: sessions it logged as ended}."""
-        counts = {}
-        for number in _SESSION_END.findall(self.manager.log()):
-            counts[int(number)] = counts.get(int(number), 0) + 1
-        return counts
 
     def ask(self, name, content=b""):
         return ask(f"inet:{self.controller_port}@{HOST}", name, content)
