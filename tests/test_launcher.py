@@ -35,8 +35,8 @@ def _alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    except (FileNotFoundError, ProcessLookupError):
+        return False  # gone before the open, or between the open and the read (ESRCH)
 
 
 def _milter(name="m1", command="run-m1", options=None, user=None, enabled=True):

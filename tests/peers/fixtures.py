@@ -81,8 +81,8 @@ def _alive(pid):
         with open(f"/proc/{pid}/stat") as stat:
             # The state follows the parenthesised command name; a zombie holds no sockets.
             return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    except (FileNotFoundError, ProcessLookupError):
+        return False  # gone before the open, or between the open and the read (ESRCH)
 
 
 def stop_pid(pid, timeout=15, wake=None):
