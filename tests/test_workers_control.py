@@ -39,7 +39,9 @@ from .peers.fixtures import (
 )
 from .test_ctl import run_tool
 from .test_metrics import openmetrics_text, samples
-from .test_workers import _SESSION_END, RealWorkers, _ProcessReactor, _report, _wait, configuration
+from .test_workers import (
+    _SESSION_END, RealWorkers, _Lines, _ProcessReactor, _report, _wait, configuration,
+)
 
 
 def _child(name, state="up", since="2026-12-03T10:00:00+0000", failures=0, messages=0,
@@ -641,14 +643,3 @@ class WorkersStatisticsTests(TestCase):
                           total[("status", "pass")]), (80, 80, 80))
         self.assertEqual(reader.unreadable, 0)
         self.assertTrue(os.path.exists(os.path.join(directory, "index.html")))
-
-
-class _Lines:
-    def __init__(self):
-        self.text = ""
-
-    def write(self, text):
-        self.text += text
-
-    def flush(self):
-        pass
