@@ -44,6 +44,7 @@ import miltermanager
 from miltermanager.paths import directory_problem
 from miltermanager.process import StartError, remove_pid_file, settle_heap
 from miltermanager.service import ManagerService, error_lines, start_problems, startup_problems
+from miltermanager.twisted_internals import lean_event_loop
 
 # twistd's --pidfile when daemonized and neither --pidfile nor manager.pid_file is given.
 DAEMON_PID_FILE = "/run/milter-manager/milter-manager.pid"
@@ -364,11 +365,13 @@ class TwistdService(ManagerService):
 
     It is also the process's own: it keeps the long-lived heap out of the
     garbage collector's full passes (process.settle_heap) once the reactor
-    runs and after each reload.
+    runs and after each reload, and takes the epoll reactor's lean event
+    loop (twisted_internals.lean_event_loop).
     """
 
     def startService(self):
         super().startService()
+        lean_event_loop(self.reactor)
         self.reactor.callWhenRunning(settle_heap)
 
     def _adopt(self, configuration):

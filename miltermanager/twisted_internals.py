@@ -1,4 +1,4 @@
-"""The two things we need from Twisted that its public API does not offer, each with a fallback.
+"""The three things we need from Twisted that its public API does not offer, each with a fallback.
 
 Everything here reads or writes attributes Twisted does not document, so
 it lives in one place, says which Twisted versions have them (checked on
@@ -10,6 +10,11 @@ the running Twisted that the attributes are still there and used.
 import os
 
 from twisted.python import log as twisted_log
+
+try:
+    from twisted.internet.epollreactor import EPollReactor
+except ImportError:  # no epoll (not Linux): lean_event_loop leaves the reactor alone
+    EPollReactor = None
 
 # twisted.internet.abstract.FileDescriptor's write buffer: data queued by
 # write() waits in _tempDataBuffer (its size in _tempDataLen) and then in
@@ -84,3 +89,58 @@ def forget_socket_file(port, path):
             port._logConnectionLostMsg = lambda: twisted_log.msg(f"(UNIX Port {path} Closed)")
             return True
     return False
+
+
+# EPollReactor's own state doPoll reads: the same names from 22.4 to 26.x.
+_EPOLL_STATE = ("_poller", "_selectables", "_doReadOrWrite")
+
+
+def lean_event_loop(reactor):
+    """Dispatch the epoll reactor's ready descriptors without a log context per event; True if done.
+
+    EPollReactor.doPoll hands each ready descriptor to log.callWithLogger,
+    which asks it for its logPrefix, copies the legacy logging context into
+    a new dict and pushes it for the call: some ten Python calls per event,
+    and a message through the manager is 27 events. Only Twisted's legacy
+    log.msg reads that context (the manager logs through twisted.logger,
+    whose lines name their own system), so doPoll is replaced on this
+    reactor by one that calls _doReadOrWrite directly. What _doReadOrWrite
+    lets through is logged as callWithLogger would, with the descriptor's
+    logPrefix. A legacy line Twisted logs while handling an event shows
+    [-] instead of, say, [MilterServerProtocol,7,127.0.0.1].
+
+    Needs EPollReactor's _poller, _selectables and _doReadOrWrite (22.4 to
+    26.x); any other reactor (asyncio, poll, select, a test's) is left as it is.
+    """
+    if EPollReactor is None or not isinstance(reactor, EPollReactor) or not all(
+            hasattr(reactor, name) for name in _EPOLL_STATE):
+        return False
+    poll = reactor._poller.poll
+    selectables = reactor._selectables
+    dispatch = reactor._doReadOrWrite
+
+    def doPoll(timeout):
+        try:
+            ready = poll(-1 if timeout is None else timeout, len(selectables))
+        except InterruptedError:
+            return  # a signal: the reactor's loop runs its handlers and comes back
+        for fd, event in ready:
+            selectable = selectables.get(fd)
+            if selectable is None:
+                continue  # removed by a handler earlier in this batch
+            try:
+                dispatch(selectable, fd, event)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                twisted_log.err(system=_log_prefix(selectable))
+
+    reactor.doPoll = reactor.doIteration = doPoll
+    return True
+
+
+def _log_prefix(selectable):
+    try:
+        return selectable.logPrefix()
+    except Exception:
+        return "(buggy logPrefix method)"

@@ -308,3 +308,20 @@ class SettleHeapTests(SynchronousTestCase):
         reload = []
         service.reload().addCallback(reload.append)
         self.assertEqual((reload, calls), ([True], ["settled", "settled"]))
+
+    def test_twistd_service_takes_the_lean_event_loop(self):
+        """The twistd service hands its reactor to twisted_internals.lean_event_loop when it starts."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from miltermanager import config, tap
+
+        leaned = []
+        self.patch(tap, "lean_event_loop", leaned.append)
+        configuration = config.default()
+        config.set_value(configuration.manager, "connection_spec", "inet:10025@[127.0.0.1]")
+        reactor = MemoryReactorClock()
+        service = tap.TwistdService(reactor, configuration, load=lambda: configuration)
+        self.assertEqual(leaned, [])
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(leaned, [reactor])

@@ -8,7 +8,9 @@ import tempfile
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import log
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -256,3 +258,106 @@ class ForgetSocketFileTests(TestCase):
         port = Port()
         self.assertFalse(twisted_internals.forget_socket_file(port, self.path))
         self.assertEqual(port._bindPath, b"/elsewhere.sock")
+
+
+class _Readable:
+    """A reader on one end of a socketpair that records what doRead finds; fails on demand."""
+
+    def __init__(self, sock, name, fail_lost=False):
+        self.sock, self.name, self.fail_lost = sock, name, fail_lost
+        self.read = []
+        self.lost = []
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def logPrefix(self):
+        return self.name
+
+    def doRead(self):
+        data = self.sock.recv(100)
+        self.read.append(data)
+        return None if data else ConnectionDone()
+
+    def connectionLost(self, reason):
+        self.lost.append(reason)
+        if self.fail_lost:
+            raise RuntimeError(f"{self.name} broke in connectionLost")
+
+
+class LeanEventLoopTests(SynchronousTestCase):
+    """lean_event_loop on a fresh EPollReactor of the running Twisted (not the global one)."""
+
+    def setUp(self):
+        self.reactor = EPollReactor()
+        self.addCleanup(self.reactor._poller.close)
+        self.errors = []
+        log.addObserver(self.errors.append)
+        self.addCleanup(log.removeObserver, self.errors.append)
+
+    def readable(self, name, **kwargs):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        ours.setblocking(False)
+        reader = _Readable(ours, name, **kwargs)
+        self.reactor.addReader(reader)
+        return reader, theirs
+
+    def test_replaces_do_poll(self):
+        """The running Twisted's epoll reactor still has what the lean loop needs."""
+        self.assertTrue(twisted_internals.lean_event_loop(self.reactor))
+        self.assertIn("doIteration", vars(self.reactor))
+        self.assertIs(self.reactor.doPoll, self.reactor.doIteration)
+
+    def test_dispatches_every_ready_descriptor(self):
+        """Each ready reader's doRead runs once per turn, with what its peer wrote."""
+        twisted_internals.lean_event_loop(self.reactor)
+        first, first_peer = self.readable("first")
+        second, second_peer = self.readable("second")
+        first_peer.send(b"one")
+        second_peer.send(b"two")
+        self.reactor.doIteration(0)
+        self.assertEqual((first.read, second.read), ([b"one"], [b"two"]))
+        self.reactor.doIteration(0)  # nothing more is ready
+        self.assertEqual((first.read, second.read), ([b"one"], [b"two"]))
+
+    def test_closed_peer_disconnects(self):
+        """A peer's close reaches connectionLost and takes the reader out of the reactor."""
+        twisted_internals.lean_event_loop(self.reactor)
+        reader, peer = self.readable("reader")
+        peer.close()
+        self.reactor.doIteration(0)
+        self.assertEqual(len(reader.lost), 1)
+        self.assertNotIn(reader, self.reactor.getReaders())
+
+    def test_failure_is_logged_with_the_prefix_and_the_turn_goes_on(self):
+        """What escapes _doReadOrWrite is logged once under the reader's logPrefix; the others still run."""
+        twisted_internals.lean_event_loop(self.reactor)
+        broken, broken_peer = self.readable("broken", fail_lost=True)
+        healthy, healthy_peer = self.readable("healthy")
+        broken_peer.close()
+        healthy_peer.send(b"data")
+        self.reactor.doIteration(0)
+        self.assertEqual(healthy.read, [b"data"])
+        failures = [event for event in self.errors if event.get("isError")]
+        self.assertEqual([event["system"] for event in failures], ["broken"])
+        self.assertIn("broke in connectionLost", str(failures[0]["failure"].value))
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_other_reactors_are_left_alone(self):
+        """A reactor that is not epoll's keeps its own loop."""
+        other = MemoryReactorClock()
+        self.assertFalse(twisted_internals.lean_event_loop(other))
+        self.assertNotIn("doIteration", vars(other))
+
+    def test_missing_state_falls_back(self):
+        """An EPollReactor without its poller or descriptor map (another Twisted) keeps Twisted's doPoll."""
+        for name in ("_poller", "_selectables"):
+            fresh = EPollReactor()
+            self.addCleanup(fresh._poller.close)
+            poller = fresh._poller
+            delattr(fresh, name)
+            self.assertFalse(twisted_internals.lean_event_loop(fresh), name)
+            self.assertNotIn("doIteration", vars(fresh), name)
+            fresh._poller = poller
