@@ -1,5 +1,6 @@
 """Connection specs: milter socket strings (unix:, inet:, inet6:) and Twisted endpoint strings."""
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -89,7 +90,11 @@ def parse(spec):
         raise ValueError(f"bad connection spec {spec!r}: {reason}; {EXPECTED}") from None
 
 
+@functools.lru_cache(maxsize=256)
 def _parse(spec):
+    # Cached: each child's spec is parsed again at every MTA connection (client.connect),
+    # and its address check (ipaddress) was a tenth of a session's setup. A ConnectionSpec
+    # is frozen, so one can be shared; a bad spec raises, and that is not cached.
     if spec.startswith("/"):
         return ConnectionSpec("unix", path=_check_path(spec))  # libmilter takes a bare path as unix too
     kind, colon, rest = spec.partition(":")

@@ -154,6 +154,13 @@ class ParseTests(unittest.TestCase):
         self.assertEqual(len({parse("unix:/a"), parse("local:/a")}), 1)
         self.assertIsInstance(parse("unix:/a"), ConnectionSpec)
 
+    def test_parsed_once(self):
+        """A spec parsed again (each child's, at every MTA connection) is the same object; a bad one still raises."""
+        self.assertIs(parse("inet:10025@[192.0.2.7]"), parse("inet:10025@[192.0.2.7]"))
+        for _ in range(2):
+            with self.assertRaises(ValueError):
+                parse("inet:99999@localhost")
+
 
 class EndpointTests(unittest.TestCase):
     """client_endpoint() and server_endpoint() build the right Twisted endpoints."""
