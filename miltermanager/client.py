@@ -209,6 +209,8 @@ class MilterClientProtocol(Protocol):
     def connectionLost(self, reason=None):
         self.connected = False
         self._lost = True
+        # send() makes no Deferred from here on; the bound method was a cycle with self.
+        self._canceller = None
         self._cancel_writing_timer()
         if self._ended is None:
             self._ended = reason.getErrorMessage() if reason is not None else "closed"

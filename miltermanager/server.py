@@ -296,6 +296,10 @@ class MilterServerProtocol(Protocol):
 
     def connectionLost(self, reason=None):
         self._finish()
+        # A milter usually keeps its protocol (the manager's session does): dropping our
+        # end of that cycle lets both go when the last reference does, not in a
+        # garbage collection later, which would also have to walk everything they hold.
+        self.milter = None
 
     # ------------------------------------------------------------ public
 

@@ -576,6 +576,10 @@ class ManagerSession:
                 self.number, self.stage, self._verdict,
                 self._decider(self._verdict, self._decided_by), self._messages,
                 self.clock.seconds() - self._started, self.gone_by))
+        # The envelope points back at the session; nothing is sent after close. Without
+        # this cycle the session goes by reference counting (replies still on their way
+        # hold the envelope, and through it the session, as long as they need them).
+        self.envelope = None
 
 
 def _text(value):

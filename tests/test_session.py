@@ -1686,3 +1686,56 @@ class ProgressTests(ScenarioTestCase):
             steps=_message(CONTINUE)[:-1] + [Send(EOM, CONTINUE, progress=0)]
             + _message(CONTINUE)[2:-1] + [Send(EOM, CONTINUE, progress=0)],
         ))
+
+
+class LifetimeTests(unittest.TestCase):
+    """What a finished session leaves behind for the garbage collector."""
+
+    timeout = 15
+
+    @defer.inlineCallbacks
+    def test_session_freed_without_a_collection(self):
+        """Once an MTA connection is over, its session, children and connections go by reference counting.
+
+        Each cyclic leftover is walked by collections, and a session's made
+        them several times as frequent (measured: 53 objects a session were
+        left to the collector before, about 10 of Twisted's own now).
+        """
+        import gc
+        import weakref
+
+        child = ScriptedChild()
+        spec = child.start(reactor)
+        self.addCleanup(child.stop)
+        configuration = Configuration(manager=ManagerConfig(),
+                                      milters=[MilterConfig(name="kid", connection_spec=spec)])
+        factory = ManagerFactory(configuration, reactor, task.Clock())
+        kept = []
+        make_session = factory.milter_factory
+
+        def milter_factory(server):
+            session = make_session(server)
+            kept.append((weakref.ref(session), weakref.ref(server), weakref.ref(session.envelope),
+                         weakref.ref(session.children[0])))
+            return session
+
+        factory.milter_factory = milter_factory
+        tracker = ConnectionTracker()
+        tracker.track(factory)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        if gc.isenabled():
+            gc.disable()
+            self.addCleanup(gc.enable)
+        mta = yield client.connect(reactor, f"inet:{port.getHost().port}@[127.0.0.1]",
+                                   MTA_TIMEOUTS, task.Clock())
+        yield mta.negotiate(OFFER)
+        for command in MESSAGE:
+            yield mta.send(command)
+        mta.close()
+        yield mta.when_closed()
+        yield tracker.wait()
+        yield child.when_closed()
+        yield task.deferLater(reactor, 0, lambda: None)  # let the last callbacks return
+        self.assertEqual(len(kept), 1)
+        self.assertEqual([ref() for ref in kept[0]], [None] * 4)
