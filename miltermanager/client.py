@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol
 from zope.interface import implementer
 
 from . import connection_spec, sockets
@@ -191,6 +191,8 @@ class MilterClientProtocol(Protocol):
             self._socket = tcp
         self._send = sockets.writer(transport)
         transport.registerProducer(self, True)
+        if self.factory is not None:
+            self.factory.connected(self)
 
     def dataReceived(self, data):
         if self._ended is not None:
@@ -487,17 +489,54 @@ class MilterClientProtocol(Protocol):
             self._writing_timer = None
 
 
-class _ClientFactory(Factory):
+class _ClientFactory(ClientFactory):
+    """Builds a connection's MilterClientProtocol; deferred fires with it once connected.
+
+    The reactor dials it directly (ConnectionSpec.connect), without an
+    endpoint's wrappers. For specs only an endpoint dials, deferred is None:
+    the endpoint fires its own.
+    """
+
     noisy = False  # one connection per child per MTA session: no "Starting factory" lines
 
-    def __init__(self, clock, timeouts):
+    def __init__(self, clock, timeouts, spec=None):
         self.clock = clock
         self.timeouts = timeouts
+        self.spec = spec
+        self.connector = None
+        self.deferred = None if spec is None else defer.Deferred(self._cancel)
 
     def buildProtocol(self, addr):
         protocol = MilterClientProtocol(self.clock, self.timeouts)
         protocol.factory = self
         return protocol
+
+    def connected(self, protocol):
+        """protocol's connectionMade: the connection is ready for commands."""
+        d, self.deferred = self.deferred, None
+        if d is not None:
+            d.callback(protocol)
+
+    def clientConnectionFailed(self, connector, reason):
+        self.connector = None
+        d, self.deferred = self.deferred, None
+        if d is not None:
+            d.errback(MilterConnectError(self.spec, reason.getErrorMessage(),
+                                         getattr(reason.value, "osError", None)))
+
+    def clientConnectionLost(self, connector, reason):
+        # The connector points at its transport and at this factory, and both
+        # point back; nothing uses them from here on: unlinked, all go by
+        # reference counting instead of in a garbage collection.
+        connector.transport = self.connector = None
+
+    def _cancel(self, d):
+        self.deferred = None
+        try:
+            self.connector.stopConnecting()  # its clientConnectionFailed finds no Deferred
+        except error.NotConnectingError:
+            pass
+        d.errback(defer.CancelledError(f"connecting to the milter at {self.spec} was cancelled"))
 
 
 def connect(reactor, spec, timeouts=None, clock=None):
@@ -509,9 +548,14 @@ def connect(reactor, spec, timeouts=None, clock=None):
     """
     timeouts = timeouts or Timeouts()
     try:
-        endpoint = connection_spec.parse(spec).client_endpoint(reactor, timeouts.connection)
+        parsed = connection_spec.parse(spec)
     except ValueError as problem:
         return defer.fail(MilterConnectError(spec, problem))
+    factory = _ClientFactory(clock or reactor, timeouts, spec)
+    factory.connector = parsed.connect(reactor, factory, timeouts.connection)
+    if factory.connector is not None:
+        return factory.deferred
+    factory.deferred = None  # an endpoint dials it and fires its own
 
     def failed(failure):
         # Twisted's endpoints report a cancelled attempt as ConnectingCancelledError.
@@ -520,5 +564,5 @@ def connect(reactor, spec, timeouts=None, clock=None):
         raise MilterConnectError(spec, failure.getErrorMessage(),
                                  getattr(failure.value, "osError", None))
 
-    d = endpoint.connect(_ClientFactory(clock or reactor, timeouts))
+    d = parsed.client_endpoint(reactor, timeouts.connection).connect(factory)
     return d.addErrback(failed)

@@ -57,6 +57,23 @@ class ConnectionSpec:
             return f"{self.family}:{self.port}"
         return f"{self.family}:{self.port}@{_format_host(self.host)}"
 
+    def connect(self, reactor, factory, timeout=30):
+        """Dial this spec with reactor.connectTCP or connectUNIX; the IConnector, or None.
+
+        None for what only an endpoint dials (client_endpoint): a Twisted
+        endpoint string, an inet6 host name (resolved for IPv6 addresses).
+        The endpoint for the others would do what this does, wrapping the
+        factory and every protocol it builds in one more object of its own.
+        """
+        if self.endpoint is not None:
+            return None
+        if self.family == "unix":
+            return reactor.connectUNIX(self.path, factory, timeout)
+        host = self.host or _LOOPBACK[self.family]
+        if self.family == "inet6" and _ip_version(host) != 6:
+            return None
+        return reactor.connectTCP(host, self.port, factory, timeout)
+
     def client_endpoint(self, reactor, timeout=30):
         """An IStreamClientEndpoint connecting to this spec (inet without host: loopback)."""
         if self.endpoint is not None:

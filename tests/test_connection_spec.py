@@ -1,6 +1,7 @@
 """Tests for miltermanager.connection_spec: parsing, canonical form and endpoints."""
 
 from twisted.internet import endpoints
+from twisted.internet.protocol import ClientFactory
 from twisted.trial import unittest
 
 from miltermanager.connection_spec import ConnectionSpec, parse
@@ -229,3 +230,32 @@ class EndpointTests(unittest.TestCase):
         self.assertIsInstance(client, endpoints.TCP4ClientEndpoint)
         server = parse("tcp:10025:interface=127.0.0.1:backlog=5").server_endpoint(self.reactor)
         self.assertIsInstance(server, endpoints.TCP4ServerEndpoint)
+
+
+class DirectConnectTests(unittest.TestCase):
+    """connect(): what the reactor dials itself, and what is left to an endpoint."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.factory = ClientFactory()
+
+    def test_inet_dials_tcp(self):
+        """inet with an address, a host name or no host: connectTCP with the timeout."""
+        for spec, host in (("inet:10025@[192.0.2.7]", "192.0.2.7"), ("inet:10025@mx.example", "mx.example"),
+                           ("inet:10025", "127.0.0.1"), ("inet6:10025@[2001:db8::7]", "2001:db8::7"),
+                           ("inet6:10025", "::1")):
+            connector = parse(spec).connect(self.reactor, self.factory, 4)
+            self.assertIs(connector, self.reactor.connectors[-1], spec)
+            self.assertEqual(self.reactor.tcpClients[-1], (host, 10025, self.factory, 4, None), spec)
+
+    def test_unix_dials_unix(self):
+        """unix:/path: connectUNIX with the timeout."""
+        parse("unix:/run/m.sock").connect(self.reactor, self.factory, 4)
+        self.assertEqual(self.reactor.unixClients[-1][:3], ("/run/m.sock", self.factory, 4))
+
+    def test_left_to_an_endpoint(self):
+        """A Twisted endpoint string and an inet6 host name (resolved for IPv6) dial nothing here."""
+        for spec in ("tcp:host=127.0.0.1:port=10025:timeout=5", "unix:path=/run/m.sock:timeout=3",
+                     "inet6:10025@mx.example", "tcp6:host=mx.example:port=10025"):
+            self.assertIsNone(parse(spec).connect(self.reactor, self.factory, 4), spec)
+        self.assertEqual((self.reactor.tcpClients, self.reactor.unixClients), ([], []))
