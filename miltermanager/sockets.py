@@ -18,13 +18,20 @@ def tcp_socket(transport):
     """Set TCP_NODELAY on a TCP transport and return its socket; None for others.
 
     Without TCP_NODELAY, Nagle plus delayed ACKs cost ~40 ms per body chunk.
-    UNIX transports claim ITCPTransport too, so the address family decides.
+    UNIX transports claim ITCPTransport too, so the address family decides:
+    the socket's own, or where there is none (TLS), the transport's address
+    (getHost asks the kernel, a system call per connection).
     """
-    if (not isinstance(transport.getHost(), (IPv4Address, IPv6Address))
-            or not hasattr(transport, "setTcpNoDelay")):
+    sock = getattr(transport, "socket", None)
+    family = getattr(sock, "family", None)
+    if family is not None:
+        tcp = family in (socket.AF_INET, socket.AF_INET6)
+    else:
+        tcp = isinstance(transport.getHost(), (IPv4Address, IPv6Address))
+    if not tcp or not hasattr(transport, "setTcpNoDelay"):
         return None
     transport.setTcpNoDelay(True)
-    return getattr(transport, "socket", None)
+    return sock
 
 
 def writer(transport):

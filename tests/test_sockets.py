@@ -34,9 +34,24 @@ class TCPOptionTests(SynchronousTestCase):
 
     def test_unix_transport_left_alone(self):
         """A UNIX transport is not TCP, whatever interfaces it claims."""
-        transport = FakeTransport(FakeSocket(), UNIXAddress("/tmp/x"))
+        transport = FakeTransport(FakeSocket(family=socket.AF_UNIX), UNIXAddress("/tmp/x"))
         self.assertIsNone(sockets.tcp_socket(transport))
         self.assertIsNone(transport.no_delay)
+
+    def test_socket_family_decides(self):
+        """A transport's socket is asked its family, not the kernel its address (a system call)."""
+        transport = FakeTransport(FakeSocket(family=socket.AF_INET6), UNIXAddress("/tmp/x"))
+        self.assertIs(sockets.tcp_socket(transport), transport.socket)
+        self.assertTrue(transport.no_delay)
+
+    def test_transport_without_socket(self):
+        """Without a socket (TLS over TCP, say) the address decides; no socket is handed out."""
+        transport = FakeTransport(None)
+        self.assertIsNone(sockets.tcp_socket(transport))
+        self.assertTrue(transport.no_delay)
+        unix = FakeTransport(None, UNIXAddress("/tmp/x"))
+        self.assertIsNone(sockets.tcp_socket(unix))
+        self.assertIsNone(unix.no_delay)
 
     def test_quick_ack(self):
         """quick_ack sets TCP_QUICKACK on the socket."""

@@ -94,9 +94,10 @@ class RealTransportTests(TestCase):
 class FakeSocket:
     """Takes at most `room` bytes per send; or raises `error`; records socket options."""
 
-    def __init__(self, room=1 << 20, error=None):
+    def __init__(self, room=1 << 20, error=None, family=socket.AF_INET):
         self.room = room
         self.error = error
+        self.family = family
         self.sent = []
         self.options = []
 
