@@ -159,8 +159,8 @@ class MilterClientProtocol(Protocol):
         self._body_rest = None
         # Commands sent while another waits: (command, macro, Deferred), in order.
         self._queue = deque()
-        # Bound once, not for every command: send() is on the path of each one.
-        self._canceller = self._cancelled
+        # One for the connection, not one per command: send() is on the path of each one.
+        self._canceller = _Canceller(self)
         self._writing_timer = None
         self._lost = False
         self._close_waiters = None
@@ -211,8 +211,9 @@ class MilterClientProtocol(Protocol):
     def connectionLost(self, reason=None):
         self.connected = False
         self._lost = True
-        # send() makes no Deferred from here on; the bound method was a cycle with self.
-        self._canceller = None
+        # Its Deferreds may outlive the connection (on Twisted 22.4 inlineCallbacks keeps
+        # the last one it waited on in a reference cycle): they must not keep it alive.
+        self._canceller.connection = None
         self._cancel_writing_timer()
         if self._ended is None:
             self._ended = reason.getErrorMessage() if reason is not None else "closed"
@@ -487,6 +488,25 @@ class MilterClientProtocol(Protocol):
         if self._writing_timer is not None:
             self._writing_timer.cancel()
             self._writing_timer = None
+
+
+class _Canceller:
+    """The canceller of a connection's command Deferreds, which lets go of it once it is lost.
+
+    A bound method would keep the connection, its transport and Twisted's
+    connector alive for as long as any of its Deferreds lives. After the
+    connection is lost every Deferred it made has fired, and cancelling a
+    fired Deferred calls no canceller.
+    """
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def __call__(self, d):
+        if self.connection is not None:
+            self.connection._cancelled(d)
 
 
 class _ClientFactory(ClientFactory):
