@@ -342,6 +342,26 @@ class DisconnectScenarioTests(ScenarioTestCase):
         self.assertEqual((str(context.smtp_client_address), context.smtp_server_address.address),
                          ("inet:52258@[192.0.2.10]", "127.0.0.1"))
 
+    @defer.inlineCallbacks
+    def test_gone_at_end_of_message_of_a_lone_child(self):
+        """One child, the whole chain: its end of message is let go, the MTA gets temporary-failure."""
+        self.configure_checks(gone=self.gone)
+        lines = self.logged()
+        yield self.run_scenario(Scenario(
+            children=[Kid("slow", {"end_of_message": Hang()})],
+            steps=[*_continue(CONNECT, HELO, MAIL, RCPT, DATA, SUBJECT, EOH, BODY),
+                   Send(EOM, TEMPFAIL, advance=5)],
+            seen={"slow": "connect helo mail rcpt data header eoh body eom close"},
+        ))
+        self.assertEqual([line for line in lines if "[session][disconnected]" in line],
+                         ["[session][disconnected][5](1)"])
+        self.assertEqual([line for line in lines if "[error]" in line], [])
+        ended = self.observer.of(MessageEnded)
+        self.assertEqual([(event.status, event.client_gone, event.aborted) for event in ended],
+                         [(Status.TEMPORARY_FAILURE, "gone", False)])
+        (session,) = self.observer.of(SessionEnded)
+        self.assertEqual(session.client_gone, "gone")
+
     def test_gone_at_recipient(self):
         """Children working on RCPT are let go; fallback_status_at_disconnect is the answer."""
         self.configure_checks(gone=self.gone, at_disconnect=Status.REJECT)
