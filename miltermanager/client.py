@@ -513,18 +513,18 @@ class _ClientFactory(ClientFactory):
     """Builds a connection's MilterClientProtocol; deferred fires with it once connected.
 
     The reactor dials it directly (ConnectionSpec.connect), without an
-    endpoint's wrappers. For specs only an endpoint dials, deferred is None:
-    the endpoint fires its own.
+    endpoint's wrappers. For specs only an endpoint dials, connect() sets
+    deferred to None: the endpoint fires its own.
     """
 
     noisy = False  # one connection per child per MTA session: no "Starting factory" lines
 
-    def __init__(self, clock, timeouts, spec=None):
+    def __init__(self, clock, timeouts, spec):
         self.clock = clock
         self.timeouts = timeouts
         self.spec = spec
         self.connector = None
-        self.deferred = None if spec is None else defer.Deferred(self._cancel)
+        self.deferred = defer.Deferred(self._cancel)
 
     def buildProtocol(self, addr):
         protocol = MilterClientProtocol(self.clock, self.timeouts)

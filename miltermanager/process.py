@@ -184,9 +184,9 @@ def settle_heap():
     """Keep what lives as long as the process out of the garbage collector's full passes.
 
     A full collection walks every tracked object: at start some 50,000 of
-    code and configuration that never become garbage. Under load (sessions
-    leave cyclic garbage) the manager made one every 1,500 messages or so,
-    each a pause of 20 to 40 ms for every session in flight. gc.freeze()
+    code and configuration that never become garbage, a pause of 20 to 40
+    ms for every session in flight (when sessions still left cyclic
+    garbage, the manager made one every 1,500 messages or so). gc.freeze()
     moves what is alive now out of their way (pauses of 6 to 12 ms after
     it). Called once the reactor runs and after each reload: unfreezing
     and collecting first frees the configuration a reload replaced, so at
