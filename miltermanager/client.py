@@ -16,6 +16,7 @@ from .protocol.framing import FrameDecoder, encode_frame
 from .protocol.messages import (
     QUIT, Continue, Negotiate, Progress, Quarantine, decode_reply,
 )
+from .twisted_internals import lose_connection
 
 COMMAND_NAMES = {
     getattr(c, name): name
@@ -266,7 +267,7 @@ class MilterClientProtocol(Protocol):
 
     def _quit(self):
         self._send(QUIT.encode())
-        self.transport.loseConnection()
+        lose_connection(self.transport)
 
     def when_closed(self):
         """Return a Deferred that fires with None once the connection is gone."""

@@ -15,6 +15,7 @@ from .protocol import messages, negotiation
 from .protocol.constants import DEFAULT_MAX_PACKET_SIZE
 from .protocol.errors import NegotiationError, ProtocolError
 from .protocol.framing import FrameDecoder, encode_frame
+from .twisted_internals import lose_connection
 
 
 class IMilter(Interface):
@@ -427,7 +428,7 @@ class MilterServerProtocol(Protocol):
 
     def _quit(self, quit):
         self._finish()
-        self.transport.loseConnection()
+        lose_connection(self.transport)
 
     def _quit_new_connection(self, quit):
         if self.stage is stages.NEGOTIATE:
@@ -756,7 +757,7 @@ class MilterServerProtocol(Protocol):
 
     def _abandon(self):
         self._finish()
-        self.transport.loseConnection()
+        lose_connection(self.transport)
 
     def _protocol_error(self, error):
         self.log.error("[server][protocol][error] {error}; dropping the MTA connection",

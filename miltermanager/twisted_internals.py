@@ -1,4 +1,4 @@
-"""The three things we need from Twisted that its public API does not offer, each with a fallback.
+"""The four things we need from Twisted that its public API does not offer, each with a fallback.
 
 Everything here reads or writes attributes Twisted does not document, so
 it lives in one place, says which Twisted versions have them (checked on
@@ -9,6 +9,7 @@ the running Twisted that the attributes are still there and used.
 
 import os
 
+from twisted.internet.main import CONNECTION_DONE
 from twisted.python import log as twisted_log
 
 try:
@@ -57,6 +58,58 @@ def direct_writer(transport):
             queue(data[sent:])
 
     return write
+
+
+# FileDescriptor's state lose_connection reads besides the write buffer (22.4 to 26.x).
+_CLOSE_STATE = _WRITE_BUFFER + ("connected", "disconnecting", "disconnected", "producer",
+                                "streamingProducer", "producerPaused", "_writeDisconnecting",
+                                "_writeDisconnected")
+
+
+def _nothing_queued(transport):
+    return not transport._tempDataLen and len(transport.dataBuffer) == transport.offset
+
+
+def lose_connection(transport):
+    """transport.loseConnection(), closing in the next reactor turn without a write event.
+
+    Twisted's loseConnection registers the socket for writing and closes it
+    from doWrite, after a send of the empty buffer: two epoll_ctl calls, a
+    wakeup, an empty send() and a dispatch for each connection, even with
+    nothing to flush, which is the rule here (direct_writer sends at once).
+    When nothing is queued, this stops reading, marks the transport
+    disconnecting as loseConnection does, and closes it from a call in the
+    next reactor turn through the reactor's own _disconnectSelectable, as
+    doWrite would: connectionLost still comes after this returns, with
+    ConnectionDone. Data written meanwhile is queued (the transport is
+    disconnecting) and Twisted flushes it and closes; the call then stands
+    back.
+
+    Reads the write buffer (_WRITE_BUFFER), the producer state and the
+    reactor's _disconnectSelectable (Twisted 22.4 to 26.x). Any other
+    transport (TLS, StringTransport, a future Twisted) gets its own
+    loseConnection.
+    """
+    reactor = getattr(transport, "reactor", None)
+    if (getattr(reactor, "_disconnectSelectable", None) is None
+            or getattr(transport, "TLS", True) or not all(
+                hasattr(transport, name) for name in _CLOSE_STATE)
+            or not transport.connected or transport.disconnecting
+            or transport._writeDisconnecting or transport._writeDisconnected
+            or not _nothing_queued(transport)
+            or (transport.producer is not None
+                and (not transport.streamingProducer or transport.producerPaused))):
+        transport.loseConnection()
+        return
+    transport.stopReading()
+    transport.disconnecting = True
+    reactor.callLater(0, _close_if_flushed, transport)
+
+
+def _close_if_flushed(transport):
+    if transport.disconnected or not _nothing_queued(transport):
+        return  # gone already, or written to since: doWrite flushes and closes it
+    transport.reactor._disconnectSelectable(transport, CONNECTION_DONE, False)
 
 
 # Where twisted.internet.unix.Port keeps the path it unlinks in connectionLost:

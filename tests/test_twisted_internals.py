@@ -10,9 +10,11 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import log
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from miltermanager import twisted_internals
 
@@ -22,8 +24,10 @@ class _Peer(protocol.Protocol):
 
     def __init__(self):
         self.lost = defer.Deferred()
+        self.reason = None
 
     def connectionLost(self, reason=None):
+        self.reason = reason
         self.lost.callback(None)
 
 
@@ -90,6 +94,126 @@ class RealTransportTests(TestCase):
         self.assertRaises(BlockingIOError, theirs.recv, 100)
         self.assertEqual(transport._tempDataLen, len(b"firstsecond"))
 
+
+
+def _read_to_end(sock):
+    """Everything the plain socket receives until the other end closes (it must have)."""
+    sock.setblocking(True)
+    sock.settimeout(5)
+    received = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return received
+        received += data
+
+
+def _ended(peer):
+    """A Deferred of its own that fires once peer's connection is lost.
+
+    Not peer.lost itself: the cleanup of connected_pair waits on that one.
+    """
+    ended = defer.Deferred()
+
+    def fire(result):
+        ended.callback(None)
+        return result
+    peer.lost.addBoth(fire)
+    return ended
+
+
+class LoseConnectionTests(TestCase):
+    """lose_connection on the transports the running Twisted really makes."""
+
+    connected_pair = RealTransportTests.connected_pair
+
+    def check_closes_at_once(self, family):
+        transport, theirs = self.connected_pair(family)
+        for name in twisted_internals._CLOSE_STATE:
+            self.assertTrue(hasattr(transport, name), name)
+        self.assertFalse(transport.TLS)
+        peer = transport.protocol
+        twisted_internals.lose_connection(transport)
+        # Not registered for writing (what Twisted's loseConnection does), not reading any more,
+        # and connectionLost still to come, after the call, as with loseConnection.
+        self.assertNotIn(transport, reactor.getWriters())
+        self.assertNotIn(transport, reactor.getReaders())
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(peer.reason)
+
+        def lost(_):
+            peer.reason.trap(ConnectionDone)
+            self.assertEqual(_read_to_end(theirs), b"")
+            self.assertTrue(transport.disconnected)
+        return _ended(peer).addCallback(lost)
+
+    def test_tcp_closes_at_once(self):
+        """A TCP connection with nothing queued closes in the next turn, with ConnectionDone."""
+        return self.check_closes_at_once(socket.AF_INET)
+
+    def test_unix_closes_at_once(self):
+        """A UNIX connection with nothing queued closes in the next turn, with ConnectionDone."""
+        return self.check_closes_at_once(socket.AF_UNIX)
+
+    def test_written_after_is_delivered_before_the_end(self):
+        """What is written after lose_connection is flushed by Twisted, then the connection ends."""
+        transport, theirs = self.connected_pair(socket.AF_INET)
+        twisted_internals.lose_connection(transport)
+        transport.write(b"late")
+        twisted_internals.direct_writer(transport)(b" and later")
+        peer = transport.protocol
+
+        def lost(_):
+            peer.reason.trap(ConnectionDone)
+            self.assertEqual(_read_to_end(theirs), b"late and later")
+        return _ended(peer).addCallback(lost)
+
+    def test_queued_data_goes_the_usual_way(self):
+        """With data in Twisted's buffer it is Twisted's loseConnection: flushed, then closed."""
+        transport, theirs = self.connected_pair(socket.AF_UNIX)
+        transport.write(b"queued")
+        twisted_internals.lose_connection(transport)
+        self.assertIn(transport, reactor.getWriters())
+        peer = transport.protocol
+
+        def lost(_):
+            peer.reason.trap(ConnectionDone)
+            self.assertEqual(_read_to_end(theirs), b"queued")
+        return _ended(peer).addCallback(lost)
+
+    def test_paused_producer_goes_the_usual_way(self):
+        """A paused producer is Twisted's to resume before it closes: left to loseConnection."""
+        transport, theirs = self.connected_pair(socket.AF_UNIX)
+        producer = _Producer()
+        transport.registerProducer(producer, True)
+        transport.producerPaused = True
+        twisted_internals.lose_connection(transport)
+        self.assertIn(transport, reactor.getWriters())
+        transport.unregisterProducer()  # Twisted closes once the producer is gone
+        peer = transport.protocol
+
+        def lost(_):
+            peer.reason.trap(ConnectionDone)
+            self.assertEqual(_read_to_end(theirs), b"")
+        return _ended(peer).addCallback(lost)
+
+    def test_fallback_without_state(self):
+        """A transport without FileDescriptor's state (StringTransport) gets its loseConnection."""
+        transport = StringTransport()
+        twisted_internals.lose_connection(transport)
+        self.assertTrue(transport.disconnecting)
+
+
+@implementer(IPushProducer)
+class _Producer:
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
 
 class FakeSocket:
     """Takes at most `room` bytes per send; or raises `error`; records socket options."""
