@@ -119,7 +119,9 @@ class ManagerSession:
             return merge_negotiation(offer, [])
         child_offer = Negotiate(self.version, offer.actions, offer.protocol, {})
         starts = [self._start(child, child_offer) for child in self.children]
-        return defer.gatherResults(starts).addCallback(self._negotiated, offer)
+        # _negotiated reads the replies from the children: one needs no gathering.
+        started = starts[0] if len(starts) == 1 else defer.gatherResults(starts)
+        return started.addCallback(self._negotiated, offer)
 
     def _start(self, child, offer):
         """Start child unless it is down; fire with its negotiation reply or None."""
@@ -174,7 +176,7 @@ class ManagerSession:
         if status > self._pending:
             self._pending, self._pending_by = status, child.name
 
-    def _negotiated(self, replies, offer):
+    def _negotiated(self, _started, offer):
         self.children = [child for child in self.children if child.alive]
         wanted = merge_negotiation(offer, [child.connection.negotiate_reply
                                            for child in self.children])
