@@ -37,7 +37,11 @@ def direct_writer(transport):
     them on every call, as it must, and nothing more.
     """
     sock = getattr(transport, "socket", None)
-    if sock is None or not all(hasattr(transport, name) for name in _WRITE_BUFFER):
+    try:
+        transport._tempDataLen, transport.dataBuffer, transport.offset
+    except AttributeError:
+        sock = None
+    if sock is None:
         return transport.write
     send = sock.send
     queue = transport.write
@@ -60,10 +64,11 @@ def direct_writer(transport):
     return write
 
 
-# FileDescriptor's state lose_connection reads besides the write buffer (22.4 to 26.x).
+# FileDescriptor's state lose_connection reads besides the write buffer (22.4 to 26.x),
+# and tcp.Connection's TLS flag.
 _CLOSE_STATE = _WRITE_BUFFER + ("connected", "disconnecting", "disconnected", "producer",
                                 "streamingProducer", "producerPaused", "_writeDisconnecting",
-                                "_writeDisconnected")
+                                "_writeDisconnected", "TLS")
 
 
 def _nothing_queued(transport):
@@ -85,25 +90,30 @@ def lose_connection(transport):
     disconnecting) and Twisted flushes it and closes; the call then stands
     back.
 
-    Reads the write buffer (_WRITE_BUFFER), the producer state and the
-    reactor's _disconnectSelectable (Twisted 22.4 to 26.x). Any other
-    transport (TLS, StringTransport, a future Twisted) gets its own
-    loseConnection.
+    Reads the transport's state named in _CLOSE_STATE and the reactor's
+    _disconnectSelectable (Twisted 22.4 to 26.x). Any other transport (TLS,
+    StringTransport, a future Twisted) gets its own loseConnection.
     """
     reactor = getattr(transport, "reactor", None)
-    if (getattr(reactor, "_disconnectSelectable", None) is None
-            or getattr(transport, "TLS", True) or not all(
-                hasattr(transport, name) for name in _CLOSE_STATE)
-            or not transport.connected or transport.disconnecting
-            or transport._writeDisconnecting or transport._writeDisconnected
-            or not _nothing_queued(transport)
-            or (transport.producer is not None
-                and (not transport.streamingProducer or transport.producerPaused))):
+    if getattr(reactor, "_disconnectSelectable", None) is None or not _closes_at_once(transport):
         transport.loseConnection()
         return
     transport.stopReading()
     transport.disconnecting = True
     reactor.callLater(0, _close_if_flushed, transport)
+
+
+def _closes_at_once(transport):
+    """True if transport is a plain socket connection with nothing for doWrite to do."""
+    try:
+        return not (transport.TLS or not transport.connected or transport.disconnecting
+                    or transport.disconnected
+                    or transport._writeDisconnecting or transport._writeDisconnected
+                    or not _nothing_queued(transport)
+                    or (transport.producer is not None
+                        and (not transport.streamingProducer or transport.producerPaused)))
+    except AttributeError:  # not a FileDescriptor of Twisted 22.4 to 26.x
+        return False
 
 
 def _close_if_flushed(transport):

@@ -203,6 +203,24 @@ class LoseConnectionTests(TestCase):
         twisted_internals.lose_connection(transport)
         self.assertTrue(transport.disconnecting)
 
+    def test_fallback_without_any_of_the_state(self):
+        """A reactor's transport missing any attribute read (another Twisted): loseConnection."""
+        for name in twisted_internals._CLOSE_STATE:
+            transport, _ = self.connected_pair(socket.AF_UNIX)
+            transport.registerProducer(_Producer(), True)  # so that every attribute is read
+            setattr(transport, "loseConnection", lambda: setattr(transport, "fell_back", True))
+            self.addCleanup(transport.__dict__.pop, "loseConnection")
+            hidden = type("Hidden", (type(transport),), {name: property(_missing)})
+            transport.__class__ = hidden
+            self.addCleanup(setattr, transport, "__class__", hidden.__mro__[1])
+            twisted_internals.lose_connection(transport)
+            self.assertTrue(getattr(transport, "fell_back", False), name)
+            self.assertIn(transport, reactor.getReaders(), name)  # still reading: not ours
+
+
+def _missing(transport):
+    raise AttributeError("not in this Twisted")
+
 
 @implementer(IPushProducer)
 class _Producer:
