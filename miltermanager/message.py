@@ -12,7 +12,7 @@ for everyone at once. A child's fallback counts exactly as that reply would.
 
 from dataclasses import replace
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -164,9 +164,7 @@ class MessageChain:
             return self.session.no_child_reply(stages.END_OF_MESSAGE)  # nobody takes part
         interval = self.session.progress_interval
         if interval:
-            self._progress = task.LoopingCall(self.session.server.progress)
-            self._progress.clock = self.session.clock
-            self._progress.start(interval, now=False).addErrback(self._progress_failed)
+            self._progress = self.session.clock.callLater(interval, self._progress_due, interval)
         d = self._run(macros)
         d.addErrback(self._failed)
         return d.addBoth(self._done)
@@ -323,13 +321,24 @@ class MessageChain:
         self._stop_progress()
         return result
 
-    def _progress_failed(self, failure):
-        self.log.failure("[session][error] progress to the MTA failed", failure)
+    def _progress_due(self, interval):
+        """The end of message still runs: tell the MTA, and again after interval unless that failed.
+
+        One timer set again each time, not a LoopingCall: most ends of message
+        are over long before the first, and a LoopingCall costs a Deferred
+        and a dozen calls to start and stop for each of them.
+        """
+        self._progress = None
+        try:
+            self.session.server.progress()
+        except Exception:
+            self.log.failure("[session][error] progress to the MTA failed")
+            return
+        self._progress = self.session.clock.callLater(interval, self._progress_due, interval)
 
     def _stop_progress(self):
         if self._progress is not None:
-            if self._progress.running:
-                self._progress.stop()
+            self._progress.cancel()
             self._progress = None
 
 
