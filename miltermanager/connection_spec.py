@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from twisted.internet import endpoints
 
+from . import twisted_internals
+
 EXPECTED = (
     "expected unix:/path, local:/path, inet:PORT[@HOST], inet:PORT@[ADDRESS], "
     "inet6:PORT[@HOST], inet6:PORT@[ADDRESS], inet:HOST:PORT (Postfix) "
@@ -58,7 +60,7 @@ class ConnectionSpec:
         return f"{self.family}:{self.port}@{_format_host(self.host)}"
 
     def connect(self, reactor, factory, timeout=30):
-        """Dial this spec with reactor.connectTCP or connectUNIX; the IConnector, or None.
+        """Dial this spec as reactor.connectTCP or connectUNIX would; the IConnector, or None.
 
         None for what only an endpoint dials (client_endpoint): a Twisted
         endpoint string, an inet6 host name (resolved for IPv6 addresses).
@@ -68,11 +70,11 @@ class ConnectionSpec:
         if self.endpoint is not None:
             return None
         if self.family == "unix":
-            return reactor.connectUNIX(self.path, factory, timeout)
+            return twisted_internals.connect_unix(reactor, self.path, factory, timeout)
         host = self.host or _LOOPBACK[self.family]
         if self.family == "inet6" and _ip_version(host) != 6:
             return None
-        return reactor.connectTCP(host, self.port, factory, timeout)
+        return twisted_internals.connect_tcp(reactor, host, self.port, factory, timeout)
 
     def client_endpoint(self, reactor, timeout=30):
         """An IStreamClientEndpoint connecting to this spec (inet without host: loopback)."""

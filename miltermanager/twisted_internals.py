@@ -1,4 +1,4 @@
-"""The four things we need from Twisted that its public API does not offer, each with a fallback.
+"""The five things we need from Twisted that its public API does not offer, each with a fallback.
 
 Everything here reads or writes attributes Twisted does not document, so
 it lives in one place, says which Twisted versions have them (checked on
@@ -7,14 +7,16 @@ behaviour when they are missing. tests/test_twisted_internals.py checks on
 the running Twisted that the attributes are still there and used.
 """
 
+import errno
 import os
 
+from twisted.internet import error, tcp, unix
 from twisted.internet.main import CONNECTION_DONE
 from twisted.python import log as twisted_log
 
 try:
     from twisted.internet.epollreactor import EPollReactor
-except ImportError:  # no epoll (not Linux): lean_event_loop leaves the reactor alone
+except ImportError:  # no epoll (not Linux): lean_event_loop and connect_* leave the reactor alone
     EPollReactor = None
 
 # twisted.internet.abstract.FileDescriptor's write buffer: data queued by
@@ -207,3 +209,97 @@ def _log_prefix(selectable):
         return selectable.logPrefix()
     except Exception:
         return "(buggy logPrefix method)"
+
+
+# What _LeanConnect and the connectors below use of BaseClient and BaseConnector (22.4 to
+# 26.x): realAddress, connector, socket, failIfNotConnected, _connectDone, _makeTransport.
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK)
+
+
+# Looked for once: the classes do not change while the manager runs.
+_HAS_CONNECT_STATE = (all(hasattr(client, name) for client in (tcp.Client, unix.Client)
+                          for name in ("failIfNotConnected", "_connectDone"))
+                      and all(hasattr(connector, "_makeTransport")
+                              for connector in (tcp.Connector, unix.Connector)))
+
+
+class _LeanConnect:
+    """BaseClient.doConnect without the system calls Twisted itself calls redundant.
+
+    Twisted asks SO_ERROR before each connect(), and once connected stops
+    reading and writing to start reading again: seven system calls where
+    three do. connect() on a socket whose attempt ended returns its error
+    (or 0, or EISCONN), so SO_ERROR adds nothing; and on success only the
+    writing registration has to go. Otherwise as Twisted's: reading and
+    writing are watched while connecting, so that a refusal is seen, and the
+    errors are Twisted's. For EPollReactor only, which looks doRead and
+    doWrite up at each event (the stop-and-start Twisted does is for
+    reactors that keep them).
+    """
+
+    def doConnect(self):
+        self.doWrite = self.doConnect
+        self.doRead = self.doConnect
+        if not hasattr(self, "connector"):
+            return  # failed already while this was scheduled, as in Twisted's
+        try:
+            result = self.socket.connect_ex(self.realAddress)
+        except OSError as problem:
+            result = problem.args[0]
+        if result in _IN_PROGRESS:
+            self.startReading()
+            self.startWriting()
+            return
+        if result and result != errno.EISCONN:
+            self.failIfNotConnected(error.getConnectError((result, os.strerror(result))))
+            return
+        del self.doWrite
+        del self.doRead
+        self.stopWriting()  # reading goes on: _connectDone's startReading finds it on
+        self._connectDone()
+
+
+class _TCPClient(_LeanConnect, tcp.Client):
+    pass
+
+
+class _TCPConnector(tcp.Connector):
+    def _makeTransport(self):
+        return _TCPClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+def _lean_connect(reactor):
+    return EPollReactor is not None and isinstance(reactor, EPollReactor) and _HAS_CONNECT_STATE
+
+
+def connect_tcp(reactor, host, port, factory, timeout):
+    """reactor.connectTCP(host, port, factory, timeout) with _LeanConnect's doConnect.
+
+    The connector is the one connectTCP makes (PosixReactorBase.connectTCP
+    builds a tcp.Connector and calls its connect()), its _makeTransport
+    making the leaner client. Any reactor but epoll, or a Twisted without
+    these names, gets connectTCP itself.
+    """
+    if not _lean_connect(reactor):
+        return reactor.connectTCP(host, port, factory, timeout)
+    connector = _TCPConnector(host, port, factory, timeout, None, reactor)
+    connector.connect()
+    return connector
+
+
+class _UNIXClient(_LeanConnect, unix.Client):
+    pass
+
+
+class _UNIXConnector(unix.Connector):
+    def _makeTransport(self):
+        return _UNIXClient(self.address, self, self.reactor, self.checkPID)
+
+
+def connect_unix(reactor, path, factory, timeout):
+    """reactor.connectUNIX(path, factory, timeout) with _LeanConnect's doConnect; see connect_tcp."""
+    if not _lean_connect(reactor):
+        return reactor.connectUNIX(path, factory, timeout)
+    connector = _UNIXConnector(path, factory, timeout, reactor, 0)
+    connector.connect()
+    return connector

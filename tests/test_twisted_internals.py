@@ -10,6 +10,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionRefusedError as Refused
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import log
@@ -232,6 +233,124 @@ class _Producer:
 
     def stopProducing(self):
         pass
+
+class _Dialler(protocol.ClientFactory):
+    """Fires `failed` when the attempt fails, the failure in `failure`."""
+
+    def __init__(self):
+        self.failed = defer.Deferred()
+        self.failure = None
+
+    def buildProtocol(self, addr):
+        built = _Peer()
+        built.factory = self
+        return built
+
+    def clientConnectionFailed(self, connector, reason):
+        self.failure = reason
+        self.failed.callback(None)
+
+
+class _Greeter(protocol.Protocol):
+    def connectionMade(self):
+        self.transport.write(b"hello")
+
+
+class LeanConnectTests(TestCase):
+    """connect_tcp and connect_unix on the running Twisted's reactor (epoll)."""
+
+    def setUp(self):
+        self.factory = protocol.Factory.forProtocol(_Greeter)
+
+    @defer.inlineCallbacks
+    def dial(self, connect, *address):
+        """Connect with connect(reactor, *address, ...): the client's protocol once it has our data."""
+        dialler = _Dialler()
+        received = defer.Deferred()
+        dialler.buildProtocol = lambda addr: _Receiving(received)
+        connector = connect(reactor, *address, dialler, 5)
+        self.assertIsInstance(connector.transport, twisted_internals._LeanConnect)
+        client = yield received
+        self.assertNotIn(client.transport, reactor.getWriters())
+        self.assertIn(client.transport, reactor.getReaders())
+        lost = client.lost
+        client.transport.loseConnection()
+        yield lost
+        return client
+
+    @defer.inlineCallbacks
+    def test_tcp_connects(self):
+        """connect_tcp: the lean client connects, reads, is not left registered for writing."""
+        port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = yield self.dial(twisted_internals.connect_tcp, "127.0.0.1", port.getHost().port)
+        self.assertEqual(client.received, b"hello")
+
+    @defer.inlineCallbacks
+    def test_unix_connects(self):
+        """connect_unix: the same over a UNIX socket."""
+        path = os.path.join(tempfile.mkdtemp(), "s")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path))
+        port = reactor.listenUNIX(path, self.factory)
+        self.addCleanup(port.stopListening)
+        client = yield self.dial(twisted_internals.connect_unix, path)
+        self.assertEqual(client.received, b"hello")
+
+    @defer.inlineCallbacks
+    def failures(self, connect, twisted_connect, address):
+        """The failure of our connect and of Twisted's to address, for comparison."""
+        found = []
+        for dial in (connect, twisted_connect):
+            dialler = _Dialler()
+            dial(reactor, *address, dialler, 5)
+            yield dialler.failed
+            found.append(dialler.failure)
+        return found
+
+    @defer.inlineCallbacks
+    def test_tcp_refused_as_twisted_says(self):
+        """A closed port fails as Twisted's connectTCP fails: ConnectionRefusedError."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        closed_port = listener.getsockname()[1]
+        listener.close()
+        ours, theirs = yield self.failures(
+            twisted_internals.connect_tcp,
+            lambda r, *a: r.connectTCP(*a), ("127.0.0.1", closed_port))
+        self.assertIs(theirs.type, Refused)
+        self.assertIs(ours.type, theirs.type)
+
+    @defer.inlineCallbacks
+    def test_unix_missing_as_twisted_says(self):
+        """A missing socket file fails as Twisted's connectUNIX fails."""
+        path = os.path.join(tempfile.mkdtemp(), "missing")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path))
+        ours, theirs = yield self.failures(
+            twisted_internals.connect_unix, lambda r, *a: r.connectUNIX(*a), (path,))
+        self.assertIs(ours.type, theirs.type)
+        self.assertEqual(ours.getErrorMessage(), theirs.getErrorMessage())
+
+    def test_other_reactors_dial_their_own_way(self):
+        """Any reactor but epoll (here a memory reactor) gets connectTCP and connectUNIX."""
+        memory = MemoryReactorClock()
+        factory = protocol.ClientFactory()
+        twisted_internals.connect_tcp(memory, "127.0.0.1", 25, factory, 4)
+        twisted_internals.connect_unix(memory, "/run/m.sock", factory, 4)
+        self.assertEqual(memory.tcpClients, [("127.0.0.1", 25, factory, 4, None)])
+        self.assertEqual(memory.unixClients[0][:3], ("/run/m.sock", factory, 4))
+
+
+class _Receiving(_Peer):
+    def __init__(self, received):
+        super().__init__()
+        self.received = b""
+        self._waiting = received
+
+    def dataReceived(self, data):
+        self.received += data
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.callback(self)
 
 class FakeSocket:
     """Takes at most `room` bytes per send; or raises `error`; records socket options."""
