@@ -211,12 +211,11 @@ def _log_prefix(selectable):
         return "(buggy logPrefix method)"
 
 
-# What _LeanConnect and the connectors below use of BaseClient and BaseConnector (22.4 to
-# 26.x): realAddress, connector, socket, failIfNotConnected, _connectDone, _makeTransport.
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK)
 
-
-# Looked for once: the classes do not change while the manager runs.
+# What _LeanConnect and the connectors below use of Twisted's clients and connectors
+# (22.4 to 26.x): realAddress, connector, socket, failIfNotConnected, _connectDone,
+# _makeTransport. The methods are looked for once: the classes do not change.
 _HAS_CONNECT_STATE = (all(hasattr(client, name) for client in (tcp.Client, unix.Client)
                           for name in ("failIfNotConnected", "_connectDone"))
                       and all(hasattr(connector, "_makeTransport")
@@ -227,8 +226,8 @@ class _LeanConnect:
     """BaseClient.doConnect without the system calls Twisted itself calls redundant.
 
     Twisted asks SO_ERROR before each connect(), and once connected stops
-    reading and writing to start reading again: seven system calls where
-    three do. connect() on a socket whose attempt ended returns its error
+    reading and writing to start reading again: nine system calls from
+    connect() to connected where five do. connect() on a socket whose attempt ended returns its error
     (or 0, or EISCONN), so SO_ERROR adds nothing; and on success only the
     writing registration has to go. Otherwise as Twisted's: reading and
     writing are watched while connecting, so that a refusal is seen, and the

@@ -96,7 +96,6 @@ class RealTransportTests(TestCase):
         self.assertEqual(transport._tempDataLen, len(b"firstsecond"))
 
 
-
 def _read_to_end(sock):
     """Everything the plain socket receives until the other end closes (it must have)."""
     sock.setblocking(True)
@@ -235,16 +234,15 @@ class _Producer:
         pass
 
 class _Dialler(protocol.ClientFactory):
-    """Fires `failed` when the attempt fails, the failure in `failure`."""
+    """Builds a _Receiving that fires `received`; fires `failed` (failure in `failure`) instead."""
 
     def __init__(self):
+        self.received = defer.Deferred()
         self.failed = defer.Deferred()
         self.failure = None
 
     def buildProtocol(self, addr):
-        built = _Peer()
-        built.factory = self
-        return built
+        return _Receiving(self.received)
 
     def clientConnectionFailed(self, connector, reason):
         self.failure = reason
@@ -266,11 +264,9 @@ class LeanConnectTests(TestCase):
     def dial(self, connect, *address):
         """Connect with connect(reactor, *address, ...): the client's protocol once it has our data."""
         dialler = _Dialler()
-        received = defer.Deferred()
-        dialler.buildProtocol = lambda addr: _Receiving(received)
         connector = connect(reactor, *address, dialler, 5)
         self.assertIsInstance(connector.transport, twisted_internals._LeanConnect)
-        client = yield received
+        client = yield dialler.received
         self.assertNotIn(client.transport, reactor.getWriters())
         self.assertIn(client.transport, reactor.getReaders())
         lost = client.lost
@@ -341,6 +337,8 @@ class LeanConnectTests(TestCase):
 
 
 class _Receiving(_Peer):
+    """Keeps what arrives; fires `received` with itself at the first data."""
+
     def __init__(self, received):
         super().__init__()
         self.received = b""
@@ -351,6 +349,7 @@ class _Receiving(_Peer):
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             waiting.callback(self)
+
 
 class FakeSocket:
     """Takes at most `room` bytes per send; or raises `error`; records socket options."""
