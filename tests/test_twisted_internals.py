@@ -127,6 +127,15 @@ class LoseConnectionTests(TestCase):
 
     connected_pair = RealTransportTests.connected_pair
 
+    def ends_done(self, transport, theirs, expected):
+        """Fires once transport's connection is lost: with ConnectionDone, theirs got expected."""
+        peer = transport.protocol
+
+        def lost(_):
+            peer.reason.trap(ConnectionDone)
+            self.assertEqual(_read_to_end(theirs), expected)
+        return _ended(peer).addCallback(lost)
+
     def check_closes_at_once(self, family):
         transport, theirs = self.connected_pair(family)
         for name in twisted_internals._CLOSE_STATE:
@@ -140,12 +149,7 @@ class LoseConnectionTests(TestCase):
         self.assertNotIn(transport, reactor.getReaders())
         self.assertTrue(transport.disconnecting)
         self.assertIsNone(peer.reason)
-
-        def lost(_):
-            peer.reason.trap(ConnectionDone)
-            self.assertEqual(_read_to_end(theirs), b"")
-            self.assertTrue(transport.disconnected)
-        return _ended(peer).addCallback(lost)
+        return self.ends_done(transport, theirs, b"")
 
     def test_tcp_closes_at_once(self):
         """A TCP connection with nothing queued closes in the next turn, with ConnectionDone."""
@@ -161,12 +165,7 @@ class LoseConnectionTests(TestCase):
         twisted_internals.lose_connection(transport)
         transport.write(b"late")
         twisted_internals.direct_writer(transport)(b" and later")
-        peer = transport.protocol
-
-        def lost(_):
-            peer.reason.trap(ConnectionDone)
-            self.assertEqual(_read_to_end(theirs), b"late and later")
-        return _ended(peer).addCallback(lost)
+        return self.ends_done(transport, theirs, b"late and later")
 
     def test_queued_data_goes_the_usual_way(self):
         """With data in Twisted's buffer it is Twisted's loseConnection: flushed, then closed."""
@@ -174,12 +173,7 @@ class LoseConnectionTests(TestCase):
         transport.write(b"queued")
         twisted_internals.lose_connection(transport)
         self.assertIn(transport, reactor.getWriters())
-        peer = transport.protocol
-
-        def lost(_):
-            peer.reason.trap(ConnectionDone)
-            self.assertEqual(_read_to_end(theirs), b"queued")
-        return _ended(peer).addCallback(lost)
+        return self.ends_done(transport, theirs, b"queued")
 
     def test_paused_producer_goes_the_usual_way(self):
         """A paused producer is Twisted's to resume before it closes: left to loseConnection."""
@@ -190,12 +184,7 @@ class LoseConnectionTests(TestCase):
         twisted_internals.lose_connection(transport)
         self.assertIn(transport, reactor.getWriters())
         transport.unregisterProducer()  # Twisted closes once the producer is gone
-        peer = transport.protocol
-
-        def lost(_):
-            peer.reason.trap(ConnectionDone)
-            self.assertEqual(_read_to_end(theirs), b"")
-        return _ended(peer).addCallback(lost)
+        return self.ends_done(transport, theirs, b"")
 
     def test_fallback_without_state(self):
         """A transport without FileDescriptor's state (StringTransport) gets its loseConnection."""
