@@ -25,6 +25,10 @@ except ImportError:  # no epoll (not Linux): lean_event_loop and connect_* leave
 _WRITE_BUFFER = ("_tempDataLen", "dataBuffer", "offset")
 
 
+def _nothing_queued(transport):
+    return not transport._tempDataLen and len(transport.dataBuffer) == transport.offset
+
+
 def direct_writer(transport):
     """write(data) that sends on transport's socket at once when Twisted has nothing queued.
 
@@ -40,7 +44,7 @@ def direct_writer(transport):
     """
     sock = getattr(transport, "socket", None)
     try:
-        transport._tempDataLen, transport.dataBuffer, transport.offset
+        _nothing_queued(transport)
     except AttributeError:
         sock = None
     if sock is None:
@@ -49,6 +53,7 @@ def direct_writer(transport):
     queue = transport.write
 
     def write(data):
+        # not _nothing_queued(transport), inlined: this runs for every packet.
         if (transport._tempDataLen or len(transport.dataBuffer) != transport.offset
                 or not transport.connected or transport.disconnecting):
             queue(data)
@@ -71,10 +76,6 @@ def direct_writer(transport):
 _CLOSE_STATE = _WRITE_BUFFER + ("connected", "disconnecting", "disconnected", "producer",
                                 "streamingProducer", "producerPaused", "_writeDisconnecting",
                                 "_writeDisconnected", "TLS")
-
-
-def _nothing_queued(transport):
-    return not transport._tempDataLen and len(transport.dataBuffer) == transport.offset
 
 
 def lose_connection(transport):
