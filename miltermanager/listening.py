@@ -13,7 +13,7 @@ from zope.interface import implementer
 
 from . import connection_spec
 from .paths import directory_problem
-from .twisted_internals import forget_socket_file
+from .twisted_internals import forget_socket_file, read_plainly
 
 
 def listen_endpoint(reactor, settings, backlog=50):
@@ -102,7 +102,8 @@ class UNIXPort:
     here if remove_on_close, only if it is still the socket this port made
     (same device and inode), and a failure is only logged (after dropping
     privileges the cleanup process removes it). On a Twisted that cannot be
-    told, Twisted removes the file itself, as it does for anyone.
+    told, Twisted removes the file itself, as it does for anyone. Its
+    connections read with recv() (see twisted_internals.read_plainly).
     """
 
     log = Logger()
@@ -115,6 +116,7 @@ class UNIXPort:
         info = os.lstat(path)
         self.identity = (info.st_dev, info.st_ino)
         self.twisted_removes = not forget_socket_file(port, path)
+        read_plainly(port)
         if self.twisted_removes:
             self.log.warn("[socket][fallback] this Twisted removes {path} itself when the "
                           "port closes: remove_unix_socket_on_close = false cannot keep it",

@@ -1,4 +1,4 @@
-"""The five things we need from Twisted that its public API does not offer, each with a fallback.
+"""The six things we need from Twisted that its public API does not offer, each with a fallback.
 
 Everything here reads or writes attributes Twisted does not document, so
 it lives in one place, says which Twisted versions have them (checked on
@@ -157,6 +157,31 @@ def forget_socket_file(port, path):
     return False
 
 
+class _PlainReadServer(unix.Server):
+    doRead = tcp.Connection.doRead
+
+
+def read_plainly(port):
+    """Make a listening twisted.internet.unix.Port's connections read with recv(); True if done.
+
+    unix.Server and unix.Client read through twisted.python.sendmsg.recvmsg,
+    for protocols that receive file descriptors: a 4 kB ancillary buffer, a
+    named tuple and untilConcludes for every read, about 2 µs more than the
+    recv() of a TCP connection, for each of a message's 23 reads. None of
+    ours takes descriptors, so their UNIX connections read as TCP ones do,
+    with tcp.Connection.doRead (the same from 22.4 to 26.x); descriptors a
+    peer sends anyway are closed by the kernel, not handed to us. Clients
+    get it through connect_unix; listening ports through this, which swaps
+    the transport class the port builds its connections with (Port.transport,
+    unix.Server in 22.4 to 26.x). A port whose transport is anything else is
+    left as it is and False says so.
+    """
+    if getattr(port, "transport", None) is not unix.Server:
+        return False
+    port.transport = _PlainReadServer
+    return True
+
+
 # EPollReactor's own state doPoll reads: the same names from 22.4 to 26.x.
 _EPOLL_STATE = ("_poller", "_selectables", "_doReadOrWrite")
 
@@ -288,7 +313,7 @@ def connect_tcp(reactor, host, port, factory, timeout):
 
 
 class _UNIXClient(_LeanConnect, unix.Client):
-    pass
+    doRead = tcp.Connection.doRead  # see read_plainly
 
 
 class _UNIXConnector(unix.Connector):
@@ -297,7 +322,11 @@ class _UNIXConnector(unix.Connector):
 
 
 def connect_unix(reactor, path, factory, timeout):
-    """reactor.connectUNIX(path, factory, timeout) with _LeanConnect's doConnect; see connect_tcp."""
+    """reactor.connectUNIX(path, factory, timeout) with _LeanConnect's doConnect and recv() reads.
+
+    See connect_tcp, and read_plainly for the reads: factory's protocol must
+    not expect file descriptors.
+    """
     if not _lean_connect(reactor):
         return reactor.connectUNIX(path, factory, timeout)
     connector = _UNIXConnector(path, factory, timeout, reactor, 0)

@@ -567,10 +567,11 @@ def adopt_listening_socket(reactor, fd, factory):
         if family == socket.AF_UNIX and path:
             from twisted.internet import unix
 
-            from .twisted_internals import forget_socket_file
+            from .twisted_internals import forget_socket_file, read_plainly
 
             port = unix.Port._fromListeningDescriptor(reactor, fd, factory)
             forget_socket_file(port, path)
+            read_plainly(port)
             port.startListening()
         else:
             port = reactor.adoptStreamPort(fd, family, factory)

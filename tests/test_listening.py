@@ -12,7 +12,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from miltermanager import config, listening
+from miltermanager import config, listening, twisted_internals
 
 
 def plain_factory():
@@ -105,6 +105,11 @@ class UNIXSocketTests(TestCase):
                                        CannotListenError)
         self.assertIn("no-such-group-here", str(failure.value))
         self.assertFalse(os.path.exists(self.path))
+
+    def test_connections_read_plainly(self):
+        """The port's connections read with recv(): see twisted_internals.read_plainly."""
+        port = self.start()
+        self.assertIs(port.port.transport, twisted_internals._PlainReadServer)
 
     @defer.inlineCallbacks
     def test_removed_at_close(self):

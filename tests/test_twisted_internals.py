@@ -1,17 +1,18 @@
 """Tests for twisted_internals: the running Twisted still has what we use; else the fallback."""
 
+import array
 import errno
 import os
 import shutil
 import socket
 import tempfile
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.error import ConnectionRefusedError as Refused
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IFileDescriptorReceiver, IPushProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import log
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -450,6 +451,95 @@ class DirectWriterTests(SynchronousTestCase):
         """A transport without a socket (TLS, StringTransport) uses its own write."""
         transport = StringTransport()
         self.assertEqual(twisted_internals.direct_writer(transport), transport.write)
+
+
+@implementer(IFileDescriptorReceiver)
+class _DescriptorTaker(_Receiving):
+    """A _Receiving that would also take file descriptors, were they handed over."""
+
+    def __init__(self, received):
+        super().__init__(received)
+        self.descriptors = []
+
+    def fileDescriptorReceived(self, descriptor):
+        self.descriptors.append(descriptor)
+        os.close(descriptor)
+
+
+def _send_with_descriptor(sock, data):
+    """Send data with a descriptor (of /dev/null) in SCM_RIGHTS ancillary data."""
+    with open(os.devnull) as null:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                               array.array("i", [null.fileno()]))])
+
+
+class _DescriptorSender(protocol.Protocol):
+    def connectionMade(self):
+        _send_with_descriptor(self.transport.socket, b"data")
+
+
+class ReadPlainlyTests(TestCase):
+    """read_plainly and connect_unix: UNIX connections read with recv(), as TCP ones do."""
+
+    def setUp(self):
+        # sun_path holds 108 bytes: trial's _trial_temp paths may be too long.
+        self.directory = tempfile.mkdtemp(prefix="mm-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.path = os.path.join(self.directory, "s.sock")
+
+    @defer.inlineCallbacks
+    def accepted(self, plainly):
+        """The protocol of a connection accepted on a UNIX port, with data and a descriptor sent."""
+        received = defer.Deferred()
+        port = reactor.listenUNIX(self.path, protocol.Factory.forProtocol(
+            lambda: _DescriptorTaker(received)))
+        self.addCleanup(port.stopListening)
+        if plainly:
+            self.assertTrue(twisted_internals.read_plainly(port))
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.connect(self.path)
+        _send_with_descriptor(client, b"data")
+        server = yield received
+        server.transport.loseConnection()
+        yield _ended(server)
+        return server
+
+    @defer.inlineCallbacks
+    def test_twisted_reads_with_recvmsg(self):
+        """Twisted's own UNIX server hands a descriptor over: the path read_plainly replaces."""
+        server = yield self.accepted(plainly=False)
+        self.assertEqual(server.received, b"data")
+        self.assertEqual(len(server.descriptors), 1)
+
+    @defer.inlineCallbacks
+    def test_port_reads_plainly(self):
+        """After read_plainly the data arrives and no descriptor is handed over."""
+        server = yield self.accepted(plainly=True)
+        self.assertEqual(server.received, b"data")
+        self.assertEqual(server.descriptors, [])
+
+    @defer.inlineCallbacks
+    def test_connect_unix_reads_plainly(self):
+        """A connect_unix client gets the data and no descriptor, the kernel having closed it."""
+        port = reactor.listenUNIX(self.path, protocol.Factory.forProtocol(_DescriptorSender))
+        self.addCleanup(port.stopListening)
+        dialler = _Dialler()
+        dialler.buildProtocol = lambda addr: _DescriptorTaker(dialler.received)
+        twisted_internals.connect_unix(reactor, self.path, dialler, 5)
+        client = yield dialler.received
+        self.assertEqual(client.received, b"data")
+        self.assertEqual(client.descriptors, [])
+        client.transport.loseConnection()
+        yield _ended(client)
+
+    def test_other_ports_left_alone(self):
+        """A port that builds other transports (TCP) is not changed: False."""
+        port = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.assertFalse(twisted_internals.read_plainly(port))
+        self.assertIs(port.transport, tcp.Server)
 
 
 class ForgetSocketFileTests(TestCase):

@@ -4,18 +4,20 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from miltermanager import config, workers
+from miltermanager import config, twisted_internals, workers
 from miltermanager.logs import Stream
 from miltermanager.service import startup_problems
 from miltermanager.tap import Options
@@ -196,8 +198,6 @@ class AdoptTests(SynchronousTestCase):
 
     def test_blocking_socket_made_non_blocking(self):
         """An inherited blocking socket is adopted non-blocking, and the inherited fd is closed."""
-        import socket
-
         listening = socket.socket()
         self.addCleanup(listening.close)
         listening.bind(("127.0.0.1", 0))
@@ -211,6 +211,26 @@ class AdoptTests(SynchronousTestCase):
         self.assertEqual([(port[1], port[2]) for port in reactor.adoptedPorts],
                          [(socket.AF_INET, factory)])
         self.assertRaises(OSError, os.fstat, inherited)
+
+
+class AdoptUNIXTests(TestCase):
+    """Adopting an inherited UNIX socket on the real reactor."""
+
+    def test_unix_socket_adopted_reading_plainly(self):
+        """The port keeps the socket file at close and its connections read with recv()."""
+        directory = tempfile.mkdtemp(prefix="mm-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "s.sock")
+        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listening.close)
+        listening.bind(path)
+        listening.listen(5)
+        port = workers.adopt_listening_socket(reactor, os.dup(listening.fileno()),
+                                              protocol.Factory.forProtocol(protocol.Protocol))
+        self.assertIs(port.transport, twisted_internals._PlainReadServer)
+        d = defer.maybeDeferred(port.stopListening)
+        d.addCallback(lambda _: self.assertTrue(os.path.exists(path)))
+        return d
 
 
 class WorkerLogTests(SynchronousTestCase):
