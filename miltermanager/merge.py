@@ -203,6 +203,10 @@ def final_replies(status, changes):
 
 # Step flags the manager itself takes care of and never asks the MTA for.
 _MANAGER_OWN_STEPS = c.NO_FLAGS | c.SMFIP_SKIP | c.SMFIP_RCPT_REJ
+# "No reply" steps the manager asks the MTA for whatever its children said: a verdict
+# reached at a header or the end of headers goes with the next reply the MTA reads
+# (Session._hold). Not the body: its replies pace the MTA to the children's speed.
+MANAGER_NO_REPLY = c.SMFIP_NR_HDR | c.SMFIP_NR_EOH
 _MDS_FLAGS = c.SMFIP_MDS_256K | c.SMFIP_MDS_1M
 
 
@@ -211,7 +215,9 @@ def merge_negotiation(mta_offer, replies):
 
     Actions are ORed. A "no reply" step is kept only if every child has it,
     and so is a larger packet size (MDS): the manager never promises the MTA
-    what one child could not take. The manager asks for every event
+    what one child could not take. Headers and the end of headers are the
+    exception (MANAGER_NO_REPLY): the MTA need not wait for them, whatever
+    the children answer, when it offers that. The manager asks for every event
     (conditions and later children may need what one child skips), takes on
     SKIP and RCPT_REJ itself, and asks for leading spaces when any child
     does. Symbol lists are unioned per stage,
@@ -231,7 +237,8 @@ def merge_negotiation(mta_offer, replies):
         actions |= reply.actions
         every_child &= reply.protocol
         leading_space |= reply.protocol & c.SMFIP_HDR_LEADSPC
-    protocol = (every_child | leading_space) & offered_protocol & ~_MANAGER_OWN_STEPS
+    protocol = ((every_child | leading_space | MANAGER_NO_REPLY) & offered_protocol
+                & ~_MANAGER_OWN_STEPS)
     macros = {}
     if offered_actions & c.SMFIF_SETSYMLIST:
         stages = set.intersection(*(set(reply.macros) for reply in replies))

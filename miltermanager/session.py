@@ -88,6 +88,11 @@ class ManagerSession:
         # A fallback waiting for the next verdict (a child that failed to start).
         self._pending = Status.NOT_CHANGE
         self._pending_by = None
+        # The message stages whose replies the MTA does not read (merge_negotiation asks for
+        # no reply to headers and the end of headers, to the body if every child has it), and
+        # a verdict reached at one of them, kept for the next command whose reply it reads.
+        self._unanswered = frozenset()
+        self._held = None
         self.envelope = Envelope(self)
         self.stoppers = None
         conditions = getattr(configuration, "conditions", None)
@@ -180,6 +185,8 @@ class ManagerSession:
         self.children = [child for child in self.children if child.alive]
         wanted = merge_negotiation(offer, [child.connection.negotiate_reply
                                            for child in self.children])
+        self._unanswered = frozenset(stage for stage, flag in _MESSAGE_NO_REPLY
+                                     if wanted.protocol & flag)
         if wanted.protocol & c.SMFIP_HDR_LEADSPC:
             for child in self.children:
                 child.convert_leading_space = not child.options.protocol & c.SMFIP_HDR_LEADSPC
@@ -450,11 +457,42 @@ class ManagerSession:
 
     def _message_command(self, stage, command, macros):
         self.stage = stage
+        if self._held is not None:
+            # The message ended at a command the MTA read no reply to: what it still
+            # sends of it goes nowhere, and the first reply it reads is the verdict.
+            if stage in self._unanswered:
+                return CONTINUE
+            held, self._held = self._held, None
+            return held
         if self.message is None:
             started = self._start_message(macros)
             if started is not None:
-                return started.addCallback(self._after_emulated_data, stage, command, macros)
-        return self._to_message(stage, command, macros)
+                result = started.addCallback(self._after_emulated_data, stage, command, macros)
+            else:
+                result = self._to_message(stage, command, macros)
+        else:
+            result = self._to_message(stage, command, macros)
+        if stage in self._unanswered:
+            if isinstance(result, defer.Deferred):
+                return result.addCallback(self._hold)
+            return self._hold(result)
+        return result
+
+    def _hold(self, reply):
+        """A reply to a command the MTA reads no reply to: a verdict waits for the next one.
+
+        Any reply but continue at a header, the end of headers or a body chunk
+        means the message is over (end_message ran). The MTA, not waiting, goes on
+        sending the message; _message_command answers the first command it
+        reads a reply to with the verdict (the end of message at the latest).
+        Postfix and Sendmail give the SMTP client a verdict reached in the
+        message after the end of DATA anyway: it gets the same answer at the
+        same point.
+        """
+        if reply is None or reply is CONTINUE or reply == CONTINUE:
+            return reply
+        self._held = reply
+        return CONTINUE
 
     def _to_message(self, stage, command, macros):
         if stage is stages.END_OF_MESSAGE:
@@ -554,13 +592,15 @@ class ManagerSession:
                       checker=checker, client=client, stage=self.stage.nick,
                       status=status.label)
         self.end_message(self.stage, status, None)
-        self.server.answer_now(reply_for(status))
+        reply = reply_for(status)
+        self.server.answer_now(self._hold(reply) if self.stage in self._unanswered else reply)
         for child in self.children:
             child.quit()
         self._pending, self._pending_by = Status.NOT_CHANGE, None
         self._verdict, self._decided_by = status, None
 
     def abort(self, macros):
+        self._held = None
         self.end_message(self.stage, None, None, aborted=True)
         if self.stoppers is not None:
             self.stoppers.new_transaction(self.children)
@@ -582,6 +622,11 @@ class ManagerSession:
         # this cycle the session goes by reference counting (replies still on their way
         # hold the envelope, and through it the session, as long as they need them).
         self.envelope = None
+
+
+# The message stages the MTA may read no reply to, and the flag that says so.
+_MESSAGE_NO_REPLY = ((stages.HEADER, c.SMFIP_NR_HDR), (stages.END_OF_HEADERS, c.SMFIP_NR_EOH),
+                     (stages.BODY, c.SMFIP_NR_BODY))
 
 
 def _text(value):

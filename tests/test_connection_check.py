@@ -38,7 +38,7 @@ from miltermanager.testing import ConnectionTracker, RecordingObserver
 from tests.peers.fixtures import HOST, LibmilterMilter, MiltermanagerProcess, Postfix
 from tests.test_server import Harness
 from tests.test_session import (
-    BODY, CONNECT, EOH, EOM, HELO, MAIL, RCPT, SUBJECT, Hang, Kid, Scenario, ScenarioTestCase,
+    BODY, CONNECT, EOH, EOM, FULL_OFFER, HELO, MAIL, RCPT, SUBJECT, Hang, Kid, Scenario, ScenarioTestCase,
     Send,
 )
 
@@ -371,6 +371,17 @@ class DisconnectScenarioTests(ScenarioTestCase):
             seen={"one": "connect helo mail rcpt close", "two": "connect helo mail rcpt close"},
         ))
 
+    def test_gone_at_a_header_the_mta_reads_no_reply_to(self):
+        """Postfix reads no reply to headers: the fallback goes with the first reply it reads."""
+        self.configure_checks(gone=self.gone, at_disconnect=Status.REJECT)
+        return self.run_scenario(Scenario(
+            children=[Kid("slow", {"header": Hang()})],
+            offer=FULL_OFFER,
+            steps=[*_continue(CONNECT, HELO, MAIL, RCPT, DATA), Send(SUBJECT, None, advance=5),
+                   Send(EOH, None), Send(BODY, REJECT)],
+            seen={"slow": "connect helo mail rcpt data header close"},
+        ))
+
     def test_discard_at_helo(self):
         """A discard at HELO, which the MTAs refuse, is answered as a temporary failure."""
         self.configure_checks(gone=self.gone, at_disconnect=Status.DISCARD)
@@ -498,15 +509,17 @@ class RealDisconnectTests(unittest.TestCase):
                                    MTA_TIMEOUTS, task.Clock())
         try:
             yield mta.negotiate(Negotiate(6, c.SMFI_CURR_ACTS, c.SMFI_CURR_PROT, {}))
-            for command, macro in (
+            # The manager asks this MTA for no reply to headers and their end (None).
+            for command, macro, expected in (
                     (Connect(b"client.example.net", c.FAMILY_INET, client_port, host.encode()),
-                     Macro(c.CONNECT, {b"j": b"mx.example.org"})),
-                    (Helo(b"client.example.net"), None), (Mail(b"<a@example.net>"), None),
-                    (Rcpt(b"<b@example.org>"), None), (DATA, None),
-                    (Header(b"Subject", b"slow"), None), (END_OF_HEADERS, None),
-                    (Body(b"hello\r\n"), None)):
+                     Macro(c.CONNECT, {b"j": b"mx.example.org"}), CONTINUE),
+                    (Helo(b"client.example.net"), None, CONTINUE),
+                    (Mail(b"<a@example.net>"), None, CONTINUE),
+                    (Rcpt(b"<b@example.org>"), None, CONTINUE), (DATA, None, CONTINUE),
+                    (Header(b"Subject", b"slow"), None, None), (END_OF_HEADERS, None, None),
+                    (Body(b"hello\r\n"), None, CONTINUE)):
                 response = yield mta.send(command, macro)
-                self.assertEqual(response.reply, CONTINUE, command)
+                self.assertEqual(response and response.reply, expected, command)
             started = time.monotonic()
             eom = mta.send(END_OF_MESSAGE)
             yield self.wait_for_event(slow, "eom")

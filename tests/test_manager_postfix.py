@@ -135,6 +135,33 @@ class TwoChildrenAndOpenDKIMTests(ManagerHarness, SynchronousTestCase):
         self.assertLess(output.index("first saw"), output.index("second saw"))
 
 
+class HeaderVerdictTests(ManagerHarness, SynchronousTestCase):
+    """Postfix sends the headers without waiting (the manager asks it for no reply to them);
+    a child's reject at a header still reaches the SMTP client at the end of DATA."""
+
+    def test_reject_at_a_header(self):
+        """The first child rejects the Subject header: the SMTP client gets its 554 after the
+        message, nothing is delivered, the child sees no header after it and the second
+        child nothing of the message."""
+        judge, after = self.start_children(("judge", ["--reject-header", "Subject"]),
+                                           ("after", []))
+        manager = self.start_manager([("judge", judge.spec, "accept", False),
+                                      ("after", after.spec, "accept", False)])
+        postfix = self.start_postfix(manager)
+        result = self.send(postfix, ["bob@example.com"])
+        self.assertEqual(result.data, (554, "5.7.1 judge rejected header Subject"), result)
+        self.assertFalse(result.accepted)
+        headers = [event["name"] for event in judge.events() if event["event"] == "header"]
+        self.assertEqual(headers[-1], "Subject")
+        self.assertNotIn("eoh", [event["event"] for event in judge.events()])
+        self.assertEqual([event["event"] for event in after.events()
+                          if event["event"] in ("header", "eoh", "body", "eom")], [])
+        # The same mail without the reject goes through: the headers were not the problem.
+        [plain] = self.start_children(("plain", []))
+        other = self.start_postfix(self.start_manager([("plain", plain.spec, "accept", False)]))
+        self.assertTrue(self.send(other, ["bob@example.com"]).accepted)
+
+
 class DownChildTests(ManagerHarness, SynchronousTestCase):
     """A child nobody listens for contributes its fallback status; the others keep working."""
 

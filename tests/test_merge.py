@@ -233,35 +233,40 @@ class MergeNegotiationTests(SynchronousTestCase):
     def test_table(self):
         """Each set of children's replies gives the reply written beside it."""
         mds_offer = Negotiate(6, 0x1FF, 0x1FFFFF | c.SMFIP_MDS_256K, {})
+        # Asked of the MTA whenever it offers them, whatever the children said.
+        held = c.SMFIP_NR_HDR | c.SMFIP_NR_EOH
         table = [
             # (offer, children's replies) -> the manager's reply
             ((OFFER, []), Negotiate(6, 0, 0, {})),
-            ((OFFER, [Negotiate(6, 0x01, 0, {})]), Negotiate(6, 0x01, 0, {})),
+            ((OFFER, [Negotiate(6, 0x01, 0, {})]), Negotiate(6, 0x01, held, {})),
             # actions ORed; no-event flags dropped (the manager asks for every event)
             ((OFFER, [Negotiate(6, 0x01, c.SMFIP_NOCONNECT | c.SMFIP_NOBODY, {}),
                       Negotiate(6, 0x10, c.SMFIP_NOCONNECT, {})]),
-             Negotiate(6, 0x11, 0, {})),
+             Negotiate(6, 0x11, held, {})),
             # no-reply flags ANDed
             ((OFFER, [Negotiate(6, 0, c.SMFIP_NR_CONN | c.SMFIP_NR_HELO, {}),
                       Negotiate(6, 0, c.SMFIP_NR_CONN, {})]),
-             Negotiate(6, 0, c.SMFIP_NR_CONN, {})),
+             Negotiate(6, 0, c.SMFIP_NR_CONN | held, {})),
             ((OFFER, [Negotiate(6, 0, NR_ALL, {})]), Negotiate(6, 0, NR_ALL, {})),
             # SKIP and RCPT_REJ are the manager's own; leading space if any child asks
             ((OFFER, [Negotiate(6, 0, c.SMFIP_SKIP | c.SMFIP_RCPT_REJ, {}),
                       Negotiate(6, 0, c.SMFIP_HDR_LEADSPC, {})]),
-             Negotiate(6, 0, c.SMFIP_HDR_LEADSPC, {})),
+             Negotiate(6, 0, c.SMFIP_HDR_LEADSPC | held, {})),
             # MDS only when every child took it
             ((mds_offer, [Negotiate(6, 0, c.SMFIP_MDS_256K, {}), Negotiate(6, 0, 0, {})]),
-             Negotiate(6, 0, 0, {})),
+             Negotiate(6, 0, held, {})),
             ((mds_offer, [Negotiate(6, 0, c.SMFIP_MDS_256K, {}),
                           Negotiate(6, 0, c.SMFIP_MDS_256K, {})]),
-             Negotiate(6, 0, c.SMFIP_MDS_256K, {})),
-            # never a flag the MTA did not offer
+             Negotiate(6, 0, c.SMFIP_MDS_256K | held, {})),
+            # never a flag the MTA did not offer (0x7F: the no-event flags, no NR_HDR)
             ((Negotiate(2, 0x0F, 0x7F, {}), [Negotiate(2, 0x1FF, c.SMFIP_NR_CONN, {})]),
              Negotiate(2, 0x0F, 0, {})),
+            # an MTA offering only no reply to the end of headers gets asked only that
+            ((Negotiate(6, 0x1FF, c.SMFIP_NR_EOH, {}), [Negotiate(6, 0, 0, {})]),
+             Negotiate(6, 0, c.SMFIP_NR_EOH, {})),
             # symbol lists unioned where every child has one for the stage
             ((OFFER, [Negotiate(6, 0, 0, {0: [b"j"], 2: [b"i"]}),
                       Negotiate(6, 0, 0, {0: [b"{daemon_name}", b"j"]})]),
-             Negotiate(6, c.SMFIF_SETSYMLIST, 0, {0: [b"j", b"{daemon_name}"]})),
+             Negotiate(6, c.SMFIF_SETSYMLIST, held, {0: [b"j", b"{daemon_name}"]})),
         ]
         self.assertEqual([(case, merge_negotiation(*case)) for case, _ in table], table)

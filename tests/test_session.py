@@ -30,7 +30,11 @@ from miltermanager.testing import DISCONNECT, ConnectionTracker, Script, Scripte
 
 # ---------------------------------------------------------------- the MTA's words
 
-OFFER = Negotiate(6, c.SMFI_CURR_ACTS, c.SMFI_CURR_PROT, {})
+# An MTA that reads a reply to every command: what the children's answers become at each
+# one. Postfix and Sendmail also offer no reply to headers (HeldVerdictTests).
+OFFER = Negotiate(6, c.SMFI_CURR_ACTS, c.SMFI_CURR_PROT & ~(c.SMFIP_NR_HDR | c.SMFIP_NR_EOH), {})
+# Every step flag, no reply to headers among them, as Postfix offers.
+FULL_OFFER = Negotiate(6, c.SMFI_CURR_ACTS, c.SMFI_CURR_PROT, {})
 CONNECT = Connect(b"client.example.net", c.FAMILY_INET, 52258, b"192.0.2.10")
 HELO = Helo(b"client.example.net")
 MAIL = Mail(b"<sender@example.net>")
@@ -1054,6 +1058,7 @@ class NegotiationTests(ScenarioTestCase):
         return self.run_scenario(Scenario(
             children=[Kid("one", actions=c.SMFIF_ADDHDRS, protocol=NR_ALL, replies={
                 "end_of_message": [AddHeader(b"X-One", b"1"), CONTINUE]})],
+            offer=FULL_OFFER,
             negotiated=Negotiate(6, c.SMFIF_ADDHDRS, NR_ALL, {}),
             steps=steps,
             seen={"one": "connect helo unknown" + " mail rcpt data header eoh body eom" * 2
@@ -1169,11 +1174,82 @@ class LeadingSpaceTests(ScenarioTestCase):
         """The MTA does not offer leading spaces: values pass to the children as they are."""
         return self.run_scenario(Scenario(
             children=[Kid("one"), Kid("two")],
-            offer=Negotiate(6, c.SMFI_CURR_ACTS, c.SMFI_CURR_PROT & ~c.SMFIP_HDR_LEADSPC, {}),
+            offer=Negotiate(6, c.SMFI_CURR_ACTS, OFFER.protocol & ~c.SMFIP_HDR_LEADSPC, {}),
             negotiated=Negotiate(6, 0, 0, {}),
             steps=_message(CONTINUE, headers=(Header(b"Subject", b" hello"),)),
             headers_seen={"one": [(b"Subject", b" hello")], "two": [(b"Subject", b" hello")]},
         ))
+
+
+class HeldVerdictTests(ScenarioTestCase):
+    """An MTA offering no reply to headers (Postfix, Sendmail) is asked for it whatever the
+    children said, and sends a message's headers without waiting; a verdict reached at a header
+    or the end of headers reaches it with the next reply it reads. Postfix and Sendmail answer
+    the SMTP client only after the end of DATA in both cases."""
+
+    def held(self, children, steps, seen, **more):
+        """Run the scenario with an offer of every step flag (FULL_OFFER)."""
+        return self.run_scenario(Scenario(children=children, steps=steps, seen=seen,
+                                          offer=FULL_OFFER, **more))
+
+    def test_asked_whatever_the_children_said(self):
+        """The MTA reads no reply to headers or their end, though the children answer them."""
+        return self.held(
+            [Kid("one"), Kid("two")],
+            [(CONNECT, CONTINUE), (HELO, CONTINUE), (MAIL, CONTINUE), (RCPT, CONTINUE),
+             (DATA, CONTINUE), (FROM, None), (SUBJECT, None), (EOH, None), (BODY, CONTINUE),
+             (EOM, CONTINUE)],
+            {"one": ALL_SEEN.replace("header", "header header"),
+             "two": ALL_SEEN.replace("header", "header header")},
+            negotiated=Negotiate(6, 0, c.SMFIP_NR_HDR | c.SMFIP_NR_EOH, {}))
+
+    def test_header_reject_goes_with_the_first_body_chunk(self):
+        """The live child rejects the first header: it gets no more of the message, the
+        second child none of it, and the MTA the reject in reply to the body."""
+        return self.held(
+            [Kid("one", replies={"header": ReplyCode(b"554 5.7.1 bad header")}), Kid("two")],
+            [(CONNECT, CONTINUE), (HELO, CONTINUE), (MAIL, CONTINUE), (RCPT, CONTINUE),
+             (DATA, CONTINUE), (FROM, None), (SUBJECT, None), (EOH, None),
+             (BODY, ReplyCode(b"554 5.7.1 bad header"))],
+            {"one": "connect helo mail rcpt data header abort close",
+             "two": "connect helo mail rcpt data abort close"})
+
+    def test_reject_at_the_end_of_headers_without_a_body(self):
+        """A reject at the end of headers of a message with no body goes with the end of message."""
+        return self.held(
+            [Kid("one", replies={"end_of_headers": REJECT})],
+            [(CONNECT, CONTINUE), (HELO, CONTINUE), (MAIL, CONTINUE), (RCPT, CONTINUE),
+             (DATA, CONTINUE), (SUBJECT, None), (EOH, None), (EOM, REJECT)],
+            {"one": "connect helo mail rcpt data header eoh abort close"})
+
+    def test_accept_at_a_header(self):
+        """The lone child accepts at a header: the MTA gets the accept with the body."""
+        return self.held(
+            [Kid("one", replies={"header": ACCEPT})],
+            [(CONNECT, CONTINUE), (HELO, CONTINUE), (MAIL, CONTINUE), (RCPT, CONTINUE),
+             (DATA, CONTINUE), (FROM, None), (SUBJECT, None), (EOH, None), (BODY, ACCEPT)],
+            {"one": "connect helo mail rcpt data header close"})
+
+    def test_held_verdict_ends_with_an_abort(self):
+        """The MTA aborts before reading the verdict: the next message starts afresh."""
+        return self.held(
+            [Kid("one", replies={"header": lambda command, macros: (
+                TEMPFAIL if command.name == SUBJECT.name else CONTINUE)})],
+            [(CONNECT, CONTINUE), (HELO, CONTINUE), (MAIL, CONTINUE), (RCPT, CONTINUE),
+             (DATA, CONTINUE), (SUBJECT, None), (ABORT, None),
+             (MAIL, CONTINUE), (RCPT, CONTINUE), (DATA, CONTINUE), (FROM, None), (EOH, None),
+             (BODY, CONTINUE), (EOM, CONTINUE)],
+            {"one": "connect helo mail rcpt data header abort"
+                    " mail rcpt data header eoh body eom close"})
+
+    def test_every_reply_read_without_the_offer(self):
+        """An MTA that does not offer it reads the reject at the header itself."""
+        return self.run_scenario(Scenario(
+            children=[Kid("one", replies={"header": REJECT})],
+            steps=[(CONNECT, CONTINUE), (HELO, CONTINUE), (MAIL, CONTINUE), (RCPT, CONTINUE),
+                   (DATA, CONTINUE), (SUBJECT, REJECT)],
+            seen={"one": "connect helo mail rcpt data header abort close"},
+            negotiated=Negotiate(6, 0, 0, {})))
 
 
 # ---------------------------------------------------------------- bodies

@@ -19,8 +19,8 @@ from miltermanager.protocol.messages import (
 )
 from tests import test_session
 from tests.test_session import (
-    BODY, CONNECT, EOH, EOM, FROM, HELO, MAIL, RCPT, RCPT2, SLOW, SUBJECT, Hang, Kid, Scenario,
-    ScenarioTestCase,
+    BODY, CONNECT, EOH, EOM, FROM, FULL_OFFER, HELO, MAIL, RCPT, RCPT2, SLOW, SUBJECT, Hang, Kid,
+    Scenario, ScenarioTestCase,
 )
 
 ALL_SEEN = "connect helo mail rcpt data header eoh body eom close"
@@ -340,6 +340,19 @@ class MessageStopTests(StopperTestCase):
         ), {"second": {"body": second}}, {"one": ["second"]})
         self.assertEqual(chunks, [BODY.chunk, b"more\r\n"])
         self.assertIs(type(chunks[0]), bytes)
+
+    def test_body_stopper_when_the_mta_reads_no_reply_to_the_body(self):
+        """The lone child takes no reply to the body, so neither does the MTA: its stop at the
+        body is an accept the MTA gets at the end of message, not the manager's fallback."""
+        return self.run_stopping(Scenario(
+            children=[Kid("one", protocol=c.SMFIP_NR_BODY)],
+            offer=FULL_OFFER,
+            fallback=Status.REJECT,
+            steps=_steps([CONNECT, HELO, MAIL, RCPT, DATA]) + [
+                (SUBJECT, None), (EOH, None), (BODY, None), (EOM, ACCEPT)],
+            seen={"one": "connect helo mail rcpt data header eoh abort close"},
+            aborted=("one",),
+        ), {"stop": {"body": _always}}, {"one": ["stop"]})
 
     def test_end_of_message_stopper_on_live_child(self):
         """The live child stopped at end of message is aborted; the next child's verdict is the MTA's."""

@@ -25,7 +25,7 @@ from miltermanager.server import MilterServerProtocol
 from miltermanager.testing import Raw
 from tests.peers.fixtures import LibmilterMilter
 from tests.test_session import (
-    ALL_SEEN, CONNECT, EOM, HELO, MAIL, MTA_TIMEOUTS, RCPT, Hang, Kid, Scenario,
+    ALL_SEEN, CONNECT, EOM, HELO, MAIL, MTA_TIMEOUTS, OFFER, RCPT, Hang, Kid, Scenario,
     ScenarioTestCase, Send, _message,
 )
 
@@ -164,7 +164,7 @@ class ProgressBeforeEndOfMessageTests(ScenarioTestCase):
         ))
 
 
-MDS_OFFER = Negotiate(6, c.SMFI_CURR_ACTS, c.SMFI_CURR_PROT | c.SMFIP_MDS_256K, {})
+MDS_OFFER = Negotiate(6, c.SMFI_CURR_ACTS, OFFER.protocol | c.SMFIP_MDS_256K, {})
 
 
 class MaxDataSizeTests(ScenarioTestCase):

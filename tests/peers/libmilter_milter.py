@@ -117,6 +117,10 @@ class LoggingMilter(Milter.Base):
         if self.subject is None and name.lower() == "subject":
             self.subject = value
         self.log_event("header", name=text(name), value=value)
+        opts = self.options
+        if opts.reject_header is not None and text(name).lower() == opts.reject_header.lower():
+            self.setreply("554", "5.7.1", f"{opts.name} rejected header {text(name)}")
+            return Milter.REJECT
         return Milter.CONTINUE
 
     def eoh(self):
@@ -188,6 +192,7 @@ def parse_args(argv):
     parser.add_argument("--change-subject", action="store_true", help="prefix the first Subject with [NAME]")
     parser.add_argument("--replace-body", metavar="TEXT", help="replace the body with TEXT at EOM")
     parser.add_argument("--reject-subject", metavar="WORD", help="554 5.7.1 at EOM if Subject contains WORD")
+    parser.add_argument("--reject-header", metavar="NAME", help="554 5.7.1 at the header NAME")
     parser.add_argument("--noreply-connect-helo", action="store_true", help="negotiate NR for connect and helo")
     parser.add_argument("--no-add-header", action="store_true", help="do not add X-Libmilter at EOM")
     parser.add_argument("--no-rcpt-rules", action="store_true", help="accept reject@ and tempfail@ recipients")
