@@ -464,12 +464,9 @@ class ManagerSession:
                 return CONTINUE
             held, self._held = self._held, None
             return held
-        if self.message is None:
-            started = self._start_message(macros)
-            if started is not None:
-                result = started.addCallback(self._after_emulated_data, stage, command, macros)
-            else:
-                result = self._to_message(stage, command, macros)
+        started = self._start_message(macros) if self.message is None else None
+        if started is not None:
+            result = started.addCallback(self._after_emulated_data, stage, command, macros)
         else:
             result = self._to_message(stage, command, macros)
         if stage in self._unanswered:
