@@ -253,11 +253,14 @@ class _LeanConnect:
 
     Twisted asks SO_ERROR before each connect(), and once connected stops
     reading and writing to start reading again: nine system calls from
-    connect() to connected where five do. connect() on a socket whose attempt ended returns its error
-    (or 0, or EISCONN), so SO_ERROR adds nothing; and on success only the
-    writing registration has to go. Otherwise as Twisted's: reading and
-    writing are watched while connecting, so that a refusal is seen, and the
-    errors are Twisted's. For EPollReactor only, which looks doRead and
+    connect() to connected where five do. connect() on a socket whose
+    attempt ended returns its error (or 0, or EISCONN), so SO_ERROR adds
+    nothing; and on success only the writing registration has to go. On the
+    loopback the attempt has ended by the time the first connect() returns
+    EINPROGRESS, so a second one at once finds the connection made: two
+    connect() calls and _connectDone's one epoll_ctl, in the same reactor
+    turn. Otherwise as Twisted's: reading and writing are watched while
+    connecting, so that a refusal is seen, and the errors are Twisted's. For EPollReactor only, which looks doRead and
     doWrite up at each event (the stop-and-start Twisted does is for
     reactors that keep them).
     """
@@ -267,10 +270,12 @@ class _LeanConnect:
         self.doRead = self.doConnect
         if not hasattr(self, "connector"):
             return  # failed already while this was scheduled, as in Twisted's
-        try:
-            result = self.socket.connect_ex(self.realAddress)
-        except OSError as problem:
-            result = problem.args[0]
+        result = self._connect_ex()
+        if result in _IN_PROGRESS:
+            # On the loopback the handshake is over by the time connect() says it is in
+            # progress: asked again at once, it says so, and no reactor turn (nor two
+            # epoll_ctl calls) waits for writability. Elsewhere it costs one system call.
+            result = self._connect_ex()
         if result in _IN_PROGRESS:
             self.startReading()
             self.startWriting()
@@ -282,6 +287,12 @@ class _LeanConnect:
         del self.doRead
         self.stopWriting()  # reading goes on: _connectDone's startReading finds it on
         self._connectDone()
+
+    def _connect_ex(self):
+        try:
+            return self.socket.connect_ex(self.realAddress)
+        except OSError as problem:
+            return problem.args[0]
 
 
 class _TCPClient(_LeanConnect, tcp.Client):

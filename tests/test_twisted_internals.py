@@ -273,6 +273,24 @@ class LeanConnectTests(TestCase):
         self.assertEqual(client.received, b"hello")
 
     @defer.inlineCallbacks
+    def test_loopback_connects_without_waiting_for_writability(self):
+        """On the loopback the connection is made in the first doConnect: it never registers
+        for writing, so no reactor turn waits for the handshake."""
+        port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        dialler = _Dialler()
+        connector = twisted_internals.connect_tcp(
+            reactor, "127.0.0.1", port.getHost().port, dialler, 5)
+        client = connector.transport
+        writes = []
+        client.startWriting = lambda: writes.append(True)
+        received = yield dialler.received
+        self.assertEqual((received.received, writes), (b"hello", []))
+        del client.startWriting
+        received.transport.loseConnection()
+        yield received.lost
+
+    @defer.inlineCallbacks
     def test_unix_connects(self):
         """connect_unix: the same over a UNIX socket."""
         path = os.path.join(tempfile.mkdtemp(), "s")
