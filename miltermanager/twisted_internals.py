@@ -9,6 +9,7 @@ the running Twisted that the attributes are still there and used.
 
 import errno
 import os
+import socket
 
 from twisted.internet import error, tcp, unix
 from twisted.internet.main import CONNECTION_DONE
@@ -287,6 +288,12 @@ class _LeanConnect:
         del self.doRead
         self.stopWriting()  # reading goes on: _connectDone's startReading finds it on
         self._connectDone()
+
+    def createInternetSocket(self):
+        # Non-blocking from socket() itself (SOCK_NONBLOCK): Twisted's ioctl for it, and on
+        # 22.4 its two fcntl calls for close-on-exec, which Python sockets are (PEP 446),
+        # would come on top of the one Connection.__init__ makes anyway.
+        return socket.socket(self.addressFamily, self.socketType | socket.SOCK_NONBLOCK)
 
     def _connect_ex(self):
         try:

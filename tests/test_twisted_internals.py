@@ -290,6 +290,15 @@ class LeanConnectTests(TestCase):
         received.transport.loseConnection()
         yield received.lost
 
+    def test_socket_made_non_blocking_and_close_on_exec(self):
+        """The lean clients' sockets come non-blocking and close-on-exec from socket() itself."""
+        for client in (twisted_internals._TCPClient, twisted_internals._UNIXClient):
+            sock = client.createInternetSocket(client.__new__(client))
+            self.addCleanup(sock.close)
+            self.assertEqual((sock.gettimeout(), os.get_blocking(sock.fileno()),
+                              os.get_inheritable(sock.fileno()), sock.type),
+                             (0.0, False, False, socket.SOCK_STREAM), client)
+
     @defer.inlineCallbacks
     def test_unix_connects(self):
         """connect_unix: the same over a UNIX socket."""
