@@ -260,10 +260,11 @@ class _LeanConnect:
     loopback the attempt has ended by the time the first connect() returns
     EINPROGRESS, so a second one at once finds the connection made: two
     connect() calls and _connectDone's one epoll_ctl, in the same reactor
-    turn. Otherwise as Twisted's: reading and writing are watched while
-    connecting, so that a refusal is seen, and the errors are Twisted's. For EPollReactor only, which looks doRead and
-    doWrite up at each event (the stop-and-start Twisted does is for
-    reactors that keep them).
+    turn. The socket is made non-blocking by socket() itself. Otherwise as
+    Twisted's: reading and writing are watched while connecting, so that a
+    refusal is seen, and the errors are Twisted's. For EPollReactor only,
+    which looks doRead and doWrite up at each event (the stop-and-start
+    Twisted does is for reactors that keep them).
     """
 
     def doConnect(self):
