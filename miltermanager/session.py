@@ -185,8 +185,8 @@ class ManagerSession:
         self.children = [child for child in self.children if child.alive]
         wanted = merge_negotiation(offer, [child.connection.negotiate_reply
                                            for child in self.children])
-        self._unanswered = frozenset(stage for stage, flag in _MESSAGE_NO_REPLY
-                                     if wanted.protocol & flag)
+        self._unanswered = frozenset(stage for stage in stages.MESSAGE
+                                     if wanted.protocol & c.NO_REPLY_FLAG.get(stage.code, 0))
         if wanted.protocol & c.SMFIP_HDR_LEADSPC:
             for child in self.children:
                 child.convert_leading_space = not child.options.protocol & c.SMFIP_HDR_LEADSPC
@@ -619,11 +619,6 @@ class ManagerSession:
         # this cycle the session goes by reference counting (replies still on their way
         # hold the envelope, and through it the session, as long as they need them).
         self.envelope = None
-
-
-# The message stages the MTA may read no reply to, and the flag that says so.
-_MESSAGE_NO_REPLY = ((stages.HEADER, c.SMFIP_NR_HDR), (stages.END_OF_HEADERS, c.SMFIP_NR_EOH),
-                     (stages.BODY, c.SMFIP_NR_BODY))
 
 
 def _text(value):
