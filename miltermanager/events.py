@@ -26,6 +26,7 @@ class Cause(enum.Enum):
     TIMEOUT = "timeout"  # a connection, reading, writing or end-of-message timeout
     DISCONNECTED = "disconnected"  # the connection ended while a reply was awaited
     PROTOCOL = "protocol"  # a bad packet, or a reply the MTAs would refuse
+    CHANGED = "changed"  # negotiated otherwise than before, when the MTA was answered from before
     ERROR = "error"  # anything else
 
 

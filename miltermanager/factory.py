@@ -2,7 +2,8 @@
 
 The factory is what the sessions share: the configuration current when
 each connected, the count of sessions in flight, the children's health
-(miltermanager.health) and the observers of the event stream
+(miltermanager.health), their last negotiation replies
+(miltermanager.negotiation_memory) and the observers of the event stream
 (miltermanager.events).
 """
 
@@ -14,6 +15,7 @@ from twisted.logger import Logger
 from .connection_check import ConnectionChecks
 from .events import Observers
 from .health import ChildHealth
+from .negotiation_memory import NegotiationMemory
 from .server import MilterServerFactory, MilterServerProtocol
 from .session import ManagerSession
 
@@ -66,6 +68,7 @@ class ManagerFactory(MilterServerFactory):
         self._observers = Observers()
         self.health = ChildHealth(clock or reactor, self._manager_settings,
                                   lambda: self.observer)
+        self.negotiation_memory = NegotiationMemory()
         self.sessions_started = 0
         self.connection_checks = ConnectionChecks(self, self.clock)
 

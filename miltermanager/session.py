@@ -33,6 +33,10 @@ from .protocol.messages import CONTINUE, Negotiate
 from .server import IMilter
 from .stoppers import StopperRunner
 
+# "No reply" steps before the message: a verdict there has no later reply to wait for.
+_ENVELOPE_NO_REPLY = c.NO_REPLY_FLAGS & ~sum(c.NO_REPLY_FLAG.get(stage.code, 0)
+                                             for stage in stages.MESSAGE)
+
 # Verdicts that let the mail go on without any child deciding anything.
 _GOING_ON = (Status.NOT_CHANGE, Status.SKIP, Status.CONTINUE)
 
@@ -93,6 +97,11 @@ class ManagerSession:
         # a verdict reached at one of them, kept for the next command whose reply it reads.
         self._unanswered = frozenset()
         self._held = None
+        # The children's last negotiation replies, and while the MTA was answered from them,
+        # the Deferred of this session's children starting, which its first command waits for.
+        self._memory = factory.negotiation_memory
+        self._configuration = configuration
+        self._starting = None
         self.envelope = Envelope(self)
         self.stoppers = None
         conditions = getattr(configuration, "conditions", None)
@@ -123,10 +132,23 @@ class ManagerSession:
         if not self.children:
             return merge_negotiation(offer, [])
         child_offer = Negotiate(self.version, offer.actions, offer.protocol, {})
+        known = self._memory.recall(self._configuration, offer,
+                                    [child.name for child in self.children])
+        wanted = None if known is None else merge_negotiation(offer, known)
+        if wanted is not None and wanted.protocol & _ENVELOPE_NO_REPLY:
+            # A fallback at those commands could not wait for a reply the MTA reads.
+            wanted = None
         starts = [self._start(child, child_offer) for child in self.children]
         # _negotiated reads the replies from the children: one needs no gathering.
         started = starts[0] if len(starts) == 1 else defer.gatherResults(starts)
-        return started.addCallback(self._negotiated, offer)
+        if wanted is None:
+            return started.addCallback(self._negotiated, offer)
+        # Answered from what the children said last time (negotiation_memory); the first
+        # command waits for them. Set before the callback, which may run at once.
+        self._starting = started
+        started.addCallback(self._started_ahead, offer, known, wanted)
+        self._settle(wanted)
+        return wanted
 
     def _start(self, child, offer):
         """Start child unless it is down; fire with its negotiation reply or None."""
@@ -182,19 +204,68 @@ class ManagerSession:
             self._pending, self._pending_by = status, child.name
 
     def _negotiated(self, _started, offer):
+        if self.envelope is None:
+            return None  # closed meanwhile: nothing is answered
+        every = all(child.alive for child in self.children)
         self.children = [child for child in self.children if child.alive]
-        wanted = merge_negotiation(offer, [child.connection.negotiate_reply
-                                           for child in self.children])
+        replies = {child.name: child.connection.negotiate_reply for child in self.children}
+        self._remember(offer, replies if every else None)
+        wanted = merge_negotiation(offer, list(replies.values()))
+        self._settle(wanted)
+        self._convert_leading_space(wanted)
+        return wanted
+
+    def _started_ahead(self, _started, offer, known, wanted):
+        """The children negotiated after the MTA was answered from known: hold them to it."""
+        self._starting = None
+        if self.envelope is None:
+            return  # closed meanwhile: the MTA went away, not the children
+        replies = {}
+        for child, reply in zip(self.children, known):
+            if not child.alive:
+                continue
+            replies[child.name] = actual = child.connection.negotiate_reply
+            if actual != reply:
+                self._note_fallback(child, stages.NEGOTIATE, self._fell_back(
+                    child, stages.NEGOTIATE, Cause.CHANGED,
+                    f"negotiated {actual} where it negotiated {reply} before, which the MTA "
+                    "was answered from: it sits out this connection"))
+        every = len(replies) == len(self.children)
+        self.children = [child for child in self.children if child.alive]
+        self._remember(offer, replies if every else None)
+        self._convert_leading_space(wanted)
+
+    def _remember(self, offer, replies):
+        """What every child answered offer (None: some child did not start) for the next session."""
+        if replies is None:
+            self._memory.forget(self._configuration, offer)
+        else:
+            self._memory.remember(self._configuration, offer, replies)
+
+    def _settle(self, wanted):
+        """What the MTA was answered decides which message stages it reads no reply to."""
         self._unanswered = frozenset(stage for stage in stages.MESSAGE
                                      if wanted.protocol & c.NO_REPLY_FLAG.get(stage.code, 0))
+
+    def _convert_leading_space(self, wanted):
         if wanted.protocol & c.SMFIP_HDR_LEADSPC:
             for child in self.children:
                 child.convert_leading_space = not child.options.protocol & c.SMFIP_HDR_LEADSPC
-        return wanted
+
+    def _after_start(self, method, command, macros):
+        """Run method(command, macros) once the children answered ahead of time have started."""
+        return self._starting.addCallback(self._started_then, method, command, macros)
+
+    def _started_then(self, _started, method, command, macros):
+        if self.envelope is None:
+            return None  # closed meanwhile: nothing is answered
+        return method(command, macros)
 
     # ------------------------------------------------------------ envelope
 
     def connect(self, command, macros):
+        if self._starting is not None:
+            return self._after_start(self.connect, command, macros)
         self.stage = stages.CONNECT
         self.smtp_client = command
         if self.stoppers is not None:
@@ -208,12 +279,16 @@ class ManagerSession:
         return self.envelope.send(stages.CONNECT, command, macros, self._alive())
 
     def helo(self, command, macros):
+        if self._starting is not None:
+            return self._after_start(self.helo, command, macros)
         self.stage = stages.HELO
         if self.stoppers is not None:
             self.stoppers.note(stages.HELO, command)
         return self.envelope.send(stages.HELO, command, macros, self._alive())
 
     def mail(self, command, macros):
+        if self._starting is not None:
+            return self._after_start(self.mail, command, macros)
         if self.transaction is not Transaction.NONE:
             self.end_message(self.stage, None, None, aborted=True)
         self.stage = stages.MAIL
@@ -290,6 +365,8 @@ class ManagerSession:
         return self.envelope.send(stages.DATA, command, macros, self._with_recipients())
 
     def unknown(self, command, macros):
+        if self._starting is not None:
+            return self._after_start(self.unknown, command, macros)
         return self.envelope.send(stages.UNKNOWN, command, macros, self._alive())
 
     def _alive(self):
