@@ -251,3 +251,23 @@ def merge_negotiation(mta_offer, replies):
     if macros:
         actions |= c.SMFIF_SETSYMLIST
     return messages.Negotiate(version, actions, protocol, macros)
+
+
+def negotiation_covers(wanted, reply):
+    """Whether an MTA asked for wanted gives a child that negotiated reply all it asked for.
+
+    The manager takes care of a child's own steps and "no reply" flags
+    whatever the MTA was asked, and of its packet size; what it cannot make
+    up for is an action, a leading space or a macro the MTA was not asked
+    for. A stage's macros count as asked for only if the MTA was given a
+    list for that stage holding every name the child lists.
+    """
+    if reply.actions & ~wanted.actions & ~c.SMFIF_SETSYMLIST:
+        return False
+    if reply.protocol & c.SMFIP_HDR_LEADSPC and not wanted.protocol & c.SMFIP_HDR_LEADSPC:
+        return False
+    for stage, names in reply.macros.items():
+        listed = wanted.macros.get(stage)
+        if listed is None or not set(names) <= set(listed):
+            return False
+    return True

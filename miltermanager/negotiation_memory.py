@@ -7,8 +7,9 @@ every child of a session has answered an offer, the next session with the
 same offer answers the MTA at once from those replies while its children
 connect and negotiate, and the MTA's first command waits for them
 (ManagerSession.negotiate). A child whose reply then differs from the one
-remembered sits that session out with its fallback_status; its new reply
-is the one remembered. A session in which some child did not start forgets
+remembered takes part as long as what the MTA was answered gives it all it
+asks for (merge.negotiation_covers), and otherwise sits that session out
+with its fallback_status; either way its new reply is the one remembered. A session in which some child did not start forgets
 the offer, so the next one negotiates before it answers, as the first does.
 """
 

@@ -24,7 +24,7 @@ from .events import (
     Cause, ChildFellBack, ChildReplied, ChildStopped, MessageEnded, SessionEnded, SessionStarted,
 )
 from .health import Admission
-from .merge import Status, merge_negotiation, merge_verdicts, reply_for
+from .merge import Status, merge_negotiation, merge_verdicts, negotiation_covers, reply_for
 from .message import MessageChain
 from .policy.gate import PolicyGate
 from .protocol import constants as c
@@ -225,11 +225,18 @@ class ManagerSession:
             if not child.alive:
                 continue
             replies[child.name] = actual = child.connection.negotiate_reply
-            if actual != reply:
-                self._note_fallback(child, stages.NEGOTIATE, self._fell_back(
-                    child, stages.NEGOTIATE, Cause.CHANGED,
-                    f"negotiated {actual} where it negotiated {reply} before, which the MTA "
-                    "was answered from: it sits out this connection"))
+            if actual == reply:
+                continue
+            if negotiation_covers(wanted, actual):
+                self.log.info("[children][negotiate][changed] {name}: negotiated {actual} where "
+                              "it negotiated {reply} before; the MTA's answer covers it",
+                              name=child.name, actual=actual, reply=reply)
+                continue
+            self._note_fallback(child, stages.NEGOTIATE, self._fell_back(
+                child, stages.NEGOTIATE, Cause.CHANGED,
+                f"negotiated {actual} where it negotiated {reply} before, which the MTA "
+                "was answered from and which does not give it all it asks for: it sits "
+                "out this connection"))
         every = len(replies) == len(self.children)
         self.children = [child for child in self.children if child.alive]
         self._remember(offer, replies if every else None)

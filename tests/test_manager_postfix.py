@@ -162,6 +162,30 @@ class HeaderVerdictTests(ManagerHarness, SynchronousTestCase):
         self.assertTrue(self.send(other, ["bob@example.com"]).accepted)
 
 
+class RestartedChildTests(ManagerHarness, SynchronousTestCase):
+    """The manager answers Postfix's option negotiation from the children's last replies."""
+
+    def test_restarted_with_other_settings(self):
+        """A child restarted to negotiate otherwise (no reply to connect and HELO, which the
+        manager makes up for) takes part in the next SMTP connection, answered ahead."""
+        [child] = self.start_children(("child", []))
+        manager = self.start_manager([("child", child.spec, "temporary-failure", False)])
+        postfix = self.start_postfix(manager)
+        self.assertTrue(self.send(postfix, ["bob@example.com"]).accepted)
+        child.stop()
+        restarted = LibmilterMilter(self.mktemp(), "child", "--noreply-connect-helo")
+        restarted.port, restarted.spec = child.port, child.spec
+        restarted.start()
+        self.addCleanup(restarted.stop)
+
+        self.assertTrue(self.send(postfix, ["bob@example.com"]).accepted)
+        self.assertIn("[children][negotiate][changed] child: negotiated", manager.log())
+        self.assertTrue(self.send(postfix, ["bob@example.com"]).accepted)
+        delivered = postfix.wait_delivered(3)
+        self.assertEqual([b"X-Libmilter: child saw" in mail for mail in delivered], [True] * 3)
+        self.assertEqual([event["event"] for event in restarted.events()].count("connect"), 2)
+
+
 class DownChildTests(ManagerHarness, SynchronousTestCase):
     """A child nobody listens for contributes its fallback status; the others keep working."""
 

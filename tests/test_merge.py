@@ -8,7 +8,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from miltermanager.body import BodyChunks
 from miltermanager.headers import HeaderList
 from miltermanager.merge import (
-    Changes, Status, apply, final_replies, merge_negotiation, merge_verdicts, reply_for, status_of,
+    Changes, Status, apply, final_replies, merge_negotiation, merge_verdicts, negotiation_covers,
+    reply_for, status_of,
 )
 from miltermanager.protocol import constants as c
 from miltermanager.protocol.messages import (
@@ -270,3 +271,34 @@ class MergeNegotiationTests(SynchronousTestCase):
              Negotiate(6, c.SMFIF_SETSYMLIST, held, {0: [b"j", b"{daemon_name}"]})),
         ]
         self.assertEqual([(case, merge_negotiation(*case)) for case, _ in table], table)
+
+
+class NegotiationCoversTests(SynchronousTestCase):
+    """Whether what the MTA was asked for gives a child all that its negotiation asks for."""
+
+    WANTED = Negotiate(6, c.SMFIF_ADDHDRS | c.SMFIF_CHGHDRS | c.SMFIF_SETSYMLIST,
+                       c.SMFIP_NR_HDR, {2: [b"{auth_authen}", b"i"]})
+
+    def covers(self, actions=0, protocol=0, macros=None):
+        return negotiation_covers(self.WANTED, Negotiate(6, actions, protocol, macros or {}))
+
+    def test_fewer_actions(self):
+        self.assertTrue(self.covers(c.SMFIF_ADDHDRS))
+
+    def test_an_action_not_asked_for(self):
+        self.assertFalse(self.covers(c.SMFIF_ADDHDRS | c.SMFIF_CHGBODY))
+
+    def test_steps_and_no_reply_flags_are_the_managers_business(self):
+        self.assertTrue(self.covers(0, c.SMFIP_NOHELO | c.SMFIP_NR_CONN | c.SMFIP_NR_RCPT))
+
+    def test_leading_space_not_asked_for(self):
+        self.assertFalse(self.covers(0, c.SMFIP_HDR_LEADSPC))
+
+    def test_macros_asked_for(self):
+        self.assertTrue(self.covers(c.SMFIF_SETSYMLIST, 0, {2: [b"i"]}))
+
+    def test_a_macro_not_asked_for(self):
+        self.assertFalse(self.covers(c.SMFIF_SETSYMLIST, 0, {2: [b"{mail_addr}"]}))
+
+    def test_a_stage_left_to_the_mtas_default(self):
+        self.assertFalse(self.covers(c.SMFIF_SETSYMLIST, 0, {3: [b"{rcpt_addr}"]}))

@@ -12,7 +12,7 @@ from miltermanager.factory import ManagerFactory
 from miltermanager.merge import Status
 from miltermanager.negotiation_memory import MAX_OFFERS, NegotiationMemory
 from miltermanager.protocol import constants as c
-from miltermanager.protocol.messages import CONTINUE, TEMPFAIL, Connect, Negotiate
+from miltermanager.protocol.messages import CONTINUE, TEMPFAIL, Connect, Helo, Negotiate
 from miltermanager.server import Milter, MilterServerFactory
 from miltermanager.testing import ConnectionTracker, RecordingObserver, Script, ScriptedChild
 
@@ -230,6 +230,26 @@ class AnsweredAheadTests(unittest.TestCase):
         reply = yield third.send(CONNECT)
         self.assertEqual(reply.reply, CONTINUE)
         self.assertEqual(len(self.observer.of(ChildFellBack)), 1)
+
+    @defer.inlineCallbacks
+    def test_a_changed_negotiation_the_answer_covers(self):
+        """Fewer actions, and "no reply" to HELO, which the manager makes up for: it takes part."""
+        script = Script(actions=c.SMFIF_ADDHDRS | c.SMFIF_CHGHDRS)
+        child = self.scripted_child(script)
+        spec = self.manager([child.spec], fallback=Status.TEMPORARY_FAILURE)
+        yield self.mta(spec)
+        script.actions, script.protocol = c.SMFIF_ADDHDRS, c.SMFIP_NR_HELO
+
+        second = yield self.mta(spec)
+        self.assertEqual(second.negotiate_reply.actions, c.SMFIF_ADDHDRS | c.SMFIF_CHGHDRS)
+        reply = yield second.send(CONNECT)
+        self.assertEqual(reply.reply, CONTINUE)
+        reply = yield second.send(Helo(b"client.example.net"))
+        self.assertEqual(reply.reply, CONTINUE)
+        self.assertEqual(self.observer.of(ChildFellBack), [])
+        [line] = [line for line in self.logged if "[children][negotiate][changed]" in line]
+        self.assertIn("covers it", line)
+        self.assertEqual([event.name for event in child.events].count("helo"), 1)
 
 
 def _turn():
