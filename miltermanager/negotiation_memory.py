@@ -1,16 +1,17 @@
 """The children's last option-negotiation replies, to answer the MTA's next negotiation at once.
 
-Connecting to a child and negotiating with it is a round trip the MTA
-would wait for at the start of every SMTP connection. A child answers the
-same offer the same way until it is restarted with other settings, so once
-every child of a session has answered an offer, the next session with the
-same offer answers the MTA at once from those replies while its children
-connect and negotiate, and the MTA's first command waits for them
-(ManagerSession.negotiate). A child whose reply then differs from the one
-remembered takes part as long as what the MTA was answered gives it all it
-asks for (merge.negotiation_covers), and otherwise sits that session out
-with its fallback_status; either way its new reply is the one remembered. A session in which some child did not start forgets
-the offer, so the next one negotiates before it answers, as the first does.
+Connecting to a child and negotiating with it is a round trip the MTA would
+wait for at the start of every SMTP connection. A child answers the same offer
+the same way until it is restarted with other settings, so once every child of
+a session has answered an offer, the next session with the same offer answers
+the MTA at once from those replies while its children connect and negotiate,
+and the MTA's first command waits for them (ManagerSession.negotiate). A child
+whose reply then differs from the one remembered takes part as long as what
+the MTA was answered gives it all it asks for (merge.negotiation_covers), and
+otherwise sits that session out with its fallback_status; either way its new
+reply is the one remembered. A session in which some child did not start
+forgets the offer, so the next one negotiates before it answers, as the first
+does.
 """
 
 # Distinct offers remembered at most: an MTA makes one, a few MTAs a few; a peer sending
