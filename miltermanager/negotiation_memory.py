@@ -28,31 +28,29 @@ class NegotiationMemory:
 
     def __init__(self):
         self._configuration = None
-        self._replies = {}  # (version, actions, protocol): {child name: Negotiate}
+        # (version, actions, protocol): (child names, their replies, the MTA's answer from them)
+        self._remembered = {}
 
     def _for(self, configuration):
         # A reload brings new children (or the same names elsewhere): start afresh.
         if configuration is not self._configuration:
-            self._configuration, self._replies = configuration, {}
-        return self._replies
+            self._configuration, self._remembered = configuration, {}
+        return self._remembered
 
     def recall(self, configuration, offer, names):
-        """The replies remembered for offer, one for each child name in order; None unless all are."""
-        known = self._for(configuration).get(_key(offer))
-        if known is None:
+        """(replies, answer) remembered for offer from children named names (a tuple), or None."""
+        entry = self._for(configuration).get(_key(offer))
+        if entry is None or entry[0] != names:
             return None
-        try:
-            return [known[name] for name in names]
-        except KeyError:
-            return None
+        return entry[1], entry[2]
 
-    def remember(self, configuration, offer, replies):
-        """Remember replies ({child name: Negotiate}), what every child of a session answered offer."""
+    def remember(self, configuration, offer, names, replies, answer):
+        """What the children named names answered offer, in order, and the MTA's answer from it."""
         remembered = self._for(configuration)
         remembered.pop(_key(offer), None)
         if len(remembered) >= MAX_OFFERS:
             del remembered[next(iter(remembered))]  # the offer remembered longest ago
-        remembered[_key(offer)] = replies
+        remembered[_key(offer)] = (names, replies, answer)
 
     def forget(self, configuration, offer):
         """Forget offer: the next session negotiates with the children before it answers it."""

@@ -132,21 +132,21 @@ class ManagerSession:
         if not self.children:
             return merge_negotiation(offer, [])
         child_offer = Negotiate(self.version, offer.actions, offer.protocol, {})
-        known = self._memory.recall(self._configuration, offer,
-                                    [child.name for child in self.children])
-        wanted = None if known is None else merge_negotiation(offer, known)
-        if wanted is not None and wanted.protocol & _ENVELOPE_NO_REPLY:
+        names = tuple(child.name for child in self.children)
+        recalled = self._memory.recall(self._configuration, offer, names)
+        if recalled is not None and recalled[1].protocol & _ENVELOPE_NO_REPLY:
             # A fallback at those commands could not wait for a reply the MTA reads.
-            wanted = None
+            recalled = None
         starts = [self._start(child, child_offer) for child in self.children]
         # _negotiated reads the replies from the children: one needs no gathering.
         started = starts[0] if len(starts) == 1 else defer.gatherResults(starts)
-        if wanted is None:
-            return started.addCallback(self._negotiated, offer)
+        if recalled is None:
+            return started.addCallback(self._negotiated, offer, names)
         # Answered from what the children said last time (negotiation_memory); the first
         # command waits for them. Set before the callback, which may run at once.
+        known, wanted = recalled
         self._starting = started
-        started.addCallback(self._started_ahead, offer, known, wanted)
+        started.addCallback(self._started_ahead, offer, names, known, wanted)
         self._settle(wanted)
         return wanted
 
@@ -203,30 +203,37 @@ class ManagerSession:
         if status > self._pending:
             self._pending, self._pending_by = status, child.name
 
-    def _negotiated(self, _started, offer):
+    def _negotiated(self, _started, offer, names):
         if self.envelope is None:
             return None  # closed meanwhile: nothing is answered
         every = all(child.alive for child in self.children)
         self.children = [child for child in self.children if child.alive]
-        replies = {child.name: child.connection.negotiate_reply for child in self.children}
-        self._remember(offer, replies if every else None)
-        wanted = merge_negotiation(offer, list(replies.values()))
+        replies = tuple(child.connection.negotiate_reply for child in self.children)
+        wanted = merge_negotiation(offer, replies)
+        if every:
+            self._memory.remember(self._configuration, offer, names, replies, wanted)
+        else:
+            self._memory.forget(self._configuration, offer)
         self._settle(wanted)
         self._convert_leading_space(wanted)
         return wanted
 
-    def _started_ahead(self, _started, offer, known, wanted):
+    def _started_ahead(self, _started, offer, names, known, wanted):
         """The children negotiated after the MTA was answered from known: hold them to it."""
         self._starting = None
         if self.envelope is None:
             return  # closed meanwhile: the MTA went away, not the children
-        replies = {}
+        every, changed = True, False
+        replies = []
         for child, reply in zip(self.children, known):
             if not child.alive:
+                every = False
                 continue
-            replies[child.name] = actual = child.connection.negotiate_reply
+            actual = child.connection.negotiate_reply
+            replies.append(actual)
             if actual == reply:
                 continue
+            changed = True
             if negotiation_covers(wanted, actual):
                 self.log.info("[children][negotiate][changed] {name}: negotiated {actual} where "
                               "it negotiated {reply} before; the MTA's answer covers it",
@@ -237,17 +244,14 @@ class ManagerSession:
                 f"negotiated {actual} where it negotiated {reply} before, which the MTA "
                 "was answered from and which does not give it all it asks for: it sits "
                 "out this connection"))
-        every = len(replies) == len(self.children)
-        self.children = [child for child in self.children if child.alive]
-        self._remember(offer, replies if every else None)
-        self._convert_leading_space(wanted)
-
-    def _remember(self, offer, replies):
-        """What every child answered offer (None: some child did not start) for the next session."""
-        if replies is None:
+        if not every:
             self._memory.forget(self._configuration, offer)
-        else:
-            self._memory.remember(self._configuration, offer, replies)
+        elif changed:  # the next connection is answered from the new replies
+            replies = tuple(replies)
+            self._memory.remember(self._configuration, offer, names, replies,
+                                  merge_negotiation(offer, replies))
+        self.children = [child for child in self.children if child.alive]
+        self._convert_leading_space(wanted)
 
     def _settle(self, wanted):
         """What the MTA was answered decides which message stages it reads no reply to."""

@@ -30,42 +30,46 @@ class NegotiationMemoryTests(unittest.TestCase):
         self.memory = NegotiationMemory()
         self.configuration = object()
 
+    def remember(self, offer=OFFER, names=("a",), replies=(_reply(1),), answer=_reply(1)):
+        self.memory.remember(self.configuration, offer, names, replies, answer)
+
     def test_nothing_before_a_session_told_it(self):
-        self.assertIsNone(self.memory.recall(self.configuration, OFFER, ["a"]))
+        self.assertIsNone(self.memory.recall(self.configuration, OFFER, ("a",)))
 
-    def test_replies_in_the_order_asked(self):
-        self.memory.remember(self.configuration, OFFER, {"a": _reply(1), "b": _reply(2)})
-        self.assertEqual(self.memory.recall(self.configuration, OFFER, ["b", "a"]),
-                         [_reply(2), _reply(1)])
+    def test_the_replies_and_the_answer(self):
+        self.remember(names=("a", "b"), replies=(_reply(1), _reply(2)), answer=_reply(3))
+        self.assertEqual(self.memory.recall(self.configuration, OFFER, ("a", "b")),
+                         ((_reply(1), _reply(2)), _reply(3)))
 
-    def test_a_child_without_a_reply_recalls_nothing(self):
-        self.memory.remember(self.configuration, OFFER, {"a": _reply(1)})
-        self.assertIsNone(self.memory.recall(self.configuration, OFFER, ["a", "b"]))
+    def test_other_children_recall_nothing(self):
+        self.remember(names=("a", "b"), replies=(_reply(1), _reply(2)))
+        self.assertIsNone(self.memory.recall(self.configuration, OFFER, ("a",)))
+        self.assertIsNone(self.memory.recall(self.configuration, OFFER, ("b", "a")))
 
     def test_another_offer_recalls_nothing(self):
-        self.memory.remember(self.configuration, OFFER, {"a": _reply(1)})
+        self.remember()
         other = Negotiate(6, c.SMFI_CURR_ACTS, c.SMFI_CURR_PROT & ~c.SMFIP_NR_HDR, {})
-        self.assertIsNone(self.memory.recall(self.configuration, other, ["a"]))
+        self.assertIsNone(self.memory.recall(self.configuration, other, ("a",)))
 
     def test_another_configuration_starts_afresh(self):
-        self.memory.remember(self.configuration, OFFER, {"a": _reply(1)})
+        self.remember()
         reloaded = object()
-        self.assertIsNone(self.memory.recall(reloaded, OFFER, ["a"]))
-        self.assertIsNone(self.memory.recall(self.configuration, OFFER, ["a"]))
+        self.assertIsNone(self.memory.recall(reloaded, OFFER, ("a",)))
+        self.assertIsNone(self.memory.recall(self.configuration, OFFER, ("a",)))
 
     def test_forget(self):
-        self.memory.remember(self.configuration, OFFER, {"a": _reply(1)})
+        self.remember()
         self.memory.forget(self.configuration, OFFER)
-        self.assertIsNone(self.memory.recall(self.configuration, OFFER, ["a"]))
+        self.assertIsNone(self.memory.recall(self.configuration, OFFER, ("a",)))
 
     def test_offers_are_bounded(self):
         offers = [Negotiate(6, number, 0, {}) for number in range(MAX_OFFERS + 1)]
         for offer in offers:
-            self.memory.remember(self.configuration, offer, {"a": _reply(offer.actions)})
-        self.assertIsNone(self.memory.recall(self.configuration, offers[0], ["a"]))
+            self.remember(offer, answer=_reply(offer.actions))
+        self.assertIsNone(self.memory.recall(self.configuration, offers[0], ("a",)))
         for offer in offers[1:]:
-            self.assertEqual(self.memory.recall(self.configuration, offer, ["a"]),
-                             [_reply(offer.actions)])
+            self.assertEqual(self.memory.recall(self.configuration, offer, ("a",))[1],
+                             _reply(offer.actions))
 
 
 class _HeldNegotiation(Milter):
