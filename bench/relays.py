@@ -30,7 +30,11 @@ _OPTIONS = struct.Struct("!III")
 
 
 def frames(buffer):
-    """(complete packets, the rest) of buffer."""
+    """(complete packets, the rest) of buffer.
+
+    Framing of its own, not miltermanager.protocol.framing: a yardstick carries none of the
+    manager's code but, in twisted-lean, its Twisted shortcuts.
+    """
     packets, position, size = [], 0, len(buffer)
     while size - position >= 4:
         end = position + 4 + _LENGTH.unpack_from(buffer, position)[0]

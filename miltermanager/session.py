@@ -223,35 +223,31 @@ class ManagerSession:
         self._starting = None
         if self.envelope is None:
             return  # closed meanwhile: the MTA went away, not the children
-        every, changed = True, False
-        replies = []
-        for child, reply in zip(self.children, known):
-            if not child.alive:
-                every = False
-                continue
-            actual = child.connection.negotiate_reply
-            replies.append(actual)
-            if actual == reply:
-                continue
-            changed = True
-            if negotiation_covers(wanted, actual):
-                self.log.info("[children][negotiate][changed] {name}: negotiated {actual} where "
-                              "it negotiated {reply} before; the MTA's answer covers it",
-                              name=child.name, actual=actual, reply=reply)
-                continue
-            self._note_fallback(child, stages.NEGOTIATE, self._fell_back(
-                child, stages.NEGOTIATE, Cause.CHANGED,
-                f"negotiated {actual} where it negotiated {reply} before, which the MTA "
-                "was answered from and which does not give it all it asks for: it sits "
-                "out this connection"))
-        if not every:
+        started = [(child, reply) for child, reply in zip(self.children, known) if child.alive]
+        replies = tuple(child.connection.negotiate_reply for child, _ in started)
+        if len(started) < len(known):
             self._memory.forget(self._configuration, offer)
-        elif changed:  # the next connection is answered from the new replies
-            replies = tuple(replies)
+        elif replies != known:  # the next connection is answered from the new replies
             self._memory.remember(self._configuration, offer, names, replies,
                                   merge_negotiation(offer, replies))
+        for (child, reply), actual in zip(started, replies):
+            if actual != reply:
+                self._changed(child, reply, actual, wanted)
         self.children = [child for child in self.children if child.alive]
         self._convert_leading_space(wanted)
+
+    def _changed(self, child, reply, actual, wanted):
+        """child negotiated actual where it negotiated reply before, and the MTA got wanted."""
+        if negotiation_covers(wanted, actual):
+            self.log.info("[children][negotiate][changed] {name}: negotiated {actual} where "
+                          "it negotiated {reply} before; the MTA's answer covers it",
+                          name=child.name, actual=actual, reply=reply)
+            return
+        self._note_fallback(child, stages.NEGOTIATE, self._fell_back(
+            child, stages.NEGOTIATE, Cause.CHANGED,
+            f"negotiated {actual} where it negotiated {reply} before, which the MTA "
+            "was answered from and which does not give it all it asks for: it sits "
+            "out this connection"))
 
     def _settle(self, wanted):
         """What the MTA was answered decides which message stages it reads no reply to."""

@@ -1,6 +1,6 @@
 """The MTA's option negotiation answered from the children's last replies (negotiation_memory)."""
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
@@ -151,11 +151,10 @@ class AnsweredAheadTests(unittest.TestCase):
     def test_answered_before_the_child_negotiates(self):
         child_spec, pending = self.held_child()
         spec = self.manager([child_spec])
-        first_mta = client.connect(reactor, spec, TIMEOUTS)
-        first = yield first_mta
+        first = yield client.connect(reactor, spec, TIMEOUTS)
         negotiated = first.negotiate(OFFER)
         while not pending:
-            yield _turn()
+            yield task.deferLater(reactor, 0, lambda: None)
         self.assertNoResult(negotiated)  # the first one waits for the child
         pending.pop().callback(_HeldNegotiation.reply)
         yield negotiated
@@ -165,10 +164,10 @@ class AnsweredAheadTests(unittest.TestCase):
         second = yield self.mta(spec)  # answered while the child has not negotiated
         self.assertEqual(second.negotiate_reply, first.negotiate_reply)
         while not pending:
-            yield _turn()
+            yield task.deferLater(reactor, 0, lambda: None)
         connected = second.send(CONNECT)
         for _ in range(5):
-            yield _turn()
+            yield task.deferLater(reactor, 0, lambda: None)
         self.assertNoResult(connected)  # the first command waits for the child
         pending.pop().callback(_HeldNegotiation.reply)
         reply = yield connected
@@ -183,7 +182,7 @@ class AnsweredAheadTests(unittest.TestCase):
             mta = yield client.connect(reactor, spec, TIMEOUTS)
             negotiated = mta.negotiate(OFFER)
             while not pending:
-                yield _turn()
+                yield task.deferLater(reactor, 0, lambda: None)
             self.assertNoResult(negotiated)
             pending.pop().callback(reply)
             yield negotiated
@@ -254,10 +253,3 @@ class AnsweredAheadTests(unittest.TestCase):
         [line] = [line for line in self.logged if "[children][negotiate][changed]" in line]
         self.assertIn("covers it", line)
         self.assertEqual([event.name for event in child.events].count("helo"), 1)
-
-
-def _turn():
-    """A Deferred that fires in the next reactor turn."""
-    d = defer.Deferred()
-    reactor.callLater(0, d.callback, None)
-    return d
