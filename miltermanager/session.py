@@ -33,9 +33,11 @@ from .protocol.messages import CONTINUE, Negotiate
 from .server import IMilter
 from .stoppers import StopperRunner
 
+# The message stages the MTA may read no reply to, and the flag that says so.
+_MESSAGE_NO_REPLY = tuple((stage, c.NO_REPLY_FLAG[stage.code]) for stage in stages.MESSAGE
+                          if stage.code in c.NO_REPLY_FLAG)
 # "No reply" steps before the message: a verdict there has no later reply to wait for.
-_ENVELOPE_NO_REPLY = c.NO_REPLY_FLAGS & ~sum(c.NO_REPLY_FLAG.get(stage.code, 0)
-                                             for stage in stages.MESSAGE)
+_ENVELOPE_NO_REPLY = c.NO_REPLY_FLAGS & ~sum(flag for _, flag in _MESSAGE_NO_REPLY)
 
 # Verdicts that let the mail go on without any child deciding anything.
 _GOING_ON = (Status.NOT_CHANGE, Status.SKIP, Status.CONTINUE)
@@ -251,8 +253,8 @@ class ManagerSession:
 
     def _settle(self, wanted):
         """What the MTA was answered decides which message stages it reads no reply to."""
-        self._unanswered = frozenset(stage for stage in stages.MESSAGE
-                                     if wanted.protocol & c.NO_REPLY_FLAG.get(stage.code, 0))
+        self._unanswered = frozenset(stage for stage, flag in _MESSAGE_NO_REPLY
+                                     if wanted.protocol & flag)
 
     def _convert_leading_space(self, wanted):
         if wanted.protocol & c.SMFIP_HDR_LEADSPC:
